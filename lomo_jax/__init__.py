@@ -1,0 +1,33 @@
+"""lomo_jax: LOMO and AdaLomo for JAX.
+
+Optax transforms (:func:`lomo`, :func:`adalomo` and their ``scale_by_*``
+halves), a per-layer combinator for layer-stacked parameters
+(:func:`per_layer`), and a fused training step that updates each layer inside
+the backward scan so only one layer's gradient is ever alive
+(:class:`LayeredModel`, :func:`fused_init`, :func:`fused_train_step`).
+"""
+
+from lomo_jax.transforms import (
+    ScaleByAdaLomoState,
+    adalomo,
+    lomo,
+    scale_by_adalomo,
+    scale_by_lomo,
+)
+from lomo_jax.per_layer import PerLayerState, per_layer
+from lomo_jax.fused import LayeredModel, fused_init, fused_train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayeredModel",
+    "PerLayerState",
+    "ScaleByAdaLomoState",
+    "adalomo",
+    "fused_init",
+    "fused_train_step",
+    "lomo",
+    "per_layer",
+    "scale_by_adalomo",
+    "scale_by_lomo",
+]
