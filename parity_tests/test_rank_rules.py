@@ -29,7 +29,7 @@ class OneParam(torch.nn.Module):
 
 
 def run_both(p0, grads, lrs, dtype_torch=torch.float32, dtype_jax=jnp.float32, **kw):
-    model = OneParam(torch.from_numpy(p0).to(dtype_torch))
+    model = OneParam(torch.from_numpy(p0.copy()).to(dtype_torch))
     opt = lomo_torch.AdaLomo(model, lr=lrs[0], **kw)
     for g, lr in zip(grads, lrs):
         opt.fused_backward(model(torch.from_numpy(g).to(dtype_torch)), lr)
@@ -85,11 +85,36 @@ def test_adalomo_bf16_within_one_rounding(shape, seed):
     assert np.mean(j == t) >= 0.9
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_shapes_match(dtype):
-    """Both keep the same statistics: m + n floats for an (m, n) weight."""
-    shapes = {"s": (), "v": (5,), "m": (4, 6), "t": (2, 3, 4)}
-    state = lomo_jax.scale_by_adalomo().init({k: jnp.zeros(s) for k, s in shapes.items()})
-    total_jax = sum(np.size(x) for tree in (state.v_row, state.v_col, state.v)
-                    for x in tree.values())
-    assert total_jax == 1 + 5 + (4 + 6) + (2 * 3 + 2 * 4)
+@pytest.mark.parametrize("shape", [(), (5,), (4, 6), (2, 3, 4)])
+def test_second_moment_statistics_match(shape):
+    """Both keep the same statistics, with the same values, for every rank.
+
+    An ``(m, n)`` weight keeps ``m + n`` fp32 floats (row and column means);
+    a batch of matrices ``(..., m, n)`` keeps ``(..., m)`` and ``(..., n)``;
+    0-D and 1-D keep a full second moment.
+    """
+    rng = np.random.default_rng(0)
+    p0 = rng.normal(size=shape).astype(np.float32)
+    grads = [rng.normal(size=shape).astype(np.float32) for _ in range(3)]
+    model = OneParam(torch.from_numpy(p0.copy()))
+    opt = lomo_torch.AdaLomo(model, lr=1e-2)
+    tx = lomo_jax.scale_by_adalomo()
+    params = {"p": jnp.asarray(p0)}
+    state = tx.init(params)
+    for g in grads:
+        opt.fused_backward(model(torch.from_numpy(g.copy())), 1e-2)
+        _, state = tx.update({"p": jnp.asarray(g)}, state, params)
+    torch_state = opt.state_dict()["state"]
+    (stats,) = torch_state.values()
+    if len(shape) >= 2:
+        expected = {"exp_avg_sq_row": (state.v_row["p"], shape[:-1]),
+                    "exp_avg_sq_col": (state.v_col["p"], shape[:-2] + shape[-1:])}
+        assert state.v["p"].size == 0
+    else:
+        expected = {"exp_avg_sq": (state.v["p"], shape)}
+        assert state.v_row["p"].size == 0 and state.v_col["p"].size == 0
+    assert set(stats) == set(expected)
+    for key, (jax_value, want_shape) in expected.items():
+        assert tuple(stats[key].shape) == want_shape == jax_value.shape, key
+        assert stats[key].dtype == torch.float32 and jax_value.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(jax_value), stats[key].numpy(), rtol=1e-6)

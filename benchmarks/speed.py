@@ -1,0 +1,147 @@
+"""Wall-clock time of the fused LOMO step vs the unfused path, side by side.
+
+Unfused = ``jax.value_and_grad`` of the whole model with the *same* per-layer
+rematerialisation (the scanned layer wrapped in ``jax.checkpoint`` with the same
+``remat_policy``: the fused step recomputes each layer once in its backward
+scan, so this is the like-for-like baseline), then the same transform: ``tx``
+on embed/head and ``lomo_jax.per_layer(tx)`` on the layers. Both are jitted and
+donate params and state.
+
+Timing: compile, a few warm-up steps, then the two steps alternate (so drift
+affects both alike) and the median of ``--steps`` timed calls each, every call
+ended with ``block_until_ready``. The goal is fused / unfused <= 1.05.
+
+With ``clip_grad_norm`` the fused step does LOMO's two backward passes (one
+for the norm, one for the update) against one in the unfused path, so it is
+slower by design; that row is informational.
+
+Run:  python benchmarks/speed.py     (small LLaMA-like model, ~1-2 min on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import lomo_jax  # noqa: E402
+from memory import make_model, param_shapes  # noqa: E402  (same LLaMA-like model)
+
+
+def init_params(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.ones(s.shape, s.dtype)
+        fan_in = s.shape[-2] if len(s.shape) >= 2 else 1
+        return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def unfused_step(model, tx, remat_policy, clip_grad_norm=None):
+    layer_tx = lomo_jax.per_layer(tx)
+
+    def init(params):
+        return {"embed": tx.init(params["embed"]), "layers": layer_tx.init(params["layers"]),
+                "head": tx.init(params["head"])}
+
+    def step(params, state, batch):
+        loss, g = jax.value_and_grad(
+            lambda p: model.loss(p, batch, remat=True, remat_policy=remat_policy))(params)
+        if clip_grad_norm is not None:
+            norm = optax.tree.norm(g)
+            coef = jnp.minimum(1.0, clip_grad_norm / (norm + 1e-6))
+            g = jax.tree.map(lambda x: x * coef.astype(x.dtype), g)
+        new_p, new_s = {}, {}
+        for k, t in (("embed", tx), ("layers", layer_tx), ("head", tx)):
+            u, new_s[k] = t.update(g[k], state[k], params[k])
+            new_p[k] = optax.apply_updates(params[k], u)
+        return new_p, new_s, {"loss": loss}
+
+    return init, jax.jit(step, donate_argnums=(0, 1))
+
+
+def time_pair(fns, params, batch, steps, warmup):
+    """fns: {name: (init, step)}. Alternate the steps; median seconds each."""
+    state = {}
+    for name, (init, step) in fns.items():
+        p = jax.tree.map(jnp.copy, params)
+        s = init(p)
+        for _ in range(warmup):
+            p, s, m = step(p, s, batch)
+        jax.block_until_ready((p, s, m))
+        state[name] = (p, s)
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, (_, step) in fns.items():
+            p, s = state[name]
+            t0 = time.perf_counter()
+            p, s, m = step(p, s, batch)
+            jax.block_until_ready((p, s, m))
+            times[name].append(time.perf_counter() - t0)
+            state[name] = (p, s)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=688)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+
+    t_start = time.time()
+    model = make_model(args.heads)
+    params = init_params(param_shapes(args.layers, args.d, args.ffn, args.vocab, jnp.float32))
+    rng = np.random.default_rng(1)
+    batch = {
+        "ids": jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32),
+        "labels": jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32),
+    }
+    n = sum(x.size for x in jax.tree.leaves(params))
+    print(f"fused step vs value_and_grad + same transform, same remat; fp32, {n / 1e6:.1f}M params "
+          f"({args.layers} layers, d={args.d}, ffn={args.ffn}), batch {args.batch} x {args.seq}, "
+          f"{jax.default_backend().upper()} ({os.cpu_count()} cores), jax {jax.__version__}; "
+          f"median of {args.steps} alternating steps after {args.warmup} warm-up\n")
+    print("| transform | remat policy | clip | fused ms | unfused ms | fused / unfused |")
+    print("|---|---|---|---:|---:|---:|")
+    configs = [
+        ("lomo", lambda: lomo_jax.lomo(1e-3), None, None),
+        ("adalomo", lambda: lomo_jax.adalomo(1e-3), None, None),
+        ("adamw", lambda: optax.adamw(1e-3), None, None),
+        ("adalomo", lambda: lomo_jax.adalomo(1e-3), "dots_saveable", None),
+        ("adalomo", lambda: lomo_jax.adalomo(1e-3), None, 1.0),
+    ]
+    for name, make_tx, policy_name, clip in configs:
+        tx = make_tx()
+        policy = getattr(jax.checkpoint_policies, policy_name) if policy_name else None
+        fused = (lambda p, tx=tx: lomo_jax.fused_init(tx, p),
+                 lomo_jax.fused_train_step(model, tx, remat_policy=policy, clip_grad_norm=clip))
+        unfused = unfused_step(model, tx, policy, clip)
+        t = time_pair({"fused": fused, "unfused": unfused}, params, batch, args.steps, args.warmup)
+        note = " (2 passes, informational)" if clip else ""
+        print(f"| {name} | {policy_name or 'None'} | {clip or '-'} | {t['fused'] * 1e3:.1f} | "
+              f"{t['unfused'] * 1e3:.1f} | {t['fused'] / t['unfused']:.3f}{note} |", flush=True)
+    print(f"\n(total {time.time() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

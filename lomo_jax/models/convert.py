@@ -1,0 +1,430 @@
+r"""Hugging Face ``transformers`` <-> :mod:`lomo_jax.models.llama` weights.
+
+Name and layout mapping (``i`` = layer index; PyTorch ``nn.Linear`` stores
+``weight [out, in]``, Flax kernels are ``[in, out]``, so every projection is
+transposed; the ``L`` per-layer tensors are stacked on a new leading axis)::
+
+    model.embed_tokens.weight              [V, D]   -> embed.embedding                    [V, D]
+    model.layers.i.input_layernorm.weight  [D]      -> layers.input_layernorm.scale       [L, D]
+    model.layers.i.self_attn.q_proj.weight [H*d, D] -> layers.self_attn.q_proj.kernel     [L, D, H*d]
+    model.layers.i.self_attn.q_proj.bias   [H*d]    -> layers.self_attn.q_proj.bias       [L, H*d]
+    ... k_proj, v_proj, o_proj; post_attention_layernorm; mlp.gate_proj/up_proj/down_proj
+    model.norm.weight                      [D]      -> head.norm                          [D]
+    lm_head.weight                         [V, D]   -> head.lm_head                       [D, V]  (not when tied)
+
+Conversion is exact (a transpose and a stack, dtype kept unless asked
+otherwise), so torch -> JAX -> torch is bit-exact.
+
+Reading needs only ``numpy`` and ``safetensors`` (plus ``transformers`` for
+the config); a ``state_dict`` of torch tensors needs ``torch``. Writing a
+``save_pretrained``-style directory writes ``config.json`` through the
+``transformers`` config class and ``model.safetensors`` (or shards plus
+``model.safetensors.index.json``), loadable by
+``transformers.AutoModelForCausalLM.from_pretrained(path)``.
+
+Example::
+
+    import transformers
+    from lomo_jax.models import convert, llama
+
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(...))
+    cfg, params = convert.from_hf_model(hf)                  # or:
+    cfg = llama.LlamaConfig.from_hf(hf.config)
+    params = convert.params_from_hf(hf.state_dict(), cfg)
+    cfg, params = convert.load_pretrained("path/to/dir")     # safetensors, sharded or not
+    ...                                                       # train with lomo_jax
+    convert.save_pretrained(params, cfg, "out/")              # AutoModelForCausalLM-loadable
+    sd = convert.params_to_hf(params, cfg)                    # {name: torch.Tensor}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+
+from lomo_jax.models.llama import LlamaConfig
+
+__all__ = [
+    "hf_parameter_shapes",
+    "params_from_hf",
+    "params_to_hf",
+    "from_hf_model",
+    "load_pretrained",
+    "load_safetensors",
+    "save_pretrained",
+]
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary_emb\.original_inv_freq$")
+
+
+def _layer_entries(cfg: LlamaConfig):
+    """``(hf suffix, path in params['layers'], hf shape, is_linear)`` per layer tensor."""
+    d, h, k = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    out = [
+        ("input_layernorm.weight", ("input_layernorm", "scale"), (D,), False),
+        ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), (D,), False),
+    ]
+    for name, o, i, bias in (
+        ("q_proj", h * d, D, cfg.has_qkv_bias),
+        ("k_proj", k * d, D, cfg.has_qkv_bias),
+        ("v_proj", k * d, D, cfg.has_qkv_bias),
+        ("o_proj", D, h * d, cfg.attention_bias),
+    ):
+        out.append((f"self_attn.{name}.weight", ("self_attn", name, "kernel"), (o, i), True))
+        if bias:
+            out.append((f"self_attn.{name}.bias", ("self_attn", name, "bias"), (o,), False))
+    for name, o, i in (("gate_proj", F, D), ("up_proj", F, D), ("down_proj", D, F)):
+        out.append((f"mlp.{name}.weight", ("mlp", name, "kernel"), (o, i), True))
+        if cfg.mlp_bias:
+            out.append((f"mlp.{name}.bias", ("mlp", name, "bias"), (o,), False))
+    return out
+
+
+def hf_parameter_shapes(cfg: LlamaConfig, *, include_tied: bool = False) -> dict[str, tuple]:
+    """``{transformers name: shape}`` that ``LlamaForCausalLM`` (or Mistral/Qwen2)
+    with this config has. ``include_tied``: list ``lm_head.weight`` also when
+    embeddings are tied (``state_dict()`` does, ``save_pretrained`` does not)."""
+    V, D = cfg.vocab_size, cfg.hidden_size
+    shapes = {"model.embed_tokens.weight": (V, D)}
+    for i in range(cfg.num_hidden_layers):
+        for suffix, _, shape, _ in _layer_entries(cfg):
+            shapes[f"model.layers.{i}.{suffix}"] = shape
+    shapes["model.norm.weight"] = (D,)
+    if not cfg.tie_word_embeddings or include_tied:
+        shapes["lm_head.weight"] = (V, D)
+    return shapes
+
+
+# --------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------
+
+
+def _to_numpy(x) -> np.ndarray:
+    """torch tensor / jax array / numpy array -> numpy, bit-exact (bf16 via ml_dtypes)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        t = x.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return t.numpy().copy()  # never alias torch memory (torch may update it in place)
+    return np.asarray(x)
+
+
+def _to_torch(a: np.ndarray):
+    import torch
+
+    a = np.ascontiguousarray(a)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+class _Source:
+    """Name -> array access over a mapping or lazily opened safetensors files."""
+
+    def __init__(self, keys: Iterable[str], get: Callable[[str], Any], shape: Callable[[str], tuple]):
+        self.keys = list(keys)
+        self._get = get
+        self._shape = shape
+
+    def get(self, name):
+        return _to_numpy(self._get(name))
+
+    def shape(self, name):
+        return tuple(self._shape(name))
+
+
+def _mapping_source(sd: Mapping[str, Any]) -> _Source:
+    return _Source(sd.keys(), sd.__getitem__, lambda n: tuple(sd[n].shape))
+
+
+def _shape_error(name: str, got, want, cfg: LlamaConfig) -> ValueError:
+    return ValueError(
+        f"parameter {name!r} has shape {tuple(got)} but the config expects {tuple(want)} "
+        f"(vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, "
+        f"intermediate_size={cfg.intermediate_size}, heads={cfg.num_attention_heads}, "
+        f"kv_heads={cfg.num_key_value_heads}, head_dim={cfg.head_dim})."
+    )
+
+
+def _convert(src: _Source, cfg: LlamaConfig, dtype, strict: bool) -> dict:
+    keys = set(src.keys)
+    prefix = "model."
+    if "model.embed_tokens.weight" not in keys and "embed_tokens.weight" in keys:
+        prefix = ""  # a bare LlamaModel state_dict
+    expected = hf_parameter_shapes(cfg)
+    rename = lambda n: prefix + n[len("model."):] if n.startswith("model.") else n  # noqa: E731
+    missing = [rename(n) for n in expected if rename(n) not in keys]
+    if missing:
+        raise ValueError(
+            f"checkpoint is missing {len(missing)} parameter(s) the config needs: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
+    known = {rename(n) for n in expected} | {"lm_head.weight"}
+    unexpected = sorted(k for k in keys if k not in known and not _IGNORED.search(k))
+    if unexpected and strict:
+        raise ValueError(
+            f"checkpoint has {len(unexpected)} parameter(s) this config does not use: "
+            f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} "
+            "(wrong config? biases/tied embeddings/layer count; strict=False ignores them)."
+        )
+    for n, want in expected.items():
+        got = src.shape(rename(n))
+        if tuple(got) != tuple(want):
+            raise _shape_error(rename(n), got, want, cfg)
+    if cfg.tie_word_embeddings and "lm_head.weight" in keys:
+        got = src.shape("lm_head.weight")
+        if tuple(got) != (cfg.vocab_size, cfg.hidden_size):
+            raise _shape_error("lm_head.weight", got, (cfg.vocab_size, cfg.hidden_size), cfg)
+
+    def cast(a):
+        return a if dtype is None else a.astype(dtype)
+
+    layers: dict = {}
+    for suffix, path, _, linear in _layer_entries(cfg):
+        stack = []
+        for i in range(cfg.num_hidden_layers):
+            a = src.get(rename(f"model.layers.{i}.{suffix}"))
+            stack.append(a.T if linear else a)
+        node = layers
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = cast(np.stack(stack))
+    head = {"norm": cast(src.get(rename("model.norm.weight")))}
+    if not cfg.tie_word_embeddings:
+        head["lm_head"] = cast(np.ascontiguousarray(src.get("lm_head.weight").T))
+    embed = {"embedding": cast(src.get(rename("model.embed_tokens.weight")))}
+    return {"embed": embed, "layers": layers, "head": head}
+
+
+def _as_jax(params):
+    import jax.numpy as jnp
+
+    return jax.tree.map(jnp.array, params)
+
+
+def params_from_hf(state_dict: Mapping[str, Any], cfg: LlamaConfig, *, dtype=None,
+                   strict: bool = True, as_numpy: bool = False) -> dict:
+    """Plain-dict params from a ``transformers`` ``state_dict``.
+
+    Args:
+      state_dict: ``{name: tensor}`` of ``LlamaForCausalLM`` (torch tensors,
+        numpy or jax arrays); a bare ``LlamaModel`` dict (no ``model.``
+        prefix) works for tied configs. ``lm_head.weight`` is ignored when
+        ``cfg.tie_word_embeddings``.
+      cfg: the architecture (e.g. ``LlamaConfig.from_hf(hf_model.config)``).
+      dtype: cast every array to this dtype (``None``: keep the checkpoint's).
+      strict: raise on tensors the config does not use.
+      as_numpy: return numpy arrays instead of jax arrays.
+
+    Raises:
+      ValueError: a missing or unexpected tensor, or a tensor whose shape
+        does not match the config (the message names the tensor and both
+        shapes).
+    """
+    params = _convert(_mapping_source(state_dict), cfg, dtype, strict)
+    return params if as_numpy else _as_jax(params)
+
+
+def params_to_hf(params, cfg: LlamaConfig, *, include_tied: bool = True, framework: str = "pt",
+                 dtype=None) -> dict:
+    """A ``transformers`` ``state_dict`` from plain-dict params.
+
+    Args:
+      params: ``{"embed", "layers", "head"}`` (jax or numpy arrays).
+      cfg: the architecture.
+      include_tied: with tied embeddings also emit ``lm_head.weight`` (the same
+        values as the embedding, as ``model.state_dict()`` does).
+      framework: ``"pt"`` (torch tensors) or ``"np"``.
+      dtype: cast to this (numpy/ml_dtypes) dtype (``None``: keep).
+
+    Returns:
+      ``{name: tensor}`` with ``[out, in]`` Linear weights; loadable with
+      ``hf_model.load_state_dict(sd)``.
+    """
+    from lomo_jax.models.llama import check_params
+
+    check_params(cfg, params)
+    np_params = jax.tree.map(np.asarray, params)
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
+    out: dict[str, np.ndarray] = {"model.embed_tokens.weight": cast(np_params["embed"]["embedding"])}
+    for suffix, path, _, linear in _layer_entries(cfg):
+        node = np_params["layers"]
+        for p in path:
+            node = node[p]
+        for i in range(cfg.num_hidden_layers):
+            a = node[i]
+            out[f"model.layers.{i}.{suffix}"] = cast(np.ascontiguousarray(a.T if linear else a))
+    out["model.norm.weight"] = cast(np_params["head"]["norm"])
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = cast(np.ascontiguousarray(np_params["head"]["lm_head"].T))
+    elif include_tied:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    if framework == "np":
+        return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    if framework != "pt":
+        raise ValueError(f"framework must be 'pt' or 'np', got {framework!r}.")
+    converted = {}
+    for k, v in out.items():
+        converted[k] = converted["model.embed_tokens.weight"] if (
+            k == "lm_head.weight" and cfg.tie_word_embeddings) else _to_torch(v)
+    return converted
+
+
+def from_hf_model(hf_model, *, dtype=None, config_dtype=None):
+    """``(LlamaConfig, params)`` from an instantiated ``transformers`` causal LM.
+
+    ``config_dtype``: ``LlamaConfig.dtype``/``param_dtype`` (default fp32);
+    ``dtype``: cast of the arrays (default: keep the model's).
+    """
+    import jax.numpy as jnp
+
+    cfg = LlamaConfig.from_hf(hf_model.config, dtype=config_dtype or jnp.float32)
+    return cfg, params_from_hf(hf_model.state_dict(), cfg, dtype=dtype)
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+
+
+def load_safetensors(path: str) -> _Source:
+    """Lazy access to the tensors of a ``save_pretrained`` directory: either
+    ``model.safetensors`` or ``model.safetensors.index.json`` + shards (or a
+    single ``.safetensors`` file). Tensors are read on demand (memory-mapped).
+
+    Returns an object with ``.keys`` (names), ``.get(name)`` (numpy array)
+    and ``.shape(name)`` (without reading the tensor)."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        index = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
+        single = os.path.join(path, SAFE_WEIGHTS_NAME)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = {k: os.path.join(path, v) for k, v in weight_map.items()}
+        elif os.path.exists(single):
+            files = None
+            path = single
+        else:
+            raise FileNotFoundError(
+                f"{path} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} "
+                "(only safetensors checkpoints are read; convert pytorch_model.bin with "
+                "transformers' save_pretrained(safe_serialization=True) first)."
+            )
+    else:
+        files = None
+    handles: dict[str, Any] = {}
+
+    def handle(fname):
+        if fname not in handles:
+            handles[fname] = safe_open(fname, framework="np")
+        return handles[fname]
+
+    if files is None:
+        files = {k: path for k in handle(path).keys()}
+    return _Source(
+        files.keys(),
+        lambda n: handle(files[n]).get_tensor(n),
+        lambda n: handle(files[n]).get_slice(n).get_shape(),
+    )
+
+
+def load_pretrained(path: str, *, dtype=None, config_dtype=None, strict: bool = True,
+                    as_numpy: bool = False):
+    """``(LlamaConfig, params)`` from a local ``save_pretrained`` directory.
+
+    The config is read with ``transformers.AutoConfig.from_pretrained(path)``
+    (local files only), the weights with ``safetensors`` (sharded or not).
+    ``config_dtype``: computation/param dtype of the returned config (default
+    fp32); ``dtype``: cast of the arrays (default: keep the file's).
+    """
+    import jax.numpy as jnp
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    cfg = LlamaConfig.from_hf(hf_config, dtype=config_dtype or jnp.float32)
+    params = _convert(load_safetensors(path), cfg, dtype, strict)
+    return cfg, (params if as_numpy else _as_jax(params))
+
+
+_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtype=None,
+                    max_shard_size: Optional[int] = None) -> str:
+    """Write a directory ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+    Writes ``config.json`` (``hf_config`` if given, e.g. the original
+    checkpoint's to keep token ids; else ``cfg.to_hf()``) and the weights as
+    ``model.safetensors``, or, with ``max_shard_size`` (bytes), as
+    ``model-0000k-of-0000n.safetensors`` shards plus
+    ``model.safetensors.index.json``. Tied embeddings are written once.
+
+    Returns:
+      ``path``.
+    """
+    from safetensors.numpy import save_file
+
+    sd = params_to_hf(params, cfg, include_tied=False, framework="np", dtype=dtype)
+    if hf_config is None:
+        hf_config = cfg.to_hf()
+    else:
+        hf_config = copy.deepcopy(hf_config)  # architectures/dtype are set below
+        check = LlamaConfig.from_hf(hf_config)
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "tie_word_embeddings", "attention_bias", "qkv_bias", "mlp_bias"):
+            if getattr(check, f) != getattr(cfg, f):
+                raise ValueError(
+                    f"hf_config.{f}={getattr(check, f)!r} does not match the params' "
+                    f"config ({getattr(cfg, f)!r})."
+                )
+    hf_config.architectures = [_ARCH.get(getattr(hf_config, "model_type", "llama"), "LlamaForCausalLM")]
+    first = next(iter(sd.values()))
+    dt = "bfloat16" if first.dtype.name == "bfloat16" else str(first.dtype)
+    for attr in ("dtype", "torch_dtype"):
+        try:
+            setattr(hf_config, attr, dt)
+        except Exception:  # pragma: no cover - older/newer transformers
+            pass
+    os.makedirs(path, exist_ok=True)
+    hf_config.save_pretrained(path)
+    meta = {"format": "pt"}
+    if max_shard_size is None:
+        save_file(sd, os.path.join(path, SAFE_WEIGHTS_NAME), metadata=meta)
+        return path
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in sd.items():
+        if shards[-1] and size + v.nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += v.nbytes
+    n = len(shards)
+    weight_map = {}
+    for j, shard in enumerate(shards, 1):
+        fname = f"model-{j:05d}-of-{n:05d}.safetensors"
+        save_file(shard, os.path.join(path, fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = int(sum(v.nbytes for v in sd.values()))
+    with open(os.path.join(path, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return path

@@ -1,0 +1,939 @@
+r"""A LLaMA-architecture causal language model in Flax NNX, layer-stacked.
+
+One code path covers LLaMA (1/2/3), Mistral and Qwen2 checkpoints: they differ
+only in switches of :class:`LlamaConfig` (biases, sliding window, RoPE
+scaling). Conversion to and from Hugging Face ``transformers`` lives in
+:mod:`lomo_jax.models.convert`.
+
+**Why NNX (not linen).** NNX modules are plain Python objects holding their
+parameters, so the model reads like the PyTorch reference (which keeps the
+weight mapping obvious), the decoder stack is built with ``nnx.vmap`` and run
+with ``nnx.scan`` without linen's ``variable_axes``/``split_rngs`` plumbing,
+and ``nnx.split``/``nnx.merge`` give the pure functional view the fused LOMO
+step needs *from the same module code*: the pure per-layer function
+:func:`llama_layer` merges one layer's slice of the plain-dict parameters into
+the :class:`LlamaDecoderLayer` graph and calls it, so the NNX model and the
+:class:`lomo_jax.LayeredModel` view cannot drift apart.
+
+The math (per decoder layer, :math:`h \in \mathbb{R}^{B \times T \times D}`)
+----------------------------------------------------------------------------
+
+* **RMSNorm** (computed in fp32, then cast back, as in ``transformers``):
+
+  .. math:: \mathrm{RMSNorm}(x) = w \odot \frac{x}{\sqrt{\tfrac1D \sum_j x_j^2
+            + \epsilon}}
+
+* **Rotary embeddings** on queries and keys, for position :math:`p` and
+  frequencies :math:`\omega_i = \theta^{-2i/d}` (``rope_theta``
+  :math:`=\theta`, head size :math:`d`; ``"linear"`` divides every
+  :math:`\omega_i` by the factor, ``"llama3"`` only the low frequencies with a
+  smooth ramp):
+
+  .. math:: \mathrm{RoPE}(x)_p = x_p \cos(p\,\omega) +
+            \mathrm{rot}(x_p) \sin(p\,\omega), \qquad
+            \mathrm{rot}([x_1, x_2]) = [-x_2, x_1]
+
+  (``transformers``' "rotate half" convention: the two halves of the head
+  dimension are the real and imaginary parts).
+
+* **Grouped-query attention** with :math:`H` query heads and :math:`K`
+  key/value heads (query head :math:`h` reads kv head :math:`\lfloor h/(H/K)
+  \rfloor`):
+
+  .. math:: \mathrm{Attn}(x) = \Big[\mathrm{softmax}\Big(\frac{q_h k_{g(h)}^\top}
+            {\sqrt d} + M\Big) v_{g(h)}\Big]_{h=1}^{H} W_o
+
+  where :math:`M_{ts} = 0` if key :math:`s` is visible from query :math:`t`
+  (:math:`s \le t`, inside the sliding window :math:`t - s < W` if one is
+  set, and not padding) and :math:`-\infty` otherwise (in practice the lowest
+  fp32 value *added* to the score, as ``transformers``' eager attention does,
+  so a query row that sees no key -- a left-padding position -- gives a
+  finite uniform average instead of NaN, with the same values and gradients
+  as PyTorch). The softmax is done in fp32.
+
+* **SwiGLU MLP**: :math:`\mathrm{MLP}(x) = (\mathrm{silu}(x W_g) \odot x W_u) W_d`.
+
+* **Pre-norm residual block**:
+
+  .. math:: h \leftarrow h + \mathrm{Attn}(\mathrm{RMSNorm}_1(h)), \qquad
+            h \leftarrow h + \mathrm{MLP}(\mathrm{RMSNorm}_2(h))
+
+The model is :math:`h_0 = E[x]`, the :math:`L` layers above (stacked on a
+leading axis and run by a scan), then :math:`\mathrm{logits} =
+\mathrm{RMSNorm}(h_L) W_{\mathrm{lm}}` with :math:`W_{\mathrm{lm}} = E^\top`
+when embeddings are tied. The loss is next-token cross-entropy averaged over
+the positions whose (shifted) label is not ``-100``:
+
+.. math:: \ell = \frac{1}{|\mathcal V|} \sum_{(b,t) \in \mathcal V}
+          -\log \mathrm{softmax}(\mathrm{logits}_{b,t})_{y_{b,t+1}}
+
+exactly ``LlamaForCausalLM``'s loss. Labels default to ``input_ids`` with the
+padding positions (``attention_mask == 0``) set to ``-100``.
+
+Positions default to ``0..T-1`` for every row, as in ``transformers`` when no
+``position_ids`` are given (so with left padding the first real token is not at
+position 0 -- pass ``batch["position_ids"]`` to change that; it is passed the
+same way to both frameworks in the parity tests).
+
+Plain-dict parameters (what the fused step and the converters use)::
+
+    {"embed":  {"embedding": [V, D]},
+     "layers": {"input_layernorm": {"scale": [L, D]},
+                "self_attn": {"q_proj": {"kernel": [L, D, H*d], "bias": [L, H*d]},
+                              "k_proj": {"kernel": [L, D, K*d], "bias": ...},
+                              "v_proj": {"kernel": [L, D, K*d], "bias": ...},
+                              "o_proj": {"kernel": [L, H*d, D], "bias": ...}},
+                "post_attention_layernorm": {"scale": [L, D]},
+                "mlp": {"gate_proj": {"kernel": [L, D, F]}, "up_proj": {"kernel": [L, D, F]},
+                        "down_proj": {"kernel": [L, F, D]}}},
+     "head":   {"norm": [D], "lm_head": [D, V]}}        # no "lm_head" when tied
+
+(``bias`` entries exist only when the config asks for them.)
+
+Example::
+
+    import jax, optax, lomo_jax
+    from flax import nnx
+    from lomo_jax.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2)
+    model = llama.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    logits = model(input_ids, attention_mask=mask)             # [B, T, V]
+
+    params = llama.module_to_params(model)                      # plain dict
+    lm = llama.llama_layered_model(cfg)                         # lomo_jax.LayeredModel
+    tx = lomo_jax.adalomo(1e-3)
+    opt_state = lomo_jax.fused_init(tx, params)
+    step = lomo_jax.fused_train_step(lm, tx, clip_grad_norm=1.0)
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    params, opt_state, metrics = step(params, opt_state, batch)
+    llama.update_module(model, params)                          # back into the NNX model
+
+Not implemented: KV caching / generation, dropout, RoPE types other than
+``default``, ``linear`` and ``llama3`` (``from_hf`` raises), Qwen2 checkpoints
+that mix sliding-window and full-attention layers (``from_hf`` raises; a
+sliding window applied to *every* layer, Mistral-style, is supported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+__all__ = [
+    "LlamaConfig",
+    "RMSNorm",
+    "LlamaAttention",
+    "LlamaMLP",
+    "LlamaDecoderLayer",
+    "LlamaForCausalLM",
+    "rms_norm",
+    "rope_inv_freq",
+    "rotary_cos_sin",
+    "apply_rotary",
+    "attention_mask",
+    "causal_lm_loss",
+    "default_labels",
+    "init_params",
+    "param_shapes",
+    "module_to_params",
+    "params_to_module",
+    "update_module",
+    "llama_embed",
+    "llama_layer",
+    "llama_head",
+    "llama_hidden",
+    "llama_logits",
+    "llama_loss",
+    "llama_layered_model",
+]
+
+IGNORE_INDEX = -100
+
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+# --------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    r"""Architecture of a LLaMA-style decoder (also Mistral, Qwen2).
+
+    Field names follow ``transformers.LlamaConfig``. The config is frozen and
+    hashable (``rope_scaling`` is stored as a sorted tuple of items; read it as
+    a dict with :attr:`rope_scaling_dict`).
+
+    Attributes:
+      vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+      num_attention_heads: as in ``transformers``.
+      num_key_value_heads: ``K`` for grouped-query attention (``None``: = heads,
+        i.e. multi-head attention). Must divide ``num_attention_heads``.
+      head_dim: per-head size ``d`` (``None``: ``hidden_size // heads``).
+      rms_norm_eps: :math:`\epsilon` of every RMSNorm.
+      rope_theta: RoPE base :math:`\theta`.
+      rope_scaling: ``None`` (default RoPE) or a ``transformers``-style dict
+        with ``rope_type`` in ``"default"``, ``"linear"`` (``factor``),
+        ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+        ``original_max_position_embeddings``).
+      max_position_embeddings: only carried to/from ``transformers`` configs.
+      tie_word_embeddings: logits use the input embedding (no ``lm_head``).
+      attention_bias: bias on q, k, v **and** o projections (as
+        ``transformers.LlamaConfig.attention_bias``).
+      qkv_bias: bias on q, k, v only (Qwen2).
+      mlp_bias: bias on the three MLP projections.
+      hidden_act: MLP gate activation (``"silu"`` for SwiGLU).
+      sliding_window: if set, query ``t`` sees keys ``t - W < s <= t`` in every
+        layer (Mistral); ``None``: full causal attention.
+      initializer_range: std of the normal initializer of kernels/embeddings.
+      model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``; selects the
+        ``transformers`` config/model class on export.
+      dtype: computation dtype (activations, matmuls; softmax, RMSNorm
+        statistics and the loss are fp32 regardless).
+      param_dtype: dtype of freshly initialized parameters.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Any] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: Optional[int] = None
+    initializer_range: float = 0.02
+    model_type: str = "llama"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        if self.num_key_value_heads is None:
+            set_("num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by "
+                    f"num_attention_heads={self.num_attention_heads}; set head_dim."
+                )
+            set_("head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+            )
+        if self.model_type not in _SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type={self.model_type!r} is not supported; use one of "
+                f"{_SUPPORTED_MODEL_TYPES}."
+            )
+        if self.sliding_window is not None and int(self.sliding_window) < 1:
+            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}.")
+        rs = self.rope_scaling
+        if isinstance(rs, Mapping):
+            rs = tuple(sorted((str(k), _freeze(v)) for k, v in rs.items()))
+        elif rs is not None:
+            rs = tuple(sorted(tuple(rs)))
+        if rs is not None:
+            d = dict(rs)
+            rtype = d.get("rope_type", d.get("type", "default"))
+            if rtype not in _SUPPORTED_ROPE_TYPES:
+                raise NotImplementedError(
+                    f"rope_scaling type {rtype!r} is not implemented; supported: "
+                    f"{_SUPPORTED_ROPE_TYPES}."
+                )
+            if rtype == "default":
+                rs = None
+        set_("rope_scaling", rs)
+        set_("dtype", jnp.dtype(self.dtype))
+        set_("param_dtype", jnp.dtype(self.param_dtype))
+
+    # ---- derived --------------------------------------------------------
+
+    @property
+    def rope_scaling_dict(self) -> Optional[dict]:
+        """``rope_scaling`` as a dict (``None`` for the default RoPE)."""
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def rope_type(self) -> str:
+        d = self.rope_scaling_dict or {}
+        return d.get("rope_type", d.get("type", "default"))
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Query heads per key/value head, ``H / K``."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return bool(self.attention_bias or self.qkv_bias)
+
+    def replace(self, **kw) -> "LlamaConfig":
+        """A copy with some fields changed (e.g. ``dtype=jnp.bfloat16``)."""
+        if "rope_scaling" not in kw:
+            kw["rope_scaling"] = self.rope_scaling_dict
+        return dataclasses.replace(self, **kw)
+
+    # ---- transformers ---------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf_config, *, dtype=jnp.float32, param_dtype=None) -> "LlamaConfig":
+        """Build from a ``transformers`` ``LlamaConfig``/``MistralConfig``/``Qwen2Config``.
+
+        Reads both the transformers>=5 ``rope_parameters`` dict and the older
+        ``rope_theta`` + ``rope_scaling`` fields. ``dtype``/``param_dtype``
+        are not taken from the checkpoint (default fp32; pass
+        ``jnp.bfloat16`` for bf16).
+
+        Raises:
+          ValueError: unsupported ``model_type`` (e.g. ``qwen3``, which adds
+            q/k norms).
+          NotImplementedError: a RoPE type other than default/linear/llama3, a
+            Qwen2 config mixing sliding-window and full-attention layers.
+        """
+        mt = getattr(hf_config, "model_type", "llama") or "llama"
+        if mt not in _SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"transformers model_type {mt!r} is not supported by lomo_jax.models.llama "
+                f"(supported: {_SUPPORTED_MODEL_TYPES})."
+            )
+        g = functools.partial(getattr, hf_config)
+        heads = g("num_attention_heads")
+        theta, scaling = _hf_rope(hf_config)
+        window = None
+        if mt == "mistral":
+            window = g("sliding_window", None)
+        elif mt == "qwen2":
+            types = list(g("layer_types", None) or [])
+            sliding = [t == "sliding_attention" for t in types]
+            if any(sliding) and not all(sliding):
+                raise NotImplementedError(
+                    "this Qwen2 config mixes sliding-window and full-attention layers "
+                    f"(layer_types={types}); the stacked model applies one attention "
+                    "pattern to every layer."
+                )
+            if types and all(sliding):
+                window = g("sliding_window", None)
+        # pretraining_tp only changes how transformers slices its matmuls: same math.
+        return cls(
+            vocab_size=g("vocab_size"),
+            hidden_size=g("hidden_size"),
+            intermediate_size=g("intermediate_size"),
+            num_hidden_layers=g("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=g("num_key_value_heads", None) or heads,
+            head_dim=g("head_dim", None) or g("hidden_size") // heads,
+            rms_norm_eps=float(g("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=int(g("max_position_embeddings", 2048) or 2048),
+            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
+            attention_bias=bool(g("attention_bias", False)) if mt != "qwen2" else False,
+            qkv_bias=(mt == "qwen2"),
+            mlp_bias=bool(g("mlp_bias", False)),
+            hidden_act=g("hidden_act", "silu"),
+            sliding_window=window,
+            initializer_range=float(g("initializer_range", 0.02)),
+            model_type=mt,
+            dtype=dtype,
+            param_dtype=dtype if param_dtype is None else param_dtype,
+        )
+
+    def to_hf(self, **overrides):
+        """The matching ``transformers`` config (``LlamaConfig``, ``MistralConfig``
+        or ``Qwen2Config`` by :attr:`model_type`); ``overrides`` are passed on
+        (e.g. ``bos_token_id``). Needs ``transformers``.
+
+        Raises:
+          ValueError: if the switches cannot be expressed by that class (q/k/v
+            bias without o bias is Qwen2 only, o bias is LLaMA only, ...).
+        """
+        import transformers
+
+        mt = self.model_type
+        rope = {"rope_type": self.rope_type, "rope_theta": float(self.rope_theta)}
+        rope.update({k: v for k, v in (self.rope_scaling_dict or {}).items() if k not in ("type", "rope_type")})
+        kw = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act=self.hidden_act,
+            initializer_range=self.initializer_range,
+        )
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            kw["rope_parameters"] = rope
+        else:
+            kw["rope_theta"] = float(self.rope_theta)
+            kw["rope_scaling"] = None if self.rope_scaling is None else {
+                k: v for k, v in rope.items() if k != "rope_theta"
+            }
+        if mt == "llama":
+            if self.qkv_bias and not self.attention_bias:
+                raise ValueError(
+                    "qkv_bias without attention_bias (bias on q/k/v but not o) has no "
+                    "transformers LlamaConfig equivalent; use model_type='qwen2'."
+                )
+            if self.sliding_window is not None:
+                raise ValueError("transformers LlamaConfig has no sliding window; use model_type='mistral'.")
+            cls = transformers.LlamaConfig
+            kw.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif mt == "mistral":
+            if self.has_qkv_bias or self.mlp_bias:
+                raise ValueError("transformers MistralConfig has no attention/MLP biases.")
+            cls = transformers.MistralConfig
+            kw.update(sliding_window=self.sliding_window)
+        else:  # qwen2
+            if not self.qkv_bias or self.attention_bias or self.mlp_bias:
+                raise ValueError(
+                    "transformers Qwen2 has bias on q/k/v only: needs qkv_bias=True, "
+                    "attention_bias=False, mlp_bias=False."
+                )
+            cls = transformers.Qwen2Config
+            kw.update(
+                use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window,
+                max_window_layers=0,
+            )
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _freeze(v):
+    if isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+def _hf_rope(hf_config):
+    """``(rope_theta, rope_scaling dict or None)`` from a transformers config."""
+    rp = getattr(hf_config, "rope_parameters", None)
+    if isinstance(rp, Mapping) and rp:
+        if all(isinstance(v, Mapping) for v in rp.values()):
+            raise NotImplementedError(
+                f"per-layer-type rope_parameters {dict(rp)} are not supported."
+            )
+        theta = rp.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    else:
+        theta = getattr(hf_config, "rope_theta", 10000.0)
+        scaling = getattr(hf_config, "rope_scaling", None)
+        scaling = dict(scaling) if scaling else None
+    if theta is None:
+        theta = 10000.0
+    if scaling is not None:
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+    return theta, scaling
+
+
+# --------------------------------------------------------------------------
+# Building blocks (pure array functions)
+# --------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=None) -> jax.Array:
+    r""":math:`w \odot x / \sqrt{\mathrm{mean}(x^2) + \epsilon}`; statistics in
+    fp32, the normalized activation cast to ``dtype`` (default ``x.dtype``)
+    before the scale, as in ``transformers``' ``LlamaRMSNorm``."""
+    dtype = x.dtype if dtype is None else dtype
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = (x32 * lax.rsqrt(var + eps)).astype(dtype)
+    return scale.astype(dtype) * y
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    r"""The RoPE inverse frequencies :math:`\omega_i`, ``[head_dim // 2]`` fp32
+    (``transformers``' formulas for ``default``, ``linear`` and ``llama3``)."""
+    d = config.head_dim
+    base = np.float32(config.rope_theta)
+    inv = (np.float32(1.0) / (base ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d)))).astype(
+        np.float32
+    )
+    sc = config.rope_scaling_dict or {}
+    rtype = config.rope_type
+    if rtype == "linear":
+        inv = (inv / np.float32(sc["factor"])).astype(np.float32)
+    elif rtype == "llama3":
+        factor = np.float32(sc["factor"])
+        lo, hi = np.float32(sc["low_freq_factor"]), np.float32(sc["high_freq_factor"])
+        old = np.float32(sc["original_max_position_embeddings"])
+        lo_wl, hi_wl = old / lo, old / hi
+        wl = (np.float32(2 * math.pi) / inv).astype(np.float32)
+        out = np.where(wl > lo_wl, inv / factor, inv).astype(np.float32)
+        smooth = (old / wl - lo) / (hi - lo)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+        inv = np.where(medium, smoothed, out).astype(np.float32)
+    return inv
+
+
+def rotary_cos_sin(config: LlamaConfig, positions: jax.Array, dtype=None):
+    r"""``cos, sin`` of :math:`p\,\omega` for integer ``positions [B, T]``:
+    ``[B, T, head_dim]`` (each frequency twice, halves layout), computed in
+    fp32 then cast to ``dtype``."""
+    inv = jnp.asarray(rope_inv_freq(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    dtype = config.dtype if dtype is None else dtype
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    r""":math:`x \cos + \mathrm{rot}(x) \sin` for ``x [B, T, heads, d]`` and
+    ``cos, sin [B, T, d]``."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_mask(config: LlamaConfig, seq_len: int, padding_mask=None) -> jax.Array:
+    r"""Boolean visibility ``[B or 1, T, T]`` (query, key): causal, inside the
+    sliding window if any, and key not padding (``padding_mask [B, T]``, nonzero
+    = keep)."""
+    idx = jnp.arange(seq_len)
+    vis = idx[None, :] <= idx[:, None]
+    if config.sliding_window is not None:
+        vis = vis & (idx[None, :] > idx[:, None] - int(config.sliding_window))
+    vis = vis[None]
+    if padding_mask is not None:
+        vis = vis & (jnp.asarray(padding_mask) != 0)[:, None, :]
+    return vis
+
+
+def default_labels(batch: Mapping[str, Any]) -> jax.Array:
+    """``batch["labels"]`` if given, else ``input_ids`` with padding positions
+    (``attention_mask == 0``) set to ``-100``."""
+    labels = batch.get("labels")
+    if labels is not None:
+        return jnp.asarray(labels)
+    labels = jnp.asarray(batch["input_ids"])
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels = jnp.where(jnp.asarray(mask) != 0, labels, IGNORE_INDEX)
+    return labels
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    r"""Mean next-token cross-entropy in fp32: position ``t`` predicts
+    ``labels[:, t + 1]``; labels equal to ``-100`` are ignored (0 if all are)."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    safe = jnp.where(valid, targets, 0).astype(jnp.int32)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    total = jnp.sum(jnp.where(valid, nll, 0.0))
+    return total / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
+def _context(config: LlamaConfig, batch: Mapping[str, Any]):
+    """``(cos, sin, visibility)`` shared by every layer, from the batch."""
+    ids = jnp.asarray(batch["input_ids"])
+    b, t = ids.shape
+    pos = batch.get("position_ids")
+    if pos is None:
+        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    cos, sin = rotary_cos_sin(config, jnp.asarray(pos))
+    return cos, sin, attention_mask(config, t, batch.get("attention_mask"))
+
+
+# --------------------------------------------------------------------------
+# NNX modules
+# --------------------------------------------------------------------------
+
+
+def _linear(config, d_in, d_out, use_bias, rngs):
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=use_bias,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        bias_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned ``scale`` (``transformers``' ``weight``), ones at init."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = float(eps)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], self.eps, self.dtype)
+
+
+class LlamaAttention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings (see module docstring)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        d, h, k = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        self.q_proj = _linear(c, c.hidden_size, h * d, c.has_qkv_bias, rngs)
+        self.k_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
+        self.v_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
+        self.o_proj = _linear(c, h * d, c.hidden_size, c.attention_bias, rngs)
+
+    def __call__(self, x, cos, sin, visible):
+        """``x [B, T, D]``, ``cos/sin [B, T, d]``, ``visible [B|1, T, T]`` bool."""
+        c = self.config
+        b, t, _ = x.shape
+        d, kh, g = c.head_dim, c.num_key_value_heads, c.num_kv_groups
+        q = self.q_proj(x).reshape(b, t, kh * g, d)
+        k = self.k_proj(x).reshape(b, t, kh, d)
+        v = self.v_proj(x).reshape(b, t, kh, d)
+        q = apply_rotary(q, cos, sin).reshape(b, t, kh, g, d)
+        k = apply_rotary(k, cos, sin)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d**-0.5)
+        # Additive mask in fp32, as transformers' eager attention: a hidden
+        # score becomes the lowest float (the score is absorbed), so a query
+        # row with no visible key (left padding) averages all values instead
+        # of giving NaN, and its gradient flows exactly as in PyTorch.
+        low = jnp.finfo(jnp.float32).min
+        bias = jnp.where(visible[:, None, None, :, :], 0.0, low).astype(jnp.float32)
+        probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, kh * g * d)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nnx.Module):
+    r"""SwiGLU: :math:`(\mathrm{act}(x W_g) \odot x W_u) W_d`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.act = c.hidden_act
+        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs)
+        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs)
+        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, c.mlp_bias, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm block: ``h + Attn(norm1(h))`` then ``h + MLP(norm2(h))``."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        norm = functools.partial(RMSNorm, c.hidden_size, c.rms_norm_eps, dtype=c.dtype,
+                                 param_dtype=c.param_dtype)
+        self.input_layernorm = norm()
+        self.self_attn = LlamaAttention(c, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        self.mlp = LlamaMLP(c, rngs=rngs)
+
+    def __call__(self, h, cos, sin, visible):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, visible)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nnx.Module):
+    """The causal LM: embedding, ``L`` decoder layers stacked on a leading axis
+    (built by ``nnx.vmap``, run by ``nnx.scan``), final RMSNorm, LM head.
+
+    Example::
+
+        model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+        logits = model(input_ids, attention_mask=mask)      # [B, T, V]
+        loss = model.loss({"input_ids": input_ids, "attention_mask": mask})
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed_tokens = nnx.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            embedding_init=nnx.initializers.normal(c.initializer_range),
+            rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=c.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return LlamaDecoderLayer(c, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        if c.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _linear(c, c.hidden_size, c.vocab_size, False, rngs)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """Final hidden states after the last layer (before the final norm)."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "position_ids": position_ids}
+        cos, sin, visible = _context(self.config, batch)
+        h = self.embed_tokens(jnp.asarray(input_ids))
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(h, layer):
+            return layer(h, cos, sin, visible)
+
+        return run(h, self.layers)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        """Logits ``[B, T, V]`` in ``config.dtype``."""
+        h = self.norm(self.hidden_states(input_ids, attention_mask, position_ids))
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h)
+        return self.lm_head(h)
+
+    def loss(self, batch: Mapping[str, Any]) -> jax.Array:
+        """Mean next-token cross-entropy (see :func:`causal_lm_loss`,
+        :func:`default_labels`)."""
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        return causal_lm_loss(logits, default_labels(batch))
+
+
+# --------------------------------------------------------------------------
+# NNX module <-> plain dict params
+# --------------------------------------------------------------------------
+
+
+def _module_layout(config: LlamaConfig, params) -> dict:
+    """Plain-dict params -> the pure dict of ``nnx.state(model, nnx.Param)``."""
+    out = {
+        "embed_tokens": {"embedding": params["embed"]["embedding"]},
+        "layers": params["layers"],
+        "norm": {"scale": params["head"]["norm"]},
+    }
+    if not config.tie_word_embeddings:
+        out["lm_head"] = {"kernel": params["head"]["lm_head"]}
+    return out
+
+
+def _params_layout(config: LlamaConfig, pure) -> dict:
+    head = {"norm": pure["norm"]["scale"]}
+    if not config.tie_word_embeddings:
+        head["lm_head"] = pure["lm_head"]["kernel"]
+    return {"embed": {"embedding": pure["embed_tokens"]["embedding"]},
+            "layers": pure["layers"], "head": head}
+
+
+def module_to_params(model: LlamaForCausalLM) -> dict:
+    """The plain-dict parameters ``{"embed", "layers", "head"}`` of an NNX
+    model (the arrays themselves, not copies)."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return _params_layout(model.config, pure)
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_params(config: LlamaConfig) -> dict:
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    return module_to_params(model)
+
+
+def param_shapes(config: LlamaConfig) -> dict:
+    """``jax.ShapeDtypeStruct`` tree of the plain-dict parameters (nothing allocated)."""
+    return jax.tree.map(lambda x: x, _abstract_params(config))
+
+
+def init_params(config: LlamaConfig, rng=0) -> dict:
+    """Freshly initialized plain-dict parameters (``rng``: int seed or key)."""
+    return module_to_params(LlamaForCausalLM(config, rngs=nnx.Rngs(rng)))
+
+
+def check_params(config: LlamaConfig, params, what: str = "params") -> None:
+    """Raise ``ValueError`` naming every missing/unexpected key or wrong shape."""
+    want = _abstract_params(config)
+    w = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    try:
+        g = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    except Exception as e:  # pragma: no cover - exotic inputs
+        raise ValueError(f"{what} is not a pytree of arrays: {e}") from e
+    ks = jax.tree_util.keystr
+    missing = [ks(p) for p in w if p not in g]
+    extra = [ks(p) for p in g if p not in w]
+    bad = [
+        f"{what}{ks(p)}: got shape {tuple(jnp.shape(g[p]))}, expected {tuple(w[p].shape)}"
+        for p in w
+        if p in g and tuple(jnp.shape(g[p])) != tuple(w[p].shape)
+    ]
+    msgs = []
+    if missing:
+        msgs.append(f"missing {', '.join(what + m for m in missing)}")
+    if extra:
+        msgs.append(f"unexpected {', '.join(what + m for m in extra)}")
+    msgs.extend(bad)
+    if msgs:
+        raise ValueError("parameters do not match the config: " + "; ".join(msgs))
+
+
+def update_module(model: LlamaForCausalLM, params) -> LlamaForCausalLM:
+    """Write plain-dict ``params`` into ``model`` in place (shapes checked);
+    returns ``model``."""
+    check_params(model.config, params)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, _module_layout(model.config, params))
+    nnx.update(model, state)
+    return model
+
+
+def params_to_module(config: LlamaConfig, params) -> LlamaForCausalLM:
+    """An NNX :class:`LlamaForCausalLM` holding ``params`` (no random init is
+    run: the module is built abstractly and then filled)."""
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    return update_module(model, params)
+
+
+# --------------------------------------------------------------------------
+# Pure functional forms (for lomo_jax.fused_train_step)
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_template(config: LlamaConfig):
+    layer = nnx.eval_shape(lambda: LlamaDecoderLayer(config, rngs=nnx.Rngs(0)))
+    return nnx.split(layer)
+
+
+def llama_embed(config: LlamaConfig, embed_params, batch) -> jax.Array:
+    """``h_0 = E[input_ids]`` in ``config.dtype``: ``[B, T, D]``."""
+    emb = jnp.asarray(embed_params["embedding"]).astype(config.dtype)
+    return jnp.take(emb, jnp.asarray(batch["input_ids"]), axis=0)
+
+
+def llama_layer(config: LlamaConfig, layer_params, h, batch) -> jax.Array:
+    """One decoder layer on one (unstacked) slice of ``params["layers"]``.
+
+    The slice is merged into the :class:`LlamaDecoderLayer` graph
+    (``nnx.merge``) and called, so this is the NNX layer's own code. RoPE
+    tables and the mask are rebuilt from ``batch`` (cheap; XLA hoists them).
+    """
+    graphdef, abstract = _layer_template(config)
+    state = jax.tree.map(lambda x: x, abstract)  # fresh Variables, template untouched
+    nnx.replace_by_pure_dict(state, layer_params)
+    layer = nnx.merge(graphdef, state)
+    cos, sin, visible = _context(config, batch)
+    return layer(h, cos, sin, visible)
+
+
+def _head_logits(config: LlamaConfig, head_params, h, embed_params=None) -> jax.Array:
+    x = rms_norm(h, jnp.asarray(head_params["norm"]), config.rms_norm_eps, config.dtype)
+    if config.tie_word_embeddings:
+        if embed_params is None:
+            raise ValueError("a tied-embedding config needs embed_params for the head.")
+        w = jnp.asarray(embed_params["embedding"]).astype(config.dtype)
+        return jnp.dot(x, w.T)
+    w = jnp.asarray(head_params["lm_head"]).astype(config.dtype)
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) -> jax.Array:
+    """Final norm, LM head (or the tied embedding), scalar fp32 loss."""
+    return causal_lm_loss(_head_logits(config, head_params, h, embed_params), default_labels(batch))
+
+
+def llama_hidden(config: LlamaConfig, params, batch) -> jax.Array:
+    """Hidden states after the last layer (``lax.scan`` over the stacked layers)."""
+
+    def body(h, p):
+        return llama_layer(config, p, h, batch), None
+
+    h = llama_embed(config, params["embed"], batch)
+    h, _ = lax.scan(body, h, params["layers"])
+    return h
+
+
+def llama_logits(config: LlamaConfig, params, batch) -> jax.Array:
+    """Forward only on plain-dict params: logits ``[B, T, V]`` in ``config.dtype``.
+
+    ``batch``: ``{"input_ids", "attention_mask" (optional), "position_ids"
+    (optional)}``. Jit it with the config closed over, e.g.
+    ``jax.jit(functools.partial(llama_logits, cfg))``.
+    """
+    h = llama_hidden(config, params, batch)
+    return _head_logits(config, params["head"], h, params["embed"])
+
+
+def llama_loss(config: LlamaConfig, params, batch) -> jax.Array:
+    """The training loss on plain-dict params (same as the LayeredModel's)."""
+    h = llama_hidden(config, params, batch)
+    return llama_head(config, params["head"], h, batch, embed_params=params["embed"])
+
+
+def llama_layered_model(config: LlamaConfig):
+    """The model as a :class:`lomo_jax.LayeredModel` for ``lomo_jax.fused_train_step``.
+
+    ``embed``/``layer``/``head`` are :func:`llama_embed`, :func:`llama_layer`,
+    :func:`llama_head` with ``config`` bound; ``tied`` is
+    ``config.tie_word_embeddings``. Params: the plain dict of
+    :func:`module_to_params` / :func:`lomo_jax.models.convert.params_from_hf`.
+
+    Example::
+
+        lm = llama_layered_model(cfg)
+        step = lomo_jax.fused_train_step(lm, lomo_jax.adalomo(1e-3))
+        loss = lm.loss(params, batch)     # == llama_loss(cfg, params, batch)
+    """
+    from lomo_jax.fused import LayeredModel  # lazy: lomo_jax may still be in flux
+
+    def embed(p, batch):
+        return llama_embed(config, p, batch)
+
+    def layer(p, h, batch):
+        return llama_layer(config, p, h, batch)
+
+    def head(p, h, batch, embed_params=None):
+        return llama_head(config, p, h, batch, embed_params=embed_params)
+
+    return LayeredModel(embed, layer, head, tied=bool(config.tie_word_embeddings))

@@ -1,0 +1,31 @@
+"""PyTorch reference implementation of LOMO and AdaLomo.
+
+A drop-in replacement for ``lomo_optim`` 0.1.1 (change the import): the same
+constructor arguments, ``grad_norm(loss)`` and ``fused_backward(loss, lr)``,
+and the same numbers. Updates run in ``register_post_accumulate_grad_hook``
+hooks, so each parameter is updated exactly once per step with its complete
+(for tied weights: summed) gradient, which is freed right away.
+
+Beyond lomo-optim: fp32 math for bf16/fp16 parameters; fp16 (loss or
+parameters) turns on dynamic loss scaling for both optimizers, with
+overflowing steps skipped without touching parameters or state and no
+``torch.distributed`` process group needed; AdaLomo on parameters of any
+rank; ``state_dict()`` / ``load_state_dict()`` for exact resumption;
+``grad_norm`` returns the global norm; ``fused_backward(loss)`` without an lr
+uses ``param_groups[0]["lr"]`` (LR schedulers); ``remove_hooks()``.
+
+Example::
+
+    import lomo_torch
+
+    opt = lomo_torch.AdaLomo(model, lr=1e-3, clip_grad_norm=1.0)
+    loss = model(x).loss
+    opt.grad_norm(loss)          # global norm (and fp16 overflow check)
+    opt.fused_backward(loss, 1e-3)
+"""
+
+from .adalomo import AdaLomo
+from .lomo import Lomo
+from .loss_scaler import DynamicLossScaler
+
+__all__ = ["Lomo", "AdaLomo", "DynamicLossScaler"]

@@ -1,0 +1,395 @@
+"""Machinery shared by :class:`~lomo_torch.Lomo` and :class:`~lomo_torch.AdaLomo`.
+
+Each trainable parameter (tied parameters once) gets one
+``Tensor.register_post_accumulate_grad_hook``. Autograd calls it right after
+the parameter's gradient is complete, i.e. after every use of the parameter
+in the graph has contributed, so a tied weight sees its summed gradient. The
+hook takes the gradient off the parameter (``p.grad = None``) and, depending
+on the pass, either adds its norm to the global norm (``grad_norm``) or
+updates the parameter in place (``fused_backward``). At most one parameter's
+gradient is alive at a time; no hook scans other parameters.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+import warnings
+import weakref
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .loss_scaler import DynamicLossScaler
+
+STATE_FORMAT = 1
+
+
+class _Pass(enum.Enum):
+    IDLE = "idle"      # a backward not driven by this optimizer: leave .grad alone
+    NORM = "norm"      # grad_norm(): accumulate per-parameter norms, update nothing
+    UPDATE = "update"  # fused_backward(): update each parameter in its hook
+    SKIP = "skip"      # fused_backward() after an fp16 overflow: drop gradients only
+
+
+def _check_number(name, value, *, positive=False, non_negative=False, optional=False):
+    if value is None and optional:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if non_negative and not value >= 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return value
+
+
+def _remove_handles(handles):
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
+class FusedOptimizer(Optimizer):
+    """Base class: hook registration, the two backward passes, loss scaling, state.
+
+    Subclasses implement :meth:`_update` (one parameter, fp32 gradient already
+    unscaled and clipped), :meth:`_enable_fp16` and optionally :meth:`_begin_step`.
+    """
+
+    def __init__(self, model, defaults, *, lr, clip_grad_norm, clip_grad_value, weight_decay):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}"
+            )
+        _check_number("lr", lr, positive=True)
+        _check_number("clip_grad_norm", clip_grad_norm, positive=True, optional=True)
+        _check_number("clip_grad_value", clip_grad_value, positive=True, optional=True)
+        _check_number("weight_decay", weight_decay, non_negative=True)
+
+        # named_parameters() yields a tied (shared) Parameter once.
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"{type(model).__name__} has no trainable parameters (no parameter has "
+                f"requires_grad=True); there is nothing for {type(self).__name__} to optimize"
+            )
+        self.model = model
+        self.lr = lr
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.weight_decay = weight_decay
+        #: :class:`DynamicLossScaler` once fp16 is detected, else None.
+        self.loss_scaler = None
+        #: min(1, clip_grad_norm / (norm + 1e-6)) from the last grad_norm(), a 0-d tensor.
+        self.clip_coef = None
+        #: completed (not skipped) optimizer steps.
+        self.step_num = 0
+        super().__init__([p for _, p in named], defaults)
+
+        self._named_params = named
+        self._pass = _Pass.IDLE
+        self._precision_checked = False
+        self._norms = []
+        self._coef_by_device = {}
+        self._norm_ready = False   # grad_norm() ran since the last fused_backward()
+        self._skip_step = False    # grad_norm() found an fp16 overflow
+        self._scale = None         # loss scale of the running pass (None: unscaled)
+        self._step_lr = lr
+
+        self_ref = weakref.ref(self)
+
+        def make_hook(name):
+            def hook(param):
+                opt = self_ref()
+                if opt is not None:
+                    opt._on_grad_ready(name, param)
+            return hook
+
+        self._hook_handles = [p.register_post_accumulate_grad_hook(make_hook(n)) for n, p in named]
+        # Drop the hooks when the optimizer is garbage collected.
+        self._hook_finalizer = weakref.finalize(self, _remove_handles, self._hook_handles)
+
+    # ------------------------------------------------------------------ hooks
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (its backward hooks are removed)."""
+        self._hook_finalizer()
+
+    @property
+    def hooks_removed(self) -> bool:
+        return not self._hook_handles
+
+    def _on_grad_ready(self, name, p):
+        mode = self._pass
+        if mode is _Pass.IDLE:
+            return
+        grad = p.grad
+        if grad is None:
+            return
+        p.grad = None  # free the gradient now; we hold the only reference
+        if mode is _Pass.SKIP:
+            return
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                               f"(parameter {name!r})")
+        with torch.no_grad():
+            g = grad.float()  # the gradient itself if already fp32, else an fp32 copy
+            del grad
+            if self._scale is not None:
+                g.div_(self._scale)
+            if mode is _Pass.NORM:
+                self._norms.append(torch.linalg.vector_norm(g))
+                return
+            if self.clip_grad_value is not None:
+                g.clamp_(min=-self.clip_grad_value, max=self.clip_grad_value)
+            if self.clip_grad_norm is not None and self.clip_coef is not None:
+                g.mul_(self._coef_on(g.device))
+            self._update(name, p, g)
+
+    def _coef_on(self, device):
+        coef = self._coef_by_device.get(device)
+        if coef is None:
+            coef = self._coef_by_device[device] = self.clip_coef.to(device)
+        return coef
+
+    @staticmethod
+    def _fp32_view(p):
+        """The fp32 tensor to do the update on: ``p`` itself, or an fp32 copy."""
+        return p if p.dtype == torch.float32 else p.float()
+
+    @staticmethod
+    def _write_back(p, w):
+        if w is not p:
+            p.copy_(w)
+
+    # -------------------------------------------------------------- subclass API
+    def _update(self, name, p, g):  # pragma: no cover - abstract
+        """Update ``p`` in place from its fp32 gradient ``g`` (runs under no_grad)."""
+        raise NotImplementedError
+
+    def _enable_fp16(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _begin_step(self):
+        """Called by fused_backward right before the updating backward pass."""
+
+    def _loss_scale(self):
+        """Scale for the loss of this step (None: no scaling)."""
+        return None if self.loss_scaler is None else self.loss_scaler.loss_scale
+
+    # ------------------------------------------------------------ the passes
+    def _check_loss(self, loss, method):
+        if not self._hook_handles:
+            raise RuntimeError(f"{type(self).__name__}.{method}: the hooks were removed "
+                               f"(remove_hooks()); create a new optimizer")
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"{method} expects the loss as a torch.Tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"{method} expects a scalar loss, got a tensor of shape "
+                             f"{tuple(loss.shape)}; reduce it first (e.g. loss.mean())")
+        if not loss.requires_grad:
+            raise ValueError(f"{method}: the loss does not require grad (was it computed under "
+                             f"torch.no_grad(), or are all parameters frozen?)")
+
+    def _check_precision(self, loss):
+        """On the first pass: fp16 loss or fp16 parameters turn on dynamic loss scaling."""
+        if self._precision_checked:
+            return
+        self._precision_checked = True
+        if loss.dtype == torch.float16 or any(p.dtype == torch.float16 for _, p in self._named_params):
+            self._enable_fp16()
+
+    @property
+    def _needs_norm_pass(self):
+        return self.clip_grad_norm is not None or self.loss_scaler is not None
+
+    def _backward(self, loss, mode, scale, retain_graph=False):
+        for _, p in self._named_params:  # stale gradients from a plain loss.backward()
+            if p.grad is not None:
+                p.grad = None
+        self._scale = scale
+        self._pass = mode
+        try:
+            (loss if scale is None else loss * scale).backward(retain_graph=retain_graph)
+        finally:
+            self._pass = _Pass.IDLE
+            self._scale = None
+
+    @torch.no_grad()
+    def _total_norm(self, device):
+        norms, self._norms = self._norms, []
+        if not norms:
+            return torch.zeros((), device=device)
+        device = norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+    def grad_norm(self, loss):
+        """First pass: the global L2 norm of all gradients; no parameter changes.
+
+        Runs ``backward(retain_graph=True)`` so that :meth:`fused_backward` can
+        reuse the graph. Each gradient is unscaled, its norm kept and the
+        gradient freed in its hook; ``total = ||(||g_1||, ..., ||g_n||)||_2``.
+        With ``clip_grad_norm`` set this fixes
+        ``clip_coef = min(1, clip_grad_norm / (total + 1e-6))`` for the next
+        :meth:`fused_backward`. With fp16 it is also the overflow check: a
+        non-finite ``total`` lowers the loss scale and makes the next
+        :meth:`fused_backward` skip the step.
+
+        Returns the global norm as a 0-d fp32 tensor (not synchronised, except
+        in fp16 where the overflow check reads it).
+        """
+        self._check_loss(loss, "grad_norm")
+        self._check_precision(loss)
+        self._skip_step = False
+        self._norm_ready = False
+        self.clip_coef = None
+        self._coef_by_device = {}
+        scale = self._loss_scale()
+        self._norms = []
+        self._backward(loss, _Pass.NORM, scale, retain_graph=True)
+        total = self._total_norm(loss.device)
+        self._norm_ready = True
+        if self.loss_scaler is not None:
+            overflow = not bool(torch.isfinite(total))
+            self.loss_scaler.has_overflow_serial = overflow
+            if overflow:
+                self.loss_scaler.update_scale(True)
+                self._skip_step = True
+                return total
+        if self.clip_grad_norm is not None:
+            self.clip_coef = torch.clamp(float(self.clip_grad_norm) / (total + 1e-6), max=1.0)
+        return total
+
+    def fused_backward(self, loss, lr=None):
+        """Second pass: backward that updates every parameter as its gradient completes.
+
+        Args:
+            loss: the scalar loss (the same tensor given to :meth:`grad_norm`).
+            lr: learning rate for this step; None uses ``param_groups[0]["lr"]``
+                (so a ``torch.optim.lr_scheduler`` attached to this optimizer works).
+
+        Returns True if the parameters were updated, False if the step was
+        skipped because :meth:`grad_norm` found an fp16 overflow (then no
+        parameter and no optimizer state changes; the gradients are still freed).
+        """
+        self._check_loss(loss, "fused_backward")
+        if lr is None:
+            lr = self.param_groups[0]["lr"]
+        else:
+            lr = _check_number("lr", lr, non_negative=True)
+            for group in self.param_groups:
+                group["lr"] = lr
+        self.lr = lr
+        self._check_precision(loss)
+        if self._needs_norm_pass and not self._norm_ready:
+            if self.loss_scaler is not None:
+                why = ("fp16 training uses dynamic loss scaling, and grad_norm(loss) is its "
+                       "overflow check")
+            else:
+                why = (f"clip_grad_norm={self.clip_grad_norm} is set, and grad_norm(loss) "
+                       f"computes the global gradient norm")
+            raise RuntimeError(f"call grad_norm(loss) before every fused_backward(loss, lr): {why}")
+        self._norm_ready = False
+        self._opt_called = True  # tells torch LR schedulers that a step happened
+
+        if self._skip_step:  # fp16 overflow found by grad_norm(): free the graph, change nothing
+            self._skip_step = False
+            self._backward(loss, _Pass.SKIP, None)
+            return False
+
+        self._step_lr = lr
+        self._begin_step()
+        self._backward(loss, _Pass.UPDATE, self._loss_scale())
+        self.step_num += 1
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(False)
+        return True
+
+    def step(self, closure=None):
+        raise RuntimeError(
+            f"{type(self).__name__} updates the parameters during backward: replace "
+            f"`loss.backward(); optimizer.step()` by `optimizer.fused_backward(loss, lr)` "
+            f"(preceded by `optimizer.grad_norm(loss)` when clipping by norm or in fp16)"
+        )
+
+    # ------------------------------------------------------------------ state
+    def _expected_state_shapes(self, p):
+        """{state key: shape} a parameter's state may hold (subclasses)."""
+        return {}
+
+    def state_dict(self):
+        """Step count, lr, clipping, loss scaler and per-parameter state keyed by name."""
+        return {
+            "format": STATE_FORMAT,
+            "optimizer": type(self).__name__,
+            "step": self.step_num,
+            "lr": self.lr,
+            "clip_grad_norm": self.clip_grad_norm,
+            "clip_grad_value": self.clip_grad_value,
+            "precision_checked": self._precision_checked,
+            "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                             for g in self.param_groups],
+            "state": {n: dict(self.state[p]) for n, p in self._named_params if self.state.get(p)},
+        }
+
+    def load_state_dict(self, state_dict):
+        """Restore from :meth:`state_dict` (parameters are matched by name)."""
+        if state_dict.get("format") != STATE_FORMAT or "state" not in state_dict:
+            raise ValueError(f"not a lomo_torch optimizer state_dict (keys: {sorted(state_dict)})")
+        if state_dict.get("optimizer") != type(self).__name__:
+            raise ValueError(f"state_dict is from {state_dict.get('optimizer')}, "
+                             f"cannot load it into {type(self).__name__}")
+        by_name = dict(self._named_params)
+        unknown = sorted(set(state_dict["state"]) - set(by_name))
+        if unknown:
+            raise KeyError(f"state_dict has state for parameters this model does not train: {unknown}")
+        new_state = {}
+        for name, entry in state_dict["state"].items():
+            p = by_name[name]
+            shapes = self._expected_state_shapes(p)
+            for key, value in entry.items():
+                if key not in shapes:
+                    raise KeyError(f"unexpected state {key!r} for parameter {name!r}")
+                if tuple(value.shape) != tuple(shapes[key]):
+                    raise ValueError(f"state {key!r} of parameter {name!r} has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(shapes[key])}")
+            new_state[p] = {k: v.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                            for k, v in entry.items()}
+        self.state.clear()
+        self.state.update(new_state)
+        self.step_num = int(state_dict["step"])
+        self.lr = state_dict["lr"]
+        self._step_lr = self.lr
+        self.clip_grad_norm = state_dict["clip_grad_norm"]
+        self.clip_grad_value = state_dict["clip_grad_value"]
+        self._precision_checked = bool(state_dict["precision_checked"])
+        scaler = state_dict["loss_scaler"]
+        self.loss_scaler = None if scaler is None else DynamicLossScaler.from_state_dict(scaler)
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
+                             f"expected {len(self.param_groups)}")
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update(saved)
+        self.clip_coef = None
+        self._norm_ready = self._skip_step = False
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(lr={self.lr}, clip_grad_norm={self.clip_grad_norm}, "
+                f"clip_grad_value={self.clip_grad_value}, weight_decay={self.weight_decay}, "
+                f"params={len(self._named_params)}, step={self.step_num})")
+
+
+def warn_fp16_clip(cls_name):
+    warnings.warn(
+        f"{cls_name}: fp16 detected, dynamic loss scaling is on and clip_grad_norm was None; "
+        f"setting clip_grad_norm=1.0 (as lomo-optim does). Call grad_norm(loss) before every "
+        f"fused_backward(loss, lr).",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -1,0 +1,151 @@
+"""AdaLomo: LOMO with Adafactor-style factored second moments (arXiv:2310.10195)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._fused import FusedOptimizer, _check_number
+from .loss_scaler import DynamicLossScaler
+
+__all__ = ["AdaLomo"]
+
+
+def _rms(x):
+    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+
+
+class AdaLomo(FusedOptimizer):
+    """AdaLomo: an adaptive, factored step applied to each parameter inside backward.
+
+    At step ``t`` (1 on the first step), per parameter ``p`` with gradient
+    ``grad`` (math in fp32, result cast back to ``p``'s dtype)::
+
+        g      = clip(grad / loss_scale)          # value clip, then global-norm coef
+        beta   = 1 - t ** decay_rate
+        u      = g**2 + eps[0]
+        # ndim >= 2: factored over the last two dims
+        row    = beta * row + (1 - beta) * u.mean(-1)          # shape[:-1]
+        col    = beta * col + (1 - beta) * u.mean(-2)          # shape[:-2] + shape[-1:]
+        update = rsqrt(row / row.mean(-1))[..., None] * rsqrt(col)[..., None, :] * g
+        # ndim 0 or 1: full second moment
+        v      = beta * v + (1 - beta) * u;   update = rsqrt(v) * g
+        update = update / max(1, rms(update) / clip_threshold)
+        lr_t   = lr * max(eps[1], rms(p))
+        p      = p * (1 - lr_t * weight_decay) - lr_t * update
+
+    with ``rms(x) = ||x||_2 / sqrt(numel(x))``. The loss is multiplied by the
+    static ``loss_scale`` (gradients divided by it). With fp16 (an fp16 loss
+    or fp16 parameters) the scale becomes dynamic: a :class:`DynamicLossScaler`
+    starting at ``loss_scale``; :meth:`grad_norm` is then required every step
+    and an overflow skips the step (no parameter, statistic or ``t`` changes).
+
+    Drop-in for ``lomo_optim.AdaLomo``::
+
+        from lomo_torch import AdaLomo
+
+        opt = AdaLomo(model, lr=1e-3, clip_grad_norm=1.0)
+        for batch in loader:
+            loss = model(**batch).loss
+            opt.grad_norm(loss)            # only with clip_grad_norm / fp16
+            opt.fused_backward(loss, lr=1e-3)
+
+    Args:
+        model: the ``nn.Module`` to train (trainable parameters, tied ones once).
+        lr: learning rate, relative to each parameter's RMS.
+        loss_scale: static loss scale (falsy: none); the initial scale in fp16.
+        eps: ``(eps added to g**2, floor of rms(p) in the step size)``.
+        clip_threshold: the update's RMS is clipped to this.
+        decay_rate: ``beta_t = 1 - t**decay_rate`` (<= 0).
+        clip_grad_norm, clip_grad_value, weight_decay: as in :class:`~lomo_torch.Lomo`.
+        loss_scale_args: (keyword only, not in lomo-optim) extra
+            :class:`DynamicLossScaler` arguments for fp16, e.g. ``scale_window``.
+    """
+
+    def __init__(self, model, lr=1e-3, loss_scale=2**10, eps=(1e-30, 1e-3), clip_threshold=1.0,
+                 decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
+                 *, loss_scale_args=None):
+        if loss_scale:
+            _check_number("loss_scale", loss_scale, positive=True)
+        try:
+            eps = tuple(float(e) for e in eps)
+        except TypeError:
+            raise TypeError(f"eps must be a pair of numbers, got {eps!r}") from None
+        if len(eps) != 2 or eps[0] < 0 or eps[1] < 0:
+            raise ValueError(f"eps must be two non-negative numbers, got {eps}")
+        _check_number("clip_threshold", clip_threshold, positive=True)
+        _check_number("decay_rate", decay_rate)
+        if decay_rate > 0:
+            raise ValueError(f"decay_rate must be <= 0 (beta_t = 1 - t**decay_rate), got {decay_rate}")
+        if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
+            raise TypeError(f"loss_scale_args must be a dict, got {type(loss_scale_args).__name__}")
+        self.loss_scale = loss_scale
+        self.loss_scale_args = dict(loss_scale_args or {})
+        self.eps = eps
+        self.clip_threshold = clip_threshold
+        self.decay_rate = decay_rate
+        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
+                        clip_grad_value=clip_grad_value)
+        super().__init__(model, defaults, lr=lr, clip_grad_norm=clip_grad_norm,
+                         clip_grad_value=clip_grad_value, weight_decay=weight_decay)
+        self._beta = None
+
+    def _enable_fp16(self):
+        args = {"init_scale": self.loss_scale or 1.0, **self.loss_scale_args}
+        self.loss_scaler = DynamicLossScaler(**args)
+
+    def _loss_scale(self):
+        if self.loss_scaler is not None:
+            return self.loss_scaler.loss_scale
+        return self.loss_scale or None
+
+    def _begin_step(self):
+        t = self.step_num + 1
+        self._beta = 1.0 - math.pow(t, self.decay_rate)
+
+    @staticmethod
+    def _expected_state_shapes(p):
+        shape = tuple(p.shape)
+        if len(shape) >= 2:
+            return {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
+        return {"exp_avg_sq": shape}
+
+    def _state_for(self, p):
+        state = self.state[p]
+        if not state:
+            for key, shape in self._expected_state_shapes(p).items():
+                state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        return state
+
+    def _update(self, name, p, g):
+        beta = self._beta
+        state = self._state_for(p)
+        u = g.square().add_(self.eps[0])
+        if g.dim() >= 2:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta).add_(u.mean(dim=-1), alpha=1.0 - beta)
+            col.mul_(beta).add_(u.mean(dim=-2), alpha=1.0 - beta)
+            del u
+            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            c = col.unsqueeze(-2).rsqrt()
+            update = torch.mul(r, c).mul_(g)
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta).add_(u, alpha=1.0 - beta)
+            del u
+            update = v.rsqrt().mul_(g)
+        del g
+        update.div_((_rms(update) / self.clip_threshold).clamp_(min=1.0))
+
+        w = self._fp32_view(p)
+        # lr_t = lr * max(eps[1], rms(p)) as 0-d tensors (no host sync). The floor
+        # branch is computed in float64 and rounded once, as lomo-optim does.
+        lr, wd, eps1 = self._step_lr, self.weight_decay, self.eps[1]
+        p_rms = _rms(w)
+        above = p_rms > eps1
+        lr_t = torch.where(above, p_rms * lr, lr * eps1)
+        if wd > 0:
+            w.mul_(torch.where(above, 1.0 - lr_t * wd, 1.0 - lr * eps1 * wd))
+        w.addcmul_(update, lr_t.neg())  # w - lr_t * update, rounded once
+        self._write_back(p, w)

@@ -1,0 +1,71 @@
+"""LOMO: SGD fused into the backward pass (Lv et al., 2023, arXiv:2306.09782)."""
+
+from __future__ import annotations
+
+from ._fused import FusedOptimizer, warn_fp16_clip
+from .loss_scaler import DynamicLossScaler
+
+__all__ = ["Lomo"]
+
+
+class Lomo(FusedOptimizer):
+    """LOMO: each parameter takes an SGD step the moment its gradient is complete.
+
+    Per parameter ``p`` with gradient ``grad`` (math in fp32, the result cast
+    back to ``p``'s dtype)::
+
+        g = grad / loss_scale                          # loss_scale = 1 unless fp16
+        g = clamp(g, -clip_grad_value, clip_grad_value)            # if set
+        g = g * min(1, clip_grad_norm / (||all grads||_2 + 1e-6))  # if set
+        p = p * (1 - lr * weight_decay) - lr * g
+
+    The global norm needs every gradient before any update, so norm clipping
+    takes two backward passes: :meth:`grad_norm` (norm only), then
+    :meth:`fused_backward` (updates). fp16 (an fp16 loss or fp16 parameters)
+    turns on a :class:`DynamicLossScaler` built from ``loss_scale_args`` and,
+    as in lomo-optim, ``clip_grad_norm=1.0`` if it was None; ``grad_norm``
+    is then required every step and an overflow skips the step.
+
+    Drop-in for ``lomo_optim.Lomo`` (same arguments and methods)::
+
+        from lomo_torch import Lomo
+
+        opt = Lomo(model, lr=1e-3, clip_grad_norm=1.0)
+        for batch in loader:
+            loss = model(**batch).loss
+            opt.grad_norm(loss)            # only with clip_grad_norm / fp16
+            opt.fused_backward(loss, lr=1e-3)
+
+    Args:
+        model: the ``nn.Module`` to train; every parameter with
+            ``requires_grad=True`` is updated (tied parameters once).
+        lr: learning rate (also the default for ``fused_backward``).
+        clip_grad_norm: clip the global gradient L2 norm to this (two passes).
+        clip_grad_value: clamp each gradient element to ``[-v, v]``.
+        weight_decay: decoupled weight decay, ``p *= 1 - lr * weight_decay``.
+        loss_scale_args: keyword arguments of :class:`DynamicLossScaler` for fp16.
+    """
+
+    def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
+                 weight_decay=0.0, loss_scale_args=None):
+        if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
+            raise TypeError(f"loss_scale_args must be a dict, got {type(loss_scale_args).__name__}")
+        self.loss_scale_args = dict(loss_scale_args or {})
+        defaults = dict(lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+                        weight_decay=weight_decay)
+        super().__init__(model, defaults, lr=lr, clip_grad_norm=clip_grad_norm,
+                         clip_grad_value=clip_grad_value, weight_decay=weight_decay)
+
+    def _enable_fp16(self):
+        self.loss_scaler = DynamicLossScaler(**self.loss_scale_args)
+        if self.clip_grad_norm is None:
+            self.clip_grad_norm = 1.0
+            warn_fp16_clip(type(self).__name__)
+
+    def _update(self, name, p, g):
+        lr = self._step_lr
+        w = self._fp32_view(p)
+        if self.weight_decay > 0:
+            w.mul_(1.0 - lr * self.weight_decay)
+        w.add_(g, alpha=-lr)
+        self._write_back(p, w)
