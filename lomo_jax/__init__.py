@@ -15,12 +15,22 @@ from lomo_jax.transforms import (
     scale_by_lomo,
 )
 from lomo_jax.per_layer import PerLayerState, per_layer
-from lomo_jax.fused import LayeredModel, fused_init, fused_train_step
+from lomo_jax.fused import (
+    FusedState,
+    LayeredModel,
+    LossScaleState,
+    fused_init,
+    fused_train_step,
+)
+from lomo_jax import sharding as sharding  # FSDP shardings of the fused step over a mesh
+from lomo_jax import checkpoint as checkpoint  # orbax checkpoints (orbax imported on first use)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedState",
     "LayeredModel",
+    "LossScaleState",
     "PerLayerState",
     "ScaleByAdaLomoState",
     "adalomo",

@@ -45,7 +45,14 @@ another leaf (``optax.clip_by_global_norm``, ``optax.apply_if_finite``,
 gradients are unscaled in fp32; the first pass always runs, and a step whose
 gradients overflow is skipped as a whole (``lax.cond``; every parameter and
 state bit is unchanged) and halves :math:`S`; ``loss_scale_window`` clean steps
-double it.
+double it. For bf16/fp32, ``skip_nonfinite=True`` is the same skip without
+the scale: a step whose loss or gradient norm (or the head's new values,
+which is how a non-finite learning rate shows) is not finite is skipped as a
+whole and counted in :attr:`FusedState.nonfinite_steps`.
+
+**Donation.** The returned step donates ``params`` and ``opt_state``; passing
+the same arrays again raises an error that names the deleted leaf and says to
+use the returned values.
 
 **In place, measured.** ``step`` donates ``params`` and ``opt_state`` and
 every output aliases its donated input (``compiled.memory_analysis()
@@ -102,6 +109,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -211,12 +219,18 @@ class FusedState(NamedTuple):
       head: ``tx.init(params["head"])``.
       loss_scale: :class:`LossScaleState` when dynamic loss scaling is on
         (fp16 parameters), else ``None``.
+      nonfinite_steps: ``int32[]`` count of steps skipped because the loss,
+        the gradient norm or the head's update was not finite (see
+        ``fused_train_step(skip_nonfinite=True)``; fp16 overflow skips count
+        too) when made by ``fused_init(..., skip_nonfinite=True)``, else
+        ``None`` (the default, so four-field states keep working).
     """
 
     embed: Any
     layers: PerLayerState
     head: Any
     loss_scale: Optional[LossScaleState]
+    nonfinite_steps: Optional[jax.Array] = None
 
 
 # --------------------------------------------------------------------------
@@ -366,7 +380,9 @@ def _abstract(tree):
 # --------------------------------------------------------------------------
 
 
-def fused_init(tx: optax.GradientTransformation, params, *, loss_scale=None) -> FusedState:
+def fused_init(
+    tx: optax.GradientTransformation, params, *, loss_scale=None, skip_nonfinite: bool = False
+) -> FusedState:
     r"""Optimizer state for :func:`fused_train_step`.
 
     .. math::
@@ -388,12 +404,17 @@ def fused_init(tx: optax.GradientTransformation, params, *, loss_scale=None) -> 
       loss_scale: initial dynamic loss scale. ``None`` (default): ``2**16``
         if any parameter is fp16, otherwise no loss scaling. A number turns
         loss scaling on with that initial scale whatever the dtypes.
+      skip_nonfinite: add the skipped-step counter
+        :attr:`FusedState.nonfinite_steps` (zero) that
+        ``fused_train_step(..., skip_nonfinite=True)`` needs.
 
     Returns:
       A :class:`FusedState`.
     """
     _check_tx(tx)
     _split_params(params)
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}.")
     if loss_scale is None and _has_fp16(params):
         loss_scale = _loss_scale.DEFAULT_INIT_SCALE
     ls = None if loss_scale is None else _loss_scale.init(float(loss_scale))
@@ -402,6 +423,7 @@ def fused_init(tx: optax.GradientTransformation, params, *, loss_scale=None) -> 
         layers=per_layer(tx).init(params["layers"]),
         head=tx.init(params["head"]),
         loss_scale=ls,
+        nonfinite_steps=jnp.zeros([], jnp.int32) if skip_nonfinite else None,
     )
 
 
@@ -418,6 +440,15 @@ def _sq_norm(tree, factor=None):
             g = g * factor
         total = total + jnp.sum(jnp.square(g))
     return total
+
+
+def _all_finite(tree):
+    """A bool scalar: every floating element of ``tree`` is finite."""
+    ok = jnp.ones([], jnp.bool_)
+    for x in jax.tree_util.tree_leaves(tree):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(x))
+    return ok
 
 
 def _scale(tree, factor):
@@ -477,6 +508,81 @@ def _check_loss(loss):
         )
 
 
+_ARG_NAMES = ("params", "opt_state", "batch")
+
+
+def _deleted_leaves(tree) -> bool:
+    for x in jax.tree_util.tree_leaves(tree):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if x.is_deleted():
+                return True
+    return False
+
+
+def _deleted_arg_error(name: str, tree) -> Exception:
+    paths = [
+        _path(name, path)
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
+    ]
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    if name in ("params", "opt_state"):
+        return RuntimeError(
+            f"fused step: {shown} has been deleted: params/opt_state were donated to "
+            "the previous step (their buffers now hold its outputs), so the arrays "
+            "passed to it cannot be used again. Use the returned values "
+            "(params, opt_state, metrics = step(params, opt_state, batch)); to keep "
+            "an old copy (evaluation, checkpointing), copy it before the step, e.g. "
+            "jax.tree.map(jnp.copy, params)."
+        )
+    return RuntimeError(
+        f"fused step: {shown} has been deleted (donated to another jitted function "
+        "or .delete()d); pass live arrays in batch."
+    )
+
+
+class _DonatingStep:
+    """The jitted fused step; ``__call__`` first checks for donated arrays.
+
+    JAX's own error for a deleted (donated) input is a generic "Array has been
+    deleted"; this names the leaf and the fix. Everything else (``lower``,
+    ``trace``, ``eval_shape``, ...) is the wrapped ``jax.jit`` function's.
+    """
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+        self.__wrapped__ = jitted
+        self.__doc__ = getattr(jitted, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        named = list(zip(_ARG_NAMES, args)) + [
+            (k, v) for k, v in kwargs.items() if k in _ARG_NAMES
+        ]
+        for name, tree in named:
+            if _deleted_leaves(tree):
+                raise _deleted_arg_error(name, tree)
+        return self._jitted(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "_jitted":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._jitted, name)
+
+    def __repr__(self):
+        return f"fused_train_step({self._jitted!r})"
+
+
+def _checks_donated(build):
+    """Wrap the jitted step that ``build`` returns in :class:`_DonatingStep`."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        return _DonatingStep(build(*args, **kwargs))
+
+    return wrapper
+
+
+@_checks_donated
 def fused_train_step(
     model: LayeredModel,
     tx: optax.GradientTransformation,
@@ -485,6 +591,8 @@ def fused_train_step(
     remat_policy: Optional[Callable[..., Any]] = None,
     loss_scale_window: int = 1000,
     min_loss_scale: float = 1.0,
+    skip_nonfinite: bool = False,
+    shardings: Optional[Any] = None,
 ):
     r"""Build the jitted fused LOMO step ``step(params, opt_state, batch)``.
 
@@ -528,13 +636,39 @@ def fused_train_step(
         ``jax.checkpoint(layer)`` around the scanned layer).
       loss_scale_window: clean steps after which the fp16 loss scale doubles.
       min_loss_scale: the loss scale never goes below this.
+      skip_nonfinite: the non-finite guard for any dtype (fp16 has it built
+        in). The step is skipped as a whole - every parameter and state bit
+        unchanged, as for an fp16 overflow - when the loss or the global
+        gradient norm is not finite, or when the head's new parameters or
+        state are not (checked before anything else is written: this is what
+        catches a learning-rate schedule that returns NaN/inf, since every
+        unit uses the same schedule value; a ``params["head"]`` without
+        leaves gives no such check). It needs the two-pass norm (a second
+        backward when not clipping anyway) and, while it runs, one extra
+        copy of the head's parameters and state. ``opt_state`` must come
+        from ``fused_init(tx, params, skip_nonfinite=True)``, which holds the
+        cumulative counter. A skipped step does not advance ``tx``'s step
+        count, so a schedule that is non-finite at some step skips every
+        step from there on: watch ``metrics["nonfinite_steps"]``.
+      shardings: ``None`` (default: ``jax.jit`` follows the inputs), or a
+        ``(params, opt_state, batch)`` triple of shardings (pytree prefixes),
+        e.g. :func:`lomo_jax.sharding.fused_shardings` for FSDP over a mesh.
+        The step is then jitted with these as ``in_shardings`` and the same
+        params/state shardings as ``out_shardings`` (metrics replicated), so
+        every output keeps its donated input's sharding and is updated in
+        place; inputs are resharded to them on the way in (e.g. a host batch
+        is split over the data axes).
 
     Returns:
       ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, a
-      ``jax.jit`` function that donates ``params`` and ``opt_state``.
-      ``metrics["loss"]`` is the fp32 loss before the update; with clipping or
-      loss scaling also ``"grad_norm"`` (unclipped, unscaled); with loss
-      scaling ``"loss_scale"`` (the scale used) and ``"skipped"`` (bool).
+      ``jax.jit`` function that donates ``params`` and ``opt_state`` (wrapped
+      so that passing an already-donated array again raises an error naming
+      it; ``.lower``/``.trace``/``.eval_shape`` are those of the jit
+      function). ``metrics["loss"]`` is the fp32 loss before the update; with
+      clipping, loss scaling or the guard also ``"grad_norm"`` (unclipped,
+      unscaled); with loss scaling ``"loss_scale"`` (the scale used); with
+      loss scaling or the guard ``"skipped"`` (bool); when ``opt_state`` has
+      the counter, ``"nonfinite_steps"`` (its new value).
     """
     if not isinstance(model, LayeredModel):
         raise TypeError(
@@ -545,6 +679,8 @@ def fused_train_step(
         raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm!r}.")
     if int(loss_scale_window) < 1:
         raise ValueError(f"loss_scale_window must be >= 1, got {loss_scale_window!r}.")
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}.")
     try:
         probe_ok = True
         jax.eval_shape(tx.init, _FAKE_PROBE)
@@ -570,9 +706,16 @@ def fused_train_step(
                 "params contain float16 leaves but opt_state has no loss scale; "
                 "create it with lomo_jax.fused_init(tx, params) on these params."
             )
+        counting = opt_state.nonfinite_steps is not None
+        if skip_nonfinite and not counting:
+            raise ValueError(
+                "fused_train_step(..., skip_nonfinite=True) counts skipped steps in "
+                "opt_state.nonfinite_steps, which this opt_state lacks; create it with "
+                "lomo_jax.fused_init(tx, params, skip_nonfinite=True)."
+            )
         _check_leafwise_on(tx, _abstract(pe), _abstract(_index(pl, 0)), _abstract(ph))
         se, sl, sh = opt_state.embed, opt_state.layers.inner_state, opt_state.head
-        two_pass = scaling or clip_grad_norm is not None
+        two_pass = scaling or skip_nonfinite or clip_grad_norm is not None
 
         # ---- forward: keep each layer's input only -------------------------
         h0 = model.embed(pe, batch)
@@ -639,6 +782,11 @@ def fused_train_step(
         def update_all(operands):
             pe, pl, ph, se, sl, sh = operands
             ph, sh = _apply(tx, _scale(g_head, factor), sh, ph)
+            return update_rest((pe, pl, ph, se, sl, sh))
+
+        def update_rest(operands):
+            """Layers and embedding (the head is done)."""
+            pe, pl, ph, se, sl, sh = operands
 
             def body(carry, xs):
                 pl, sl, pend_p, pend_s, pend_i, dh = carry
@@ -663,22 +811,63 @@ def fused_train_step(
             return pe, pl, ph, se, sl, sh
 
         operands = (pe, pl, ph, se, sl, sh)
-        if scaling:
+        skipped = None
+        if skip_nonfinite:
+            # The guard: loss, norm and the head's new values (which expose a
+            # non-finite learning rate) are all known before anything is
+            # written; the head's old values are kept for the skip branch.
+            ph_new, sh_new = _apply(tx, _scale(g_head, factor), sh, ph)
+            ok = finite & jnp.isfinite(loss) & _all_finite((ph_new, sh_new))
+
+            def guarded_update(o):
+                pe, pl, _, se, sl, _, ph_new, sh_new = o
+                return update_rest((pe, pl, ph_new, se, sl, sh_new))
+
+            pe, pl, ph, se, sl, sh = lax.cond(
+                ok, guarded_update, lambda o: o[:6], operands + (ph_new, sh_new)
+            )
+            skipped = jnp.logical_not(ok)
+        elif scaling:
             # Overflow is known before anything is touched: skip the whole pass.
             pe, pl, ph, se, sl, sh = lax.cond(finite, update_all, lambda o: o, operands)
+            skipped = jnp.logical_not(finite)
+        else:
+            pe, pl, ph, se, sl, sh = update_all(operands)
+        new_ls = None
+        if scaling:
             new_ls = _loss_scale.update(
                 opt_state.loss_scale, finite, int(loss_scale_window), min_loss_scale
             )
             metrics["loss_scale"] = scale
-            metrics["skipped"] = jnp.logical_not(finite)
-        else:
-            pe, pl, ph, se, sl, sh = update_all(operands)
-            new_ls = None
+        if skipped is not None:
+            metrics["skipped"] = skipped
+        count = opt_state.nonfinite_steps
+        if counting:
+            if skipped is not None:
+                count = count + skipped.astype(count.dtype)
+            metrics["nonfinite_steps"] = count
 
         new_params = {"embed": pe, "layers": pl, "head": ph}
         new_state = FusedState(
-            embed=se, layers=PerLayerState(inner_state=sl), head=sh, loss_scale=new_ls
+            embed=se, layers=PerLayerState(inner_state=sl), head=sh, loss_scale=new_ls,
+            nonfinite_steps=count,
         )
         return new_params, new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
+    try:
+        p_sh, s_sh, b_sh = shardings
+    except (TypeError, ValueError):
+        raise TypeError(
+            "shardings must be a (params, opt_state, batch) triple of shardings, e.g. "
+            f"lomo_jax.sharding.fused_shardings(tx, params, mesh); got {shardings!r}."
+        ) from None
+    # out_shardings = in_shardings: outputs alias their donated inputs.
+    return jax.jit(
+        step,
+        in_shardings=(p_sh, s_sh, b_sh),
+        out_shardings=(p_sh, s_sh, None),
+        donate_argnums=(0, 1),
+        keep_unused=True,
+    )

@@ -19,6 +19,7 @@ coefficient; a chain scales first and the transform clamps after.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import jax
@@ -49,6 +50,39 @@ def _check_positive(name: str, value, allow_none: bool = True) -> None:
         return
     if isinstance(value, (int, float)) and not value > 0:
         raise ValueError(f"{name} must be positive, got {value!r}.")
+
+
+def _check_learning_rate(learning_rate) -> None:
+    """A constant must be finite and positive; a schedule is run eagerly at
+    steps 0 and 1 and must give finite values there.
+
+    Later steps are not probed (a schedule may be fine within its horizon and
+    not beyond it); the fused step's ``skip_nonfinite=True`` guard catches a
+    non-finite rate at run time. Traced values (``optax.inject_hyperparams``
+    inside ``jit``) and schedules that cannot run eagerly are not checked.
+    """
+    if callable(learning_rate):
+        for step in (0, 1):
+            try:
+                value = float(jnp.asarray(learning_rate(jnp.asarray(step, jnp.int32))))
+            except Exception:  # noqa: BLE001 - traced or not eager-evaluable
+                return
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"the learning_rate schedule returned {value} at step {step} (checked "
+                    "eagerly at steps 0 and 1); it must give a finite learning rate at "
+                    "every step. Check its arguments (e.g. a zero decay/warmup length, "
+                    "or a division by the step count, which starts at 0)."
+                )
+        return
+    if not isinstance(learning_rate, (int, float)):
+        try:
+            learning_rate = float(learning_rate)
+        except Exception:  # noqa: BLE001 - a tracer (inject_hyperparams) or array
+            return
+    if not math.isfinite(learning_rate):
+        raise ValueError(f"learning_rate must be a finite number, got {learning_rate!r}.")
+    _check_positive("learning_rate", learning_rate, allow_none=False)
 
 
 def _rms(x: Array) -> Array:
@@ -135,7 +169,7 @@ def lomo(
       weight_decay: :math:`\lambda`.
       clip_grad_value: :math:`c`, or ``None``.
     """
-    _check_positive("learning_rate", learning_rate, allow_none=False)
+    _check_learning_rate(learning_rate)
     return optax.chain(
         scale_by_lomo(weight_decay=weight_decay, clip_grad_value=clip_grad_value),
         optax.scale_by_learning_rate(learning_rate),
@@ -306,7 +340,7 @@ def adalomo(
     ``lomo_jax.per_layer(lomo_jax.adalomo(...))`` on the stacked subtree so
     statistics and RMS are per layer.
     """
-    _check_positive("learning_rate", learning_rate, allow_none=False)
+    _check_learning_rate(learning_rate)
     return optax.chain(
         scale_by_adalomo(
             eps=eps,

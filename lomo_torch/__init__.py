@@ -27,5 +27,6 @@ Example::
 from .adalomo import AdaLomo
 from .lomo import Lomo
 from .loss_scaler import DynamicLossScaler
+from . import checkpoint
 
-__all__ = ["Lomo", "AdaLomo", "DynamicLossScaler"]
+__all__ = ["Lomo", "AdaLomo", "DynamicLossScaler", "checkpoint"]

@@ -8,6 +8,26 @@ hook takes the gradient off the parameter (``p.grad = None``) and, depending
 on the pass, either adds its norm to the global norm (``grad_norm``) or
 updates the parameter in place (``fused_backward``). At most one parameter's
 gradient is alive at a time; no hook scans other parameters.
+
+Distributed data parallelism (see :mod:`lomo_torch` and the README):
+
+* ``DistributedDataParallel``: the optimizer is given the DDP wrapper. DDP's
+  own reducer cannot serve a fused optimizer (its bucketed all-reduce runs in
+  autograd hooks *after* the parameter's post-accumulate hook, and only once
+  per forward, while LOMO's norm clipping backpropagates twice through one
+  forward), so the optimizer switches it off as ``DDP.no_sync()`` does and
+  averages each gradient itself, in the parameter's hook: an asynchronous
+  ``all_reduce`` is launched and the previous parameter (whose all-reduce has
+  overlapped this parameter's backward) is finished and updated. Every rank
+  then norms and updates with the same averaged gradient, so replicas stay
+  bitwise identical. DDP still broadcasts the initial state and the buffers.
+* FSDP2 (``fully_shard``): parameters are ``DTensor`` shards and FSDP2 calls
+  the sharded parameter's post-accumulate-grad hooks after its
+  reduce-scatter, so the hook gets this rank's shard of the averaged
+  gradient. Elementwise work runs on the local shard; every reduction that
+  spans a sharded dimension (the global norm, AdaLomo's row/column means and
+  RMS values) sums the local part and all-reduces it over the mesh
+  dimensions that shard it, so the numbers equal the unsharded ones.
 """
 
 from __future__ import annotations
@@ -15,6 +35,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import sys
 import warnings
 import weakref
 
@@ -48,6 +69,71 @@ def _check_number(name, value, *, positive=False, non_negative=False, optional=F
     return value
 
 
+class _ShardSpec:
+    """How a ``DTensor`` parameter is laid out: which tensor dims are split over which groups."""
+
+    __slots__ = ("mesh", "placements", "shape", "numel", "dim_groups", "all_groups")
+
+    def __init__(self, name, p):
+        self.mesh = p.device_mesh
+        self.placements = tuple(p.placements)
+        self.shape = tuple(p.shape)  # the global shape
+        self.numel = p.numel()
+        self.dim_groups = {}         # tensor dim -> [process groups that split it]
+        all_groups = []
+        from torch.distributed.tensor import Replicate, Shard
+
+        for mesh_dim, pl in enumerate(self.placements):
+            if type(pl) is Replicate:
+                continue
+            if type(pl) is not Shard:
+                raise NotImplementedError(
+                    f"parameter {name!r} has placement {pl} on mesh dim {mesh_dim}; lomo_torch "
+                    f"supports DTensor parameters that are sharded (Shard) or replicated")
+            group = self.mesh.get_group(mesh_dim)
+            dim = pl.dim % len(self.shape)
+            self.dim_groups.setdefault(dim, []).append(group)
+            all_groups.append(group)
+        self.all_groups = tuple(all_groups)
+
+    def groups(self, dim):
+        return self.dim_groups.get(dim % len(self.shape), ())
+
+
+def _dtensor_type():
+    # A parameter can only be a DTensor if torch.distributed.tensor was imported.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _all_reduce_sum(t, groups):
+    """In-place sum of ``t`` over every group in ``groups`` (their ranks partition a mesh)."""
+    for group in groups:
+        torch.distributed.all_reduce(t, group=group)
+    return t
+
+
+def _sum_over_groups(items):
+    """All-reduce (sum) each ``(tensor, groups)``; tensors sharing groups go in one collective.
+
+    Returns the summed tensors in order (new tensors; the inputs may be reused).
+    """
+    out = [t for t, _ in items]
+    pending = [i for i, (_, groups) in enumerate(items) if groups]
+    while pending:
+        groups = items[pending[0]][1]
+        same = [i for i in pending if items[i][1] == groups]
+        pending = [i for i in pending if items[i][1] != groups]
+        if len(same) == 1:
+            out[same[0]] = _all_reduce_sum(out[same[0]], groups)
+            continue
+        flat = torch.cat([out[i].reshape(-1) for i in same])
+        _all_reduce_sum(flat, groups)
+        for i, part in zip(same, flat.split([out[i].numel() for i in same])):
+            out[i] = part.view_as(out[i])
+    return out
+
+
 def _remove_handles(handles):
     for h in handles:
         h.remove()
@@ -71,8 +157,22 @@ class FusedOptimizer(Optimizer):
         _check_number("clip_grad_value", clip_grad_value, positive=True, optional=True)
         _check_number("weight_decay", weight_decay, non_negative=True)
 
+        # DistributedDataParallel: average gradients in our hooks (see the module doc).
+        self._dp_group = None
+        self._dp_size = 1
+        source = model
+        ddp = _ddp_type()
+        if ddp is not None and isinstance(model, ddp):
+            if getattr(model, "static_graph", False):
+                raise ValueError(f"{type(self).__name__} does not support DDP(static_graph=True): "
+                                 f"it averages gradients itself and switches DDP's reducer off")
+            self._dp_group = model.process_group
+            self._dp_size = torch.distributed.get_world_size(self._dp_group)
+            model.require_backward_grad_sync = False  # what DDP.no_sync() sets
+            source = model.module  # parameter names as without the wrapper
+
         # named_parameters() yields a tied (shared) Parameter once.
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(
                 f"{type(model).__name__} has no trainable parameters (no parameter has "
@@ -92,6 +192,16 @@ class FusedOptimizer(Optimizer):
         super().__init__([p for _, p in named], defaults)
 
         self._named_params = named
+        self._param_source = source
+        dtensor = _dtensor_type()
+        #: name -> _ShardSpec for DTensor (FSDP2 / sharded) parameters.
+        self._specs = {n: _ShardSpec(n, p) for n, p in named
+                       if dtensor is not None and isinstance(p, dtensor)}
+        if self._specs and self._dp_group is not None:
+            raise NotImplementedError(f"{type(self).__name__}: DTensor parameters inside "
+                                      f"DistributedDataParallel are not supported")
+        self._shard_sq = []        # (groups, local sum of squares) of sharded gradients
+        self._inflight = None      # DDP: (name, param, grad, work) awaiting its all-reduce
         self._pass = _Pass.IDLE
         self._precision_checked = False
         self._norms = []
@@ -136,13 +246,41 @@ class FusedOptimizer(Optimizer):
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                f"(parameter {name!r})")
+        if self._dp_group is not None:
+            # DDP: average over ranks. Launch this gradient's all-reduce, then finish
+            # the previous parameter, whose all-reduce overlapped this backward step.
+            with torch.no_grad():
+                grad.div_(self._dp_size)  # as DDP's own hook: divide, then sum
+                work = torch.distributed.all_reduce(grad, group=self._dp_group, async_op=True)
+            previous, self._inflight = self._inflight, (name, p, grad, work)
+            if previous is not None:
+                self._finish_inflight(previous, mode)
+            return
+        self._use_grad(name, p, grad, mode)
+
+    def _finish_inflight(self, item, mode):
+        name, p, grad, work = item
+        work.wait()
+        self._use_grad(name, p, grad, mode)
+
+    def _use_grad(self, name, p, grad, mode):
+        spec = self._specs.get(name)
+        if spec is not None:  # FSDP2 / DTensor: work on this rank's shard
+            if tuple(grad.placements) != spec.placements:
+                grad = grad.redistribute(spec.mesh, spec.placements)
+            grad = grad.to_local()
         with torch.no_grad():
             g = grad.float()  # the gradient itself if already fp32, else an fp32 copy
             del grad
             if self._scale is not None:
                 g.div_(self._scale)
             if mode is _Pass.NORM:
-                self._norms.append(torch.linalg.vector_norm(g))
+                if spec is None:
+                    self._norms.append(torch.linalg.vector_norm(g))
+                elif spec.all_groups:
+                    self._shard_sq.append((spec.all_groups, torch.linalg.vector_norm(g).square()))
+                else:  # a replicated DTensor: the local tensor is the whole gradient
+                    self._norms.append(torch.linalg.vector_norm(g))
                 return
             if self.clip_grad_value is not None:
                 g.clamp_(min=-self.clip_grad_value, max=self.clip_grad_value)
@@ -155,6 +293,10 @@ class FusedOptimizer(Optimizer):
         if coef is None:
             coef = self._coef_by_device[device] = self.clip_coef.to(device)
         return coef
+
+    def _local(self, name, p):
+        """The tensor to update in place: ``p``, or this rank's shard of a DTensor ``p``."""
+        return p.to_local() if name in self._specs else p
 
     @staticmethod
     def _fp32_view(p):
@@ -199,6 +341,16 @@ class FusedOptimizer(Optimizer):
         """On the first pass: fp16 loss or fp16 parameters turn on dynamic loss scaling."""
         if self._precision_checked:
             return
+        # e.g. fully_shard() after the optimizer: our hooks sit on tensors no longer used.
+        # (DTensor parameters are skipped: FSDP2 itself swaps in unsharded ones around
+        # forward and backward.)
+        current = {id(p) for p in self._param_source.parameters()}
+        replaced = [n for n, p in self._named_params if n not in self._specs and id(p) not in current]
+        if replaced:
+            raise RuntimeError(
+                f"{type(self).__name__}: the model's parameters {replaced[:3]} were replaced after "
+                f"the optimizer was created (e.g. by fully_shard); create the optimizer after "
+                f"wrapping or sharding the model")
         self._precision_checked = True
         if loss.dtype == torch.float16 or any(p.dtype == torch.float16 for _, p in self._named_params):
             self._enable_fp16()
@@ -213,19 +365,40 @@ class FusedOptimizer(Optimizer):
                 p.grad = None
         self._scale = scale
         self._pass = mode
+        self._inflight = None
         try:
             (loss if scale is None else loss * scale).backward(retain_graph=retain_graph)
+            if self._inflight is not None:  # DDP: the last parameter's all-reduce
+                item, self._inflight = self._inflight, None
+                self._finish_inflight(item, mode)
         finally:
+            self._inflight = None
             self._pass = _Pass.IDLE
             self._scale = None
+        if self._dp_group is not None:
+            # DDP broadcasts buffers before a forward only after a synced forward; keep
+            # its buffer broadcast (broadcast_buffers=True) although its reducer is off.
+            self.model.require_forward_param_sync = True
 
     @torch.no_grad()
     def _total_norm(self, device):
         norms, self._norms = self._norms, []
-        if not norms:
-            return torch.zeros((), device=device)
-        device = norms[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        sharded, self._shard_sq = self._shard_sq, []
+        if not sharded:
+            if not norms:
+                return torch.zeros((), device=device)
+            device = norms[0].device
+            return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        # Sharded gradients: sum the local squares per group set, all-reduce once per set.
+        device = sharded[0][1].device
+        by_groups = {}
+        for groups, sq in sharded:
+            by_groups.setdefault(groups, []).append(sq.to(device))
+        items = [(torch.stack(sqs).sum(), groups) for groups, sqs in by_groups.items()]
+        total_sq = torch.stack(_sum_over_groups(items)).sum()
+        if norms:
+            total_sq = total_sq + torch.stack([n.to(device) for n in norms]).square().sum()
+        return total_sq.sqrt()
 
     def grad_norm(self, loss):
         """First pass: the global L2 norm of all gradients; no parameter changes.
@@ -240,7 +413,9 @@ class FusedOptimizer(Optimizer):
         :meth:`fused_backward` skip the step.
 
         Returns the global norm as a 0-d fp32 tensor (not synchronised, except
-        in fp16 where the overflow check reads it).
+        in fp16 where the overflow check reads it). Under DDP it is the norm of
+        the rank-averaged gradient; under FSDP2 the norm over all shards; either
+        way the same on every rank, so all ranks clip and skip alike.
         """
         self._check_loss(loss, "grad_norm")
         self._check_precision(loss)
@@ -321,6 +496,10 @@ class FusedOptimizer(Optimizer):
         """{state key: shape} a parameter's state may hold (subclasses)."""
         return {}
 
+    def _place_state(self, name, p, key, value):
+        """A loaded state tensor as this optimizer keeps it (fp32, on ``p``'s device)."""
+        return value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+
     def state_dict(self):
         """Step count, lr, clipping, loss scaler and per-parameter state keyed by name."""
         return {
@@ -358,8 +537,7 @@ class FusedOptimizer(Optimizer):
                 if tuple(value.shape) != tuple(shapes[key]):
                     raise ValueError(f"state {key!r} of parameter {name!r} has shape "
                                      f"{tuple(value.shape)}, expected {tuple(shapes[key])}")
-            new_state[p] = {k: v.detach().to(device=p.device, dtype=torch.float32, copy=True)
-                            for k, v in entry.items()}
+            new_state[p] = {k: self._place_state(name, p, k, v) for k, v in entry.items()}
         self.state.clear()
         self.state.update(new_state)
         self.step_num = int(state_dict["step"])
@@ -383,6 +561,14 @@ class FusedOptimizer(Optimizer):
         return (f"{type(self).__name__}(lr={self.lr}, clip_grad_norm={self.clip_grad_norm}, "
                 f"clip_grad_value={self.clip_grad_value}, weight_decay={self.weight_decay}, "
                 f"params={len(self._named_params)}, step={self.step_num})")
+
+
+def _ddp_type():
+    if not torch.distributed.is_available():
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel
 
 
 def warn_fp16_clip(cls_name):

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._fused import FusedOptimizer, _check_number
+from ._fused import FusedOptimizer, _check_number, _sum_over_groups
 from .loss_scaler import DynamicLossScaler
 
 __all__ = ["AdaLomo"]
@@ -40,6 +40,11 @@ class AdaLomo(FusedOptimizer):
     or fp16 parameters) the scale becomes dynamic: a :class:`DynamicLossScaler`
     starting at ``loss_scale``; :meth:`grad_norm` is then required every step
     and an overflow skips the step (no parameter, statistic or ``t`` changes).
+
+    Under FSDP2 (``fully_shard``; DTensor shards) the means and RMS values are
+    global (local partial sums all-reduced over the sharding groups) and the
+    state is DTensors laid out like the parameter (``exp_avg_sq_row`` sharded
+    like its dims, ``exp_avg_sq_col`` replicated over a sharded row dim).
 
     Drop-in for ``lomo_optim.AdaLomo``::
 
@@ -111,16 +116,58 @@ class AdaLomo(FusedOptimizer):
             return {"exp_avg_sq_row": shape[:-1], "exp_avg_sq_col": shape[:-2] + shape[-1:]}
         return {"exp_avg_sq": shape}
 
-    def _state_for(self, p):
+    @staticmethod
+    def _state_placements(spec, key):
+        """Placements of a DTensor state entry: the parameter's, with reduced dims dropped."""
+        nd = len(spec.shape)
+        if key == "exp_avg_sq":
+            return spec.placements
+        # exp_avg_sq_row drops dim nd-1; exp_avg_sq_col drops dim nd-2.
+        gone = nd - 1 if key == "exp_avg_sq_row" else nd - 2
+        out = []
+        for pl in spec.placements:
+            if pl.is_shard():
+                dim = pl.dim % nd
+                if dim == gone:
+                    out.append(_replicate())
+                    continue
+                out.append(_shard(dim - 1 if dim > gone else dim))
+            else:
+                out.append(pl)
+        return tuple(out)
+
+    def _place_state(self, name, p, key, value):
+        spec = self._specs.get(name)
+        if spec is None:
+            return super()._place_state(name, p, key, value)
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        placements = self._state_placements(spec, key)
+        if isinstance(value, DTensor):  # e.g. from torch.distributed.checkpoint
+            value = value.redistribute(spec.mesh, placements)
+            return value.to(dtype=torch.float32, copy=True)
+        # A full tensor (the same on every rank, e.g. a single-process state_dict): keep our part.
+        full = value.detach().to(device=p.to_local().device, dtype=torch.float32, copy=True)
+        return distribute_tensor(full, spec.mesh, placements, src_data_rank=None)
+
+    def _state_for(self, p, name=None):
         state = self.state[p]
         if not state:
+            spec = self._specs.get(name)
             for key, shape in self._expected_state_shapes(p).items():
-                state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                if spec is None:
+                    state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                else:
+                    from torch.distributed.tensor import zeros
+                    state[key] = zeros(shape, dtype=torch.float32, device_mesh=spec.mesh,
+                                       placements=self._state_placements(spec, key))
         return state
 
     def _update(self, name, p, g):
+        if name in self._specs:
+            return self._update_sharded(name, p, g)
         beta = self._beta
-        state = self._state_for(p)
+        state = self._state_for(p, name)
         u = g.square().add_(self.eps[0])
         if g.dim() >= 2:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
@@ -149,3 +196,62 @@ class AdaLomo(FusedOptimizer):
             w.mul_(torch.where(above, 1.0 - lr_t * wd, 1.0 - lr * eps1 * wd))
         w.addcmul_(update, lr_t.neg())  # w - lr_t * update, rounded once
         self._write_back(p, w)
+
+    def _update_sharded(self, name, p, g):
+        """:meth:`_update` on this rank's shard ``g`` of a DTensor parameter ``p``.
+
+        Means over a sharded dim are local sums all-reduced over the groups that
+        split it, divided by the global size; RMS values likewise from sums of
+        squares. Tensors reduced over the same groups share one collective.
+        """
+        spec = self._specs[name]
+        beta, nd = self._beta, g.dim()
+        state = self._state_for(p, name)
+        w = self._fp32_view(self._local(name, p))
+        p_sq = w.square().sum()
+        u = g.square().add_(self.eps[0])
+        if nd >= 2:
+            row, col = state["exp_avg_sq_row"].to_local(), state["exp_avg_sq_col"].to_local()
+            row_sum, col_sum, p_sq = _sum_over_groups([
+                (u.sum(dim=-1), spec.groups(nd - 1)),
+                (u.sum(dim=-2), spec.groups(nd - 2)),
+                (p_sq, spec.all_groups),
+            ])
+            del u
+            row.mul_(beta).add_(row_sum.div_(spec.shape[-1]), alpha=1.0 - beta)
+            col.mul_(beta).add_(col_sum.div_(spec.shape[-2]), alpha=1.0 - beta)
+            (row_total,) = _sum_over_groups([(row.sum(dim=-1, keepdim=True), spec.groups(nd - 2))])
+            r = (row / row_total.div_(spec.shape[-2])).rsqrt_().unsqueeze(-1)
+            c = col.unsqueeze(-2).rsqrt()
+            update = torch.mul(r, c).mul_(g)
+        else:
+            (p_sq,) = _sum_over_groups([(p_sq, spec.all_groups)])
+            v = state["exp_avg_sq"].to_local()
+            v.mul_(beta).add_(u, alpha=1.0 - beta)
+            del u
+            update = v.rsqrt().mul_(g)
+        del g
+        (u_sq,) = _sum_over_groups([(update.square().sum(), spec.all_groups)])
+        root_n = math.sqrt(spec.numel)
+        update.div_((u_sq.sqrt_() / root_n / self.clip_threshold).clamp_(min=1.0))
+
+        lr, wd, eps1 = self._step_lr, self.weight_decay, self.eps[1]
+        p_rms = p_sq.sqrt_() / root_n
+        above = p_rms > eps1
+        lr_t = torch.where(above, p_rms * lr, lr * eps1)
+        if wd > 0:
+            w.mul_(torch.where(above, 1.0 - lr_t * wd, 1.0 - lr * eps1 * wd))
+        w.addcmul_(update, lr_t.neg())
+        self._write_back(self._local(name, p), w)
+
+
+def _shard(dim):
+    from torch.distributed.tensor import Shard
+
+    return Shard(dim)
+
+
+def _replicate():
+    from torch.distributed.tensor import Replicate
+
+    return Replicate()

@@ -64,6 +64,7 @@ class Lomo(FusedOptimizer):
 
     def _update(self, name, p, g):
         lr = self._step_lr
+        p = self._local(name, p)  # this rank's shard of a DTensor (FSDP2) parameter
         w = self._fp32_view(p)
         if self.weight_decay > 0:
             w.mul_(1.0 - lr * self.weight_decay)

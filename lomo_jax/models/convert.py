@@ -399,11 +399,11 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
     hf_config.architectures = [_ARCH.get(getattr(hf_config, "model_type", "llama"), "LlamaForCausalLM")]
     first = next(iter(sd.values()))
     dt = "bfloat16" if first.dtype.name == "bfloat16" else str(first.dtype)
-    for attr in ("dtype", "torch_dtype"):
-        try:
-            setattr(hf_config, attr, dt)
-        except Exception:  # pragma: no cover - older/newer transformers
-            pass
+    # transformers >= 5 calls it ``dtype`` (``torch_dtype`` is deprecated); 4.x ``torch_dtype``.
+    import transformers
+
+    attr = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    setattr(hf_config, attr, dt)
     os.makedirs(path, exist_ok=True)
     hf_config.save_pretrained(path)
     meta = {"format": "pt"}

@@ -1,0 +1,244 @@
+"""``LomoTrainer``: a ``transformers.Trainer`` that trains with lomo_torch.
+
+The one-line switch for a script that already uses ``Trainer``::
+
+    from lomo_torch.trainer import LomoTrainer as Trainer
+
+    args = TrainingArguments(..., optim="adalomo", learning_rate=1e-3)   # or optim="lomo"
+    Trainer(model=model, args=args, train_dataset=ds).train()
+
+What it does differently from ``Trainer``:
+
+* the optimizer is :class:`lomo_torch.AdaLomo` (``optim="adalomo"``) or
+  :class:`lomo_torch.Lomo` (``optim="lomo"``), built with
+  ``lr=args.learning_rate``, ``weight_decay=args.weight_decay`` and
+  ``clip_grad_norm=args.max_grad_norm`` (``max_grad_norm=0`` turns clipping
+  off); ``args.optim_args`` may add ``clip_grad_value``, and for AdaLomo
+  ``loss_scale``, ``clip_threshold``, ``decay_rate``, ``eps0``, ``eps1``
+  (``"clip_threshold=1.0,decay_rate=-0.8"``). Or pass your own lomo_torch
+  optimizer as ``optimizers=(opt, None)``.
+* :meth:`LomoTrainer.training_step` runs ``grad_norm(loss)`` (when clipping
+  by norm or in fp16) and then ``fused_backward(loss, lr)`` with the lr the
+  Trainer's scheduler set for this step. The parameters are updated inside
+  backward; the ``optimizer.step()`` the Trainer calls afterwards is a no-op.
+* the logged ``grad_norm`` is the global norm from ``grad_norm(loss)``.
+
+Limits: ``gradient_accumulation_steps`` must be 1 (a LOMO step consumes each
+gradient the moment it is complete, so nothing can be accumulated); one
+process and one device (no DDP/FSDP/DeepSpeed/DataParallel); ``fp16=True``
+(autocast + GradScaler) is refused: load the model in fp16 instead and the
+optimizer does dynamic loss scaling itself (``bf16=True`` autocast works).
+Weight decay applies to every trainable parameter (also biases and norms),
+as in lomo-optim.
+
+transformers' own ``optim="lomo"/"adalomo"`` imports ``lomo_optim`` and
+calls only ``fused_backward(loss, lr)``: it never runs the ``grad_norm``
+pass, so ``max_grad_norm`` and ``weight_decay`` are not applied to the
+update. ``LomoTrainer`` applies both.
+
+``transformers`` (and ``accelerate``, which ``Trainer`` needs) are imported
+here only: ``import lomo_torch`` does not need them.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from ._fused import FusedOptimizer
+from .adalomo import AdaLomo
+from .lomo import Lomo
+
+try:
+    from transformers import Trainer as _Trainer
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "lomo_torch.trainer needs transformers (and accelerate): "
+        "pip install 'transformers>=4.40' 'accelerate>=1.1'"
+    ) from e
+
+__all__ = ["LomoTrainer", "create_lomo_optimizer"]
+
+_OPTIMIZERS = {"adalomo": AdaLomo, "lomo": Lomo}
+_OPTIM_ARGS = {
+    "lomo": {"clip_grad_value"},
+    "adalomo": {"clip_grad_value", "loss_scale", "clip_threshold", "decay_rate", "eps0", "eps1"},
+}
+
+
+def _optim_name(args) -> str:
+    name = str(getattr(args.optim, "value", args.optim)).lower()
+    if name not in _OPTIMIZERS:
+        raise ValueError(
+            f"LomoTrainer trains with lomo_torch: set TrainingArguments(optim='adalomo') or "
+            f"optim='lomo' (got optim={name!r}), or pass optimizers=(lomo_torch_optimizer, None)"
+        )
+    return name
+
+
+def _parse_optim_args(name: str, optim_args: str | None) -> dict:
+    """``"a=1,b=2"`` -> ``{"a": 1.0, "b": 2.0}`` restricted to what ``name`` takes."""
+    kwargs = {}
+    if not optim_args:
+        return kwargs
+    for item in optim_args.replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or key not in _OPTIM_ARGS[name]:
+            raise ValueError(
+                f"optim_args {optim_args!r}: {item!r} is not one of "
+                f"{sorted(_OPTIM_ARGS[name])} (as key=value) for optim={name!r}"
+            )
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            raise ValueError(f"optim_args: {key}={value!r} is not a number") from None
+    if "eps0" in kwargs or "eps1" in kwargs:
+        kwargs["eps"] = (kwargs.pop("eps0", 1e-30), kwargs.pop("eps1", 1e-3))
+    return kwargs
+
+
+def create_lomo_optimizer(model: torch.nn.Module, args) -> FusedOptimizer:
+    """The lomo_torch optimizer ``LomoTrainer`` builds from ``TrainingArguments``.
+
+    ``optim="adalomo"`` -> :class:`~lomo_torch.AdaLomo`, ``optim="lomo"`` ->
+    :class:`~lomo_torch.Lomo`, with ``lr=args.learning_rate``,
+    ``weight_decay=args.weight_decay``, ``clip_grad_norm=args.max_grad_norm``
+    (None when it is 0 or less) and the keys of ``args.optim_args``.
+    """
+    name = _optim_name(args)
+    max_norm = args.max_grad_norm
+    return _OPTIMIZERS[name](
+        model,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        clip_grad_norm=max_norm if max_norm and max_norm > 0 else None,
+        **_parse_optim_args(name, args.optim_args),
+    )
+
+
+def _noop_step(self, closure=None):
+    """The update already happened in ``fused_backward``; ``Trainer`` still calls ``step()``."""
+    if closure is not None:
+        raise RuntimeError(f"{type(self).__name__} under LomoTrainer cannot run a closure")
+    self._opt_called = True  # what a torch LR scheduler's step() wrapper would record
+
+
+_noop_step._lomo_trainer_noop = True
+# torch LR schedulers wrap optimizer.step to check that it runs before scheduler.step()
+# and warn when it was replaced; this no-op records the call itself.
+_noop_step._wrapped_by_lr_sched = True
+
+
+class LomoTrainer(_Trainer):
+    """``transformers.Trainer`` with lomo_torch's fused update (see the module docstring).
+
+    Takes exactly ``Trainer``'s arguments. Set ``TrainingArguments(optim="adalomo")``
+    (or ``"lomo"``), ``gradient_accumulation_steps=1`` (the default); the lr
+    scheduler (``lr_scheduler_type``, ``warmup_steps``, ...) works as usual.
+    After :meth:`train`, ``trainer.optimizer`` (accelerate's wrapper) holds
+    the lomo_torch optimizer as ``trainer.optimizer.optimizer``; its
+    ``state_dict()`` is what the Trainer's checkpoints save and restore.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
+        if a.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"LomoTrainer needs gradient_accumulation_steps=1 (got "
+                f"{a.gradient_accumulation_steps}): LOMO/AdaLomo update each parameter inside "
+                f"backward and free its gradient at once, so gradients cannot be accumulated over "
+                f"micro-batches. Raise per_device_train_batch_size instead."
+            )
+        if a.fp16:
+            raise ValueError(
+                "LomoTrainer does not support fp16=True (autocast with a GradScaler, which needs "
+                "the gradients that LOMO frees): load the model in float16 instead "
+                "(e.g. model.half()); lomo_torch then does dynamic loss scaling itself"
+            )
+        if a.world_size > 1 or a.n_gpu > 1:
+            raise ValueError(
+                f"LomoTrainer runs in one process on one device (world_size={a.world_size}, "
+                f"n_gpu={a.n_gpu}): the update happens before any gradient all-reduce. "
+                f"Make one GPU visible, e.g. CUDA_VISIBLE_DEVICES=0"
+            )
+        if self.optimizer is not None:
+            self._adopt(self.optimizer)
+        else:
+            _parse_optim_args(_optim_name(a), a.optim_args)  # fail early on a bad optim/optim_args
+        self._lomo_grad_norm = None
+
+    # ----------------------------------------------------------- the optimizer
+    @staticmethod
+    def _adopt(opt):
+        if not isinstance(opt, FusedOptimizer):
+            raise TypeError(
+                f"LomoTrainer needs a lomo_torch optimizer (Lomo or AdaLomo), got {type(opt).__name__}"
+            )
+        # Trainer calls optimizer.step() after every training_step; lomo_torch's
+        # step() raises (the update belongs in fused_backward), so make it a no-op
+        # on this instance (a bound method, so torch LR schedulers can wrap it).
+        if not getattr(opt.step, "_lomo_trainer_noop", False):
+            opt.step = types.MethodType(_noop_step, opt)
+        return opt
+
+    def create_optimizer(self, model=None):
+        """Build the lomo_torch optimizer from ``self.args`` (once)."""
+        if self.optimizer is None:
+            self.optimizer = create_lomo_optimizer(self.model, self.args)
+        self._adopt(self.optimizer)
+        return self.optimizer
+
+    @property
+    def lomo_optimizer(self) -> FusedOptimizer:
+        """The lomo_torch optimizer itself (``self.optimizer`` may be accelerate's wrapper)."""
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, FusedOptimizer):
+            opt = getattr(opt, "optimizer", None)
+        if opt is None:
+            raise RuntimeError("the optimizer is not created yet (call train() first)")
+        return opt
+
+    # ---------------------------------------------------------- the step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward, then ``grad_norm`` (if needed) and ``fused_backward``; returns the detached loss."""
+        opt = self.lomo_optimizer
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        del inputs
+        if loss.dim() > 0:
+            loss = loss.mean()
+
+        if self._needs_norm_pass(opt, loss):
+            self._lomo_grad_norm = opt.grad_norm(loss).detach()
+        else:
+            self._lomo_grad_norm = None
+        # The lr the Trainer's scheduler set for this step.
+        updated = opt.fused_backward(loss, opt.param_groups[0]["lr"])
+        # An fp16 overflow skipped the step: tell accelerate, so that the
+        # Trainer does not advance the lr scheduler (as with a GradScaler).
+        if hasattr(self.optimizer, "_is_overflow"):
+            self.optimizer._is_overflow = not updated
+        return loss.detach()
+
+    @staticmethod
+    def _needs_norm_pass(opt, loss):
+        if opt.clip_grad_norm is not None or opt.loss_scaler is not None:
+            return True
+        # fp16 turns on dynamic loss scaling on the first pass; grad_norm is its overflow check.
+        return loss.dtype == torch.float16 or any(
+            p.dtype == torch.float16 for g in opt.param_groups for p in g["params"]
+        )
+
+    # The gradients are gone by the time the Trainer clips or measures them:
+    # report the norm from grad_norm(loss) instead (transformers >= 5 calls these).
+    def _clip_grad_norm(self, model):
+        return self._lomo_grad_norm
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return self._lomo_grad_norm if grad_norm is None else grad_norm

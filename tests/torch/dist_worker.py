@@ -1,0 +1,178 @@
+"""Worker processes for test_distributed.py: DDP and FSDP2 training on the gloo backend.
+
+``main(rank, world, init_file, out_dir)`` is the ``torch.multiprocessing.spawn``
+target. Each rank trains the DDP cases, then the FSDP2 cases, as
+``single_process(engine, case)`` does on one process but on its slice of every
+batch, and saves what the tests compare (parameters, local shards, grad norms,
+optimizer state) to ``out_dir/<rank>.pt``. One spawn serves both engines: most
+of a worker's time is importing torch, torch._dynamo (DDP) and DTensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lomo_torch
+from tests.torch.helpers import MLP, TinyBlock, lm_batches, mlp_batches, snapshot
+
+STEPS = 3
+LRS = [0.05, 0.04, 0.03]
+
+# name: (optimizer, kwargs, two-pass); the DDP cases train MLP, the FSDP2 ones TinyBlock.
+DDP_CASES = {
+    # clip_grad_norm well below the gradient norm, so the coefficient really clips
+    "lomo_clip": ("Lomo", dict(clip_grad_norm=0.05, weight_decay=0.01), True),
+    "adalomo_clip": ("AdaLomo", dict(clip_grad_norm=0.05, weight_decay=0.01), True),
+    "adalomo": ("AdaLomo", dict(), False),
+    # fp16 parameters: dynamic loss scaling; with this scale step 1 overflows (skipped)
+    "lomo_fp16": ("Lomo", dict(clip_grad_norm=1.0, loss_scale_args={"init_scale": 2**16}), True),
+}
+FSDP_CASES = {
+    "adalomo_clip": ("AdaLomo", dict(clip_grad_norm=0.3, weight_decay=0.01), True),
+    "adalomo": ("AdaLomo", dict(), False),
+    "lomo_clip": ("Lomo", dict(clip_grad_norm=0.3, clip_grad_value=0.02, weight_decay=0.01), True),
+}
+
+
+def make_model(engine, case=""):
+    torch.manual_seed(0)
+    if engine == "ddp":
+        return MLP().half() if case.endswith("fp16") else MLP()
+    return TinyBlock()
+
+
+def make_batches(engine, case=""):
+    if engine == "ddp":
+        dtype = torch.float16 if case.endswith("fp16") else torch.float32
+        return mlp_batches(STEPS, batch=32, dtype=dtype)
+    return lm_batches(STEPS, batch=4)
+
+
+def cases(engine):
+    return DDP_CASES if engine == "ddp" else FSDP_CASES
+
+
+def train(model, opt, batches, two_pass, rank=0, world=1):
+    """Rank ``rank`` of ``world`` feeds its contiguous slice of every batch."""
+    norms, taken = [], []
+    for (x, y), lr in zip(batches, LRS):
+        loss = model(x.chunk(world)[rank], y.chunk(world)[rank])
+        if two_pass:
+            norms.append(opt.grad_norm(loss).item())
+        taken.append(opt.fused_backward(loss, lr))
+        if any(p.grad is not None for p in model.parameters()):
+            raise AssertionError("a gradient survived fused_backward")
+    return {"norms": norms, "taken": taken, "step": opt.step_num,
+            "scaler": None if opt.loss_scaler is None else opt.loss_scaler.state_dict()}
+
+
+def single_process(engine, case):
+    """The reference: one process, the full batch."""
+    opt_name, kw, two_pass = cases(engine)[case]
+    model = make_model(engine, case)
+    opt = getattr(lomo_torch, opt_name)(model, lr=LRS[0], **kw)
+    res = train(model, opt, make_batches(engine, case), two_pass)
+    return {**res, "params": snapshot(model), "state": opt.state_dict()["state"]}
+
+
+def run_ddp(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for case, (opt_name, kw, two_pass) in DDP_CASES.items():
+        ddp = DDP(make_model("ddp", case))
+        opt = getattr(lomo_torch, opt_name)(ddp, lr=LRS[0], **kw)
+        res = train(ddp, opt, make_batches("ddp", case), two_pass, rank, world)
+        out[case] = {**res, "params": snapshot(ddp.module), "state": opt.state_dict()["state"]}
+    # Negative control: the bare module under the same data split is not averaged.
+    opt_name, kw, two_pass = DDP_CASES["lomo_clip"]
+    ddp = DDP(make_model("ddp"))
+    opt = getattr(lomo_torch, opt_name)(ddp.module, lr=LRS[0], **kw)
+    ddp.require_backward_grad_sync = False  # keep DDP's reducer out of it
+    train(ddp, opt, make_batches("ddp"), two_pass, rank, world)
+    out["unaveraged"] = {"params": snapshot(ddp.module)}
+
+    # DDP still broadcasts rank 0's buffers before every forward (its reducer is off).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(m[1].running_mean.clone()))
+    ddp = DDP(net)
+    opt = lomo_torch.Lomo(ddp, lr=LRS[0])
+    for x, y in make_batches("ddp"):
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.fused_backward(nn.functional.mse_loss(ddp(x), y), LRS[0])
+    out["buffers_seen"] = seen
+
+    try:  # DDP(static_graph=True) would all-reduce behind the optimizer's back
+        lomo_torch.Lomo(DDP(make_model("ddp"), static_graph=True))
+    except ValueError as e:
+        out["static_graph_error"] = str(e)
+    return out
+
+
+def shard_model(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for m in (model.q, model.k, model.v, model.o, model.up, model.down):
+        fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def run_fsdp(rank, world):
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    batches = make_batches("fsdp")
+    for case, (opt_name, kw, two_pass) in FSDP_CASES.items():
+        model = shard_model(make_model("fsdp"))
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        cls = getattr(lomo_torch, opt_name)
+        opt = cls(model, lr=LRS[0], **kw)
+        res = train(model, opt, batches, two_pass, rank, world)
+        res["local"] = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+        res["placements"] = {n: [(type(pl).__name__, getattr(pl, "dim", None)) for pl in p.placements]
+                             for n, p in model.named_parameters()}
+        sd = opt.state_dict()
+        res["state_full"] = {n: {k: v.full_tensor() for k, v in st.items()}
+                             for n, st in sd["state"].items()}
+        res["state_local"] = {n: {k: v.to_local().clone() for k, v in st.items()}
+                              for n, st in sd["state"].items()}
+        if opt_name == "AdaLomo":
+            # load_state_dict: from the DTensor state_dict, and from full tensors
+            # (a single-process state_dict) that each rank slices to its part.
+            for how, state in (("dtensor", sd["state"]), ("full", res["state_full"])):
+                other = cls(shard_model(make_model("fsdp")), lr=LRS[0], **kw)
+                other.load_state_dict({**sd, "state": state})
+                res[f"reload_{how}"] = all(
+                    torch.equal(v.to_local(), res["state_local"][n][k])
+                    for n, st in other.state_dict()["state"].items() for k, v in st.items())
+        out[case] = res
+
+    # The optimizer must be created after fully_shard (which replaces the parameters).
+    model = make_model("fsdp")
+    opt = lomo_torch.AdaLomo(model)
+    shard_model(model)
+    x, y = batches[0]
+    try:
+        opt.fused_backward(model(x.chunk(world)[rank], y.chunk(world)[rank]), LRS[0])
+    except RuntimeError as e:
+        out["sharded_after_error"] = str(e)
+    return out
+
+
+def main(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = {"ddp": run_ddp(rank, world), "fsdp": run_fsdp(rank, world)}
+        torch.save(out, f"{out_dir}/{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
