@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (new tokenizer)")
     p.add_argument("--out", default="runs/finetune_llama", help="output directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "gpu", "tpu", "auto"], default="cpu",
+                   help="where to train (default cpu, so the run is the same everywhere; "
+                   "auto: JAX's default backend)")
     p.add_argument("--no-memory-report", action="store_true",
                    help="skip compiling the SGD/AdamW baselines for the memory comparison")
     p.add_argument("--tiny", action="store_true", default=bool(os.environ.get("LOMO_EXAMPLES_TINY")),
@@ -256,10 +259,18 @@ def plot(path, losses, memory, title):
     plt.close(fig)
 
 
+def batch_device(args):
+    if args.device == "auto":
+        return jax.default_backend().upper()
+    return str(jax.devices(args.device)[0]).upper()
+
+
 def main(argv=None):
     from tqdm import tqdm
 
     args = parse_args(argv)
+    if args.device != "auto":
+        jax.config.update("jax_default_device", jax.devices(args.device)[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -269,7 +280,7 @@ def main(argv=None):
     lm = llama.llama_layered_model(cfg)
     print(f"model: {n_params(params) / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
           f"{args.dtype}; data: {train.size:,} training tokens, vocab {len(tokenizer)}; "
-          f"optimizer: {args.optimizer}, {jax.default_backend().upper()}")
+          f"optimizer: {args.optimizer}, {batch_device(args)}")
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
                                                   args.steps, end_value=args.lr / 10)

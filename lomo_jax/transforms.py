@@ -1,4 +1,4 @@
-"""LOMO and AdaLomo as optax gradient transformations.
+r"""LOMO and AdaLomo as optax gradient transformations.
 
 Both rules work leaf by leaf: the update of one parameter depends only on that
 parameter, its gradient and its own state. That is what lets the fused step
@@ -11,8 +11,12 @@ parameter's dtype (bf16/fp16 parameters are never updated with a pre-rounded
 update).
 
 Global gradient-norm clipping, which LOMO does in a first backward pass, is
-``optax.clip_by_global_norm`` in an ``optax.chain`` ahead of these transforms.
-One ordering difference to ``lomo-optim`` when *both* value and norm clipping
+``optax.clip_by_global_norm`` in an ``optax.chain`` ahead of these transforms:
+both multiply every gradient by :math:`\min(1, c / \|g\|)`, except that
+``lomo-optim`` (and ``lomo_torch``, and the fused step's ``clip_grad_norm=``)
+divide by :math:`\|g\| + 10^{-6}`, a relative difference of
+:math:`10^{-6} / \|g\|` in the clipped gradient (the parity suite tests the
+two against each other at 1e-5). One ordering difference to ``lomo-optim`` when *both* value and norm clipping
 are on: ``lomo-optim`` clamps the raw gradient and then scales it by the norm
 coefficient; a chain scales first and the transform clamps after.
 """

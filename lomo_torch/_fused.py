@@ -62,6 +62,8 @@ def _check_number(name, value, *, positive=False, non_negative=False, optional=F
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise TypeError(f"{name} must be a real number, got {value!r}")
+    if math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
     if non_negative and not value >= 0:
@@ -147,7 +149,8 @@ class FusedOptimizer(Optimizer):
     unscaled and clipped), :meth:`_enable_fp16` and optionally :meth:`_begin_step`.
     """
 
-    def __init__(self, model, defaults, *, lr, clip_grad_norm, clip_grad_value, weight_decay):
+    def __init__(self, model, defaults, *, lr, clip_grad_norm, clip_grad_value, weight_decay,
+                 skip_nonfinite=False):
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}"
@@ -156,6 +159,8 @@ class FusedOptimizer(Optimizer):
         _check_number("clip_grad_norm", clip_grad_norm, positive=True, optional=True)
         _check_number("clip_grad_value", clip_grad_value, positive=True, optional=True)
         _check_number("weight_decay", weight_decay, non_negative=True)
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
 
         # DistributedDataParallel: average gradients in our hooks (see the module doc).
         self._dp_group = None
@@ -178,6 +183,14 @@ class FusedOptimizer(Optimizer):
                 f"{type(model).__name__} has no trainable parameters (no parameter has "
                 f"requires_grad=True); there is nothing for {type(self).__name__} to optimize"
             )
+        not_real = [(n, p.dtype) for n, p in named if not p.is_floating_point()]
+        if not_real:
+            n, dtype = not_real[0]
+            raise TypeError(
+                f"{type(self).__name__} updates real floating-point parameters; parameter "
+                f"{n!r} has dtype {dtype} ({len(not_real)} such parameter(s)). Freeze it "
+                f"(requires_grad_(False)) or keep its real and imaginary parts as two real "
+                f"parameters")
         self.model = model
         self.lr = lr
         self.clip_grad_norm = clip_grad_norm
@@ -189,6 +202,10 @@ class FusedOptimizer(Optimizer):
         self.clip_coef = None
         #: completed (not skipped) optimizer steps.
         self.step_num = 0
+        #: skip a step whose gradient norm is not finite (bf16/fp32; fp16 always skips).
+        self.skip_nonfinite = skip_nonfinite
+        #: steps skipped by ``skip_nonfinite`` (not counting fp16 loss-scale overflows).
+        self.nonfinite_steps = 0
         super().__init__([p for _, p in named], defaults)
 
         self._named_params = named
@@ -357,7 +374,8 @@ class FusedOptimizer(Optimizer):
 
     @property
     def _needs_norm_pass(self):
-        return self.clip_grad_norm is not None or self.loss_scaler is not None
+        return (self.clip_grad_norm is not None or self.loss_scaler is not None
+                or self.skip_nonfinite)
 
     def _backward(self, loss, mode, scale, retain_graph=False):
         for _, p in self._named_params:  # stale gradients from a plain loss.backward()
@@ -435,9 +453,21 @@ class FusedOptimizer(Optimizer):
                 self.loss_scaler.update_scale(True)
                 self._skip_step = True
                 return total
+        elif self.skip_nonfinite and not self._finite(total, loss):
+            self.nonfinite_steps += 1
+            self._skip_step = True
+            return total
         if self.clip_grad_norm is not None:
             self.clip_coef = torch.clamp(float(self.clip_grad_norm) / (total + 1e-6), max=1.0)
         return total
+
+    def _finite(self, total, loss):
+        """Whether this step is finite. The global norm is the same on every rank
+        (DDP/FSDP2), the loss is not: single-process only, the loss is checked too."""
+        finite = torch.isfinite(total)
+        if self._dp_group is None and not self._specs:
+            finite = finite & torch.isfinite(loss.detach()).to(finite.device)
+        return bool(finite)
 
     def fused_backward(self, loss, lr=None):
         """Second pass: backward that updates every parameter as its gradient completes.
@@ -449,11 +479,14 @@ class FusedOptimizer(Optimizer):
 
         Returns True if the parameters were updated, False if the step was
         skipped because :meth:`grad_norm` found an fp16 overflow (then no
-        parameter and no optimizer state changes; the gradients are still freed).
+        parameter and no optimizer state changes; the gradients are still freed),
+        or, with ``skip_nonfinite=True``, because the loss or the gradient norm
+        was not finite.
         """
         self._check_loss(loss, "fused_backward")
         if lr is None:
-            lr = self.param_groups[0]["lr"]
+            lr = _check_number("lr (param_groups[0]['lr'], as an LR scheduler sets it)",
+                               self.param_groups[0]["lr"], non_negative=True)
         else:
             lr = _check_number("lr", lr, non_negative=True)
             for group in self.param_groups:
@@ -467,6 +500,9 @@ class FusedOptimizer(Optimizer):
             else:
                 why = (f"clip_grad_norm={self.clip_grad_norm} is set, and grad_norm(loss) "
                        f"computes the global gradient norm")
+            if self.loss_scaler is None and self.clip_grad_norm is None:
+                why = ("skip_nonfinite=True is set, and grad_norm(loss) checks the loss and the "
+                       "gradient norm")
             raise RuntimeError(f"call grad_norm(loss) before every fused_backward(loss, lr): {why}")
         self._norm_ready = False
         self._opt_called = True  # tells torch LR schedulers that a step happened
@@ -506,6 +542,7 @@ class FusedOptimizer(Optimizer):
             "format": STATE_FORMAT,
             "optimizer": type(self).__name__,
             "step": self.step_num,
+            "nonfinite_steps": self.nonfinite_steps,
             "lr": self.lr,
             "clip_grad_norm": self.clip_grad_norm,
             "clip_grad_value": self.clip_grad_value,
@@ -541,6 +578,7 @@ class FusedOptimizer(Optimizer):
         self.state.clear()
         self.state.update(new_state)
         self.step_num = int(state_dict["step"])
+        self.nonfinite_steps = int(state_dict.get("nonfinite_steps", 0))
         self.lr = state_dict["lr"]
         self._step_lr = self.lr
         self.clip_grad_norm = state_dict["clip_grad_norm"]
@@ -560,6 +598,7 @@ class FusedOptimizer(Optimizer):
     def __repr__(self):
         return (f"{type(self).__name__}(lr={self.lr}, clip_grad_norm={self.clip_grad_norm}, "
                 f"clip_grad_value={self.clip_grad_value}, weight_decay={self.weight_decay}, "
+                f"skip_nonfinite={self.skip_nonfinite}, "
                 f"params={len(self._named_params)}, step={self.step_num})")
 
 

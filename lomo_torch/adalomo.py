@@ -66,11 +66,13 @@ class AdaLomo(FusedOptimizer):
         clip_grad_norm, clip_grad_value, weight_decay: as in :class:`~lomo_torch.Lomo`.
         loss_scale_args: (keyword only, not in lomo-optim) extra
             :class:`DynamicLossScaler` arguments for fp16, e.g. ``scale_window``.
+        skip_nonfinite: (keyword only) skip and count steps whose loss or gradient
+            norm is not finite, as in :class:`~lomo_torch.Lomo`.
     """
 
     def __init__(self, model, lr=1e-3, loss_scale=2**10, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
-                 *, loss_scale_args=None):
+                 *, loss_scale_args=None, skip_nonfinite=False):
         if loss_scale:
             _check_number("loss_scale", loss_scale, positive=True)
         try:
@@ -93,7 +95,8 @@ class AdaLomo(FusedOptimizer):
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, clip_grad_norm=clip_grad_norm,
                         clip_grad_value=clip_grad_value)
         super().__init__(model, defaults, lr=lr, clip_grad_norm=clip_grad_norm,
-                         clip_grad_value=clip_grad_value, weight_decay=weight_decay)
+                         clip_grad_value=clip_grad_value, weight_decay=weight_decay,
+                         skip_nonfinite=skip_nonfinite)
         self._beta = None
 
     def _enable_fp16(self):

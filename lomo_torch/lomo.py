@@ -44,17 +44,22 @@ class Lomo(FusedOptimizer):
         clip_grad_value: clamp each gradient element to ``[-v, v]``.
         weight_decay: decoupled weight decay, ``p *= 1 - lr * weight_decay``.
         loss_scale_args: keyword arguments of :class:`DynamicLossScaler` for fp16.
+        skip_nonfinite: (keyword only, not in lomo-optim) bf16/fp32 guard: a step
+            whose loss or global gradient norm is not finite is skipped whole
+            (nothing changes) and counted in ``nonfinite_steps``; makes
+            :meth:`grad_norm` required every step. (fp16 always skips overflows.)
     """
 
     def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
-                 weight_decay=0.0, loss_scale_args=None):
+                 weight_decay=0.0, loss_scale_args=None, *, skip_nonfinite=False):
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError(f"loss_scale_args must be a dict, got {type(loss_scale_args).__name__}")
         self.loss_scale_args = dict(loss_scale_args or {})
         defaults = dict(lr=lr, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                         weight_decay=weight_decay)
         super().__init__(model, defaults, lr=lr, clip_grad_norm=clip_grad_norm,
-                         clip_grad_value=clip_grad_value, weight_decay=weight_decay)
+                         clip_grad_value=clip_grad_value, weight_decay=weight_decay,
+                         skip_nonfinite=skip_nonfinite)
 
     def _enable_fp16(self):
         self.loss_scaler = DynamicLossScaler(**self.loss_scale_args)

@@ -28,13 +28,16 @@ class OneParam(torch.nn.Module):
         return (self.p * g).sum()
 
 
-def run_both(p0, grads, lrs, dtype_torch=torch.float32, dtype_jax=jnp.float32, **kw):
+def run_both(p0, grads, lrs, dtype_torch=torch.float32, dtype_jax=jnp.float32,
+             optimizer="adalomo", **kw):
     model = OneParam(torch.from_numpy(p0.copy()).to(dtype_torch))
-    opt = lomo_torch.AdaLomo(model, lr=lrs[0], **kw)
+    torch_cls = {"adalomo": lomo_torch.AdaLomo, "lomo": lomo_torch.Lomo}[optimizer]
+    opt = torch_cls(model, lr=lrs[0], **kw)
     for g, lr in zip(grads, lrs):
         opt.fused_backward(model(torch.from_numpy(g).to(dtype_torch)), lr)
 
-    tx = lomo_jax.adalomo(lambda count: jnp.asarray(lrs)[count], **kw)
+    factory = {"adalomo": lomo_jax.adalomo, "lomo": lomo_jax.lomo}[optimizer]
+    tx = factory(lambda count: jnp.asarray(lrs)[count], **kw)
     params = {"p": jnp.asarray(p0, dtype_jax)}
     state = tx.init(params)
     for g in grads:
@@ -80,6 +83,24 @@ def test_adalomo_bf16_within_one_rounding(shape, seed):
     t, j = run_both(p0, grads, (5e-2, 4e-2, 3e-2), dtype_torch=torch.bfloat16,
                     dtype_jax=jnp.bfloat16, weight_decay=0.05)
     # the steps are large enough to move the bf16 values (else this is vacuous)
+    assert np.mean(t != np.asarray(jnp.asarray(p0, jnp.bfloat16), np.float32)) > 0.5
+    np.testing.assert_array_less(np.abs(j - t), 2 * BF16_SPACING * np.abs(t) + 1e-30 + 1e-6)
+    assert np.mean(j == t) >= 0.9
+
+
+@settings(max_examples=10, deadline=None)
+@given(shape=st.lists(st.integers(2, 12), min_size=1, max_size=3).map(tuple),
+       seed=st.integers(0, 2**31 - 1))
+def test_lomo_bf16_within_one_rounding(shape, seed):
+    """LOMO with bf16 parameters, same justification as for AdaLomo above: fp32 math
+    (``p (1 - lr wd) - lr g`` in torch, ``p + (-lr (g + wd p))`` in optax, so the last
+    fp32 bit may differ), one bf16 rounding per step; 3 steps allow 2 spacings."""
+    rng = np.random.default_rng(seed)
+    p0 = rng.normal(size=shape).astype(np.float32)
+    grads = [rng.normal(size=shape).astype(np.float32) for _ in range(3)]
+    t, j = run_both(p0, grads, (5e-2, 4e-2, 3e-2), dtype_torch=torch.bfloat16,
+                    dtype_jax=jnp.bfloat16, optimizer="lomo", weight_decay=0.05,
+                    clip_grad_value=1.5)
     assert np.mean(t != np.asarray(jnp.asarray(p0, jnp.bfloat16), np.float32)) > 0.5
     np.testing.assert_array_less(np.abs(j - t), 2 * BF16_SPACING * np.abs(t) + 1e-30 + 1e-6)
     assert np.mean(j == t) >= 0.9

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ from lomo_jax.models import convert, llama  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def job():
     spec = importlib.util.spec_from_file_location("finetune_llama", ROOT / "examples" / "finetune_llama.py")
     module = importlib.util.module_from_spec(spec)
@@ -30,16 +34,39 @@ def job():
     return module
 
 
-@pytest.fixture(scope="module")
-def trained(job, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    before, after = job.main(["--tiny", "--steps", "12", "--out", str(out)])
-    return out, before, after
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The README's command, as a user runs it (a subprocess of the script), on the tiny
+    configuration; this is also the examples suite's run of the main job."""
+    # Built once for all pytest-xdist workers (their base temp dirs share a parent):
+    # the first worker runs the job, the others wait on the lock and reuse its output.
+    from filelock import FileLock
+
+    out = tmp_path_factory.getbasetemp().parent / "main_job_tiny"
+    with FileLock(f"{out}.lock"):
+        done = out / "process.json"
+        if not done.exists():
+            out.mkdir(exist_ok=True)
+            env = dict(os.environ, MPLBACKEND="Agg")
+            proc = subprocess.run(
+                [sys.executable, str(ROOT / "examples" / "finetune_llama.py"), "--tiny",
+                 "--steps", "12", "--out", str(out)],
+                cwd=out, env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            done.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
+    proc = subprocess.CompletedProcess([], 0, **json.loads(done.read_text()))
+    report = json.loads((out / "finetune_report.json").read_text())
+    return out, report["loss_before"], report["loss_after"], proc
 
 
 def test_loss_goes_down_and_report_is_written(trained):
-    out, before, after = trained
+    out, before, after, proc = trained
     assert after < before - 0.05
+    # the report a user reads at the end, and the progress bar on stderr
+    assert f"held-out loss: {before:.3f} before -> {after:.3f} after 12 steps" in proc.stdout
+    for name in ("fused AdaLomo", "fused LOMO", "value_and_grad + SGD", "value_and_grad + AdamW"):
+        assert re.search(rf"{re.escape(name)}\s+[\d.]+ MiB total", proc.stdout), name
+    assert "12/12" in proc.stderr and "loss=" in proc.stderr and "tok_s=" in proc.stderr
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["loss_before"] == before and report["loss_after"] == after
     assert len(report["train_losses"]) == 12
@@ -52,7 +79,7 @@ def test_loss_goes_down_and_report_is_written(trained):
 
 
 def test_checkpoint_loads_in_transformers_with_same_logits(trained):
-    out, _, _ = trained
+    out, _, _, _ = trained
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     ids = tok("Ada walked to the harbour and met Basil.", return_tensors="np")["input_ids"]
@@ -67,13 +94,30 @@ def test_checkpoint_loads_in_transformers_with_same_logits(trained):
                                    ["--optimizer", "adamw", "--dtype", "bf16"]],
                          ids=["lomo", "adamw_bf16"])
 def test_model_dir_is_fine_tuned_again(job, trained, tmp_path, extra):
-    out, _, after = trained
+    out, _, after, _ = trained
     before2, after2 = job.main(["--tiny", "--steps", "3", "--model", str(out),
                                 "--out", str(tmp_path), "--no-memory-report", *extra])
     # it starts from the trained checkpoint (with its tokenizer), not from scratch
     assert abs(before2 - after) < 0.05 * after + (0.02 if "bf16" in extra else 1e-4)
     assert np.isfinite(after2)
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_fp16_run_with_lr_shows_progress(job, tmp_path, capsys):
+    """fp16 (the fused step's dynamic loss scaling) with an explicit --lr, on the CPU by
+    default; the progress bar reports the loss and tokens/s."""
+    before, after = job.main(["--tiny", "--steps", "4", "--dtype", "fp16", "--lr", "1e-2",
+                              "--out", str(tmp_path), "--no-memory-report"])
+    captured = capsys.readouterr()
+    assert np.isfinite(before) and np.isfinite(after)
+    assert "4/4" in captured.err and "loss=" in captured.err and "tok_s=" in captured.err
+    assert "fp16" in captured.out and "CPU" in captured.out.upper()
+    report = json.loads((tmp_path / "finetune_report.json").read_text())
+    assert report["args"]["lr"] == 1e-2 and report["args"]["dtype"] == "fp16"
+    assert report["args"]["device"] == "cpu"
+    assert len(report["train_losses"]) == 4
+    cfg, params = convert.load_pretrained(str(tmp_path))
+    assert {x.dtype for x in __import__("jax").tree.leaves(params)} == {jnp.dtype(jnp.float16)}
 
 
 def test_bad_arguments_are_refused(job):

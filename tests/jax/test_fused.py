@@ -141,12 +141,9 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6, what=""):
 # Equality with the unfused path
 # --------------------------------------------------------------------------
 
-# LOMO and AdaLomo on the full grid; each optax transform without clipping
-# (untied) and with clipping and tied weights.
-CASES = [(name, clip, tied) for name in ("lomo", "adalomo")
+# Every transform on the full grid: with and without clipping, tied and untied.
+CASES = [(name, clip, tied) for name in ("lomo", "adalomo", "sgd", "adamw", "adafactor")
          for clip in (None, 0.5) for tied in (False, True)]
-CASES += [(name, None, False) for name in ("sgd", "adamw", "adafactor")]
-CASES += [(name, 0.5, True) for name in ("sgd", "adamw", "adafactor")]
 
 
 @pytest.mark.parametrize("name,clip,tied", CASES)

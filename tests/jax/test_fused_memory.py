@@ -7,9 +7,13 @@ a stacked weight, or a gradient per layer, would show up at once.
 
 ``temp`` is ``temp_size_in_bytes``; the bound checked is
 
-    temp(fused) <= temp(inference) + L * activation + 2 * layer params + layer state
+    temp(fused) <= temp(inference) + L * activation + 2 * layer params
 
-and ``temp(fused) - L * activation`` must not grow with L.
+for LOMO and AdaLomo (the issue's bound; AdaLomo's per-layer statistics are
+counted inside the two layers' worth), and the same plus one layer's optimizer
+state for a transform with parameter-sized state (AdamW: the new moments of
+the layer being updated are a temporary too). ``temp(fused) - L * activation``
+must not grow with L.
 """
 
 import re
@@ -67,6 +71,12 @@ TRANSFORMS = {
     "adalomo": lambda: lomo_jax.adalomo(1e-3),
     "adamw": lambda: optax.adamw(1e-3),
 }
+# transforms whose state is parameter-sized get one layer of state on top of the bound
+STATE_ALLOWANCE = {"lomo": False, "adalomo": False, "adamw": True}
+
+
+def allowance(name, layer_state):
+    return layer_state if STATE_ALLOWANCE[name] else 0
 
 
 def analyse(tx, n_layers, dtype=jnp.float32, **kw):
@@ -114,7 +124,7 @@ def test_temp_memory_bounded_and_flat_in_depth(name):
         layer_params = nbytes(params["layers"]) // n_layers
         layer_state = nbytes(state.layers) // n_layers
         inf = inference_temp(n_layers)
-        bound = inf + n_layers * act + 2 * layer_params + layer_state
+        bound = inf + n_layers * act + 2 * layer_params + allowance(name, layer_state)
         assert mem.temp_size_in_bytes <= bound, (
             f"{name} L={n_layers}: temp {mem.temp_size_in_bytes} > {bound} "
             f"(inference {inf}, saved inputs {n_layers * act}, layer {layer_params}, "
@@ -145,7 +155,8 @@ def test_clipping_fp16_and_remat_also_in_place(name, kw, dtype):
     params, state, mem, hlo = analyse(tx, n_layers, dtype, **kw)
     layer_params = nbytes(params["layers"]) // n_layers
     layer_state = nbytes(state.layers) // n_layers
-    bound = inference_temp(n_layers, dtype) + n_layers * act + 2 * layer_params + layer_state
+    bound = (inference_temp(n_layers, dtype) + n_layers * act + 2 * layer_params
+             + allowance(name, layer_state))
     assert mem.temp_size_in_bytes <= bound
     assert mem.alias_size_in_bytes == nbytes(params) + nbytes(state)
     assert stacked_copies(hlo, params, state) == []

@@ -92,6 +92,7 @@ def test_logits_match_llama_tied_and_all_biases_and_llama3_rope():
     assert "lm_head" not in params["head"]
     ids, m = _inputs(mask="both", seed=1)
     _compare_logits(hf, cfg, params, ids, m)
+    _compare_logits(hf, cfg, params, ids, None)  # tied, without an attention mask
     # explicit position_ids (e.g. counting from the first real token)
     pos = (m.cumsum(-1) - 1).clamp(min=0)
     _compare_logits(hf, cfg, params, ids, m, position_ids=pos)

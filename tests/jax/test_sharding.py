@@ -176,12 +176,15 @@ def _worker(case: str) -> dict:
         batch_bytes = sum(nbytes(x, sh.batch.shard_shape(x.shape)) for x in jax.tree.leaves(b_abs))
 
         got_p, got_s = jax.device_get((p, s))
-        rel = {}
+        rel, not_close = {}, {}
         for (k, a), (_, g) in zip(leaves((ref_p, ref_s)), leaves((got_p, got_s))):
             a64, g64 = np.asarray(a, np.float64), np.asarray(g, np.float64)
             scale = np.max(np.abs(a64), initial=0.0)
             err = np.max(np.abs(a64 - g64), initial=0.0)
             rel[k] = 0.0 if err == 0 else float(err / max(scale, 1e-30))
+            # and elementwise: |got - ref| <= 1e-5 |ref| + 1e-7
+            if not np.allclose(g64, a64, rtol=1e-5, atol=1e-7):
+                not_close[k] = float(np.max(np.abs(g64 - a64) / (np.abs(a64) + 1e-7)))
         moved = float(sum(
             np.sum(np.abs(np.asarray(a, np.float64) - np.asarray(x, np.float64)))
             for a, x in zip(jax.tree.leaves(ref_p), jax.tree.leaves(params))
@@ -189,6 +192,7 @@ def _worker(case: str) -> dict:
         out["meshes"][name] = {
             "n_fsdp": mesh.shape["fsdp"],
             "rel": rel,
+            "not_close": not_close,
             "moved": moved,
             "losses": losses,
             "norms": norms,
@@ -299,6 +303,7 @@ def _check(res: dict, *, clip: bool, state_specs=None):
         worst = max(r["rel"].items(), key=lambda kv: kv[1])
         assert worst[1] <= RTOL, f"{where} {worst[0]}: relative error {worst[1]:.2e}"
         assert len(r["rel"]) >= len(r["param_specs"]), where  # every leaf compared
+        assert r["not_close"] == {}, f"{where} not elementwise within 1e-5: {r['not_close']}"
         for a, b in zip(ref["losses"], r["losses"], strict=True):
             assert abs(a - b) <= RTOL * abs(a), (where, ref["losses"], r["losses"])
         assert ref["losses"][-1] < ref["losses"][0], ref["losses"]

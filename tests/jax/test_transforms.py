@@ -127,24 +127,61 @@ def test_factored_statistics_are_layout_independent():
     np.testing.assert_allclose(a[-1]["w"], b[-1]["w"].T, rtol=1e-5, atol=1e-7)
 
 
+LOW_PRECISION_TX = {
+    "adalomo": lambda: lomo_jax.adalomo(1e-2, weight_decay=0.1),
+    "lomo": lambda: lomo_jax.lomo(0.2, weight_decay=0.1, clip_grad_value=0.15),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOW_PRECISION_TX))
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_low_precision_params_math_in_fp32(dtype):
+def test_low_precision_params_math_in_fp32(dtype, name):
     rng = np.random.default_rng(4)
     p32 = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
     g32 = jnp.asarray(rng.normal(size=(8, 16)) * 0.1, jnp.float32)
     p, g = p32.astype(dtype), g32.astype(dtype)
-    tx = lomo_jax.adalomo(1e-2, weight_decay=0.1)
-    u, state = tx.update({"w": g}, tx.init({"w": p}), {"w": p})
-    chex.assert_type(u["w"], jnp.float32)  # the update is never pre-rounded
-    chex.assert_type([state[0].v_row["w"], state[0].v_col["w"]], jnp.float32)
-    new = optax.apply_updates({"w": p}, u)["w"]
-    chex.assert_type(new, dtype)
-    # the same as doing the whole step in fp32 on the upcast values, rounded once
-    tx32 = lomo_jax.adalomo(1e-2, weight_decay=0.1)
-    p_up, g_up = p.astype(jnp.float32), g.astype(jnp.float32)
-    u32, _ = tx32.update({"w": g_up}, tx32.init({"w": p_up}), {"w": p_up})
-    expected = (p_up + u32["w"]).astype(dtype)
-    np.testing.assert_array_equal(np.asarray(new, np.float32), np.asarray(expected, np.float32))
+    tx = LOW_PRECISION_TX[name]()
+    params, expected_p = {"w": p}, {"w": p.astype(jnp.float32)}
+    state, state32 = tx.init(params), tx.init(expected_p)
+    tx32 = LOW_PRECISION_TX[name]()
+    for step in range(3):  # several steps: rounding happens once per step, never compounds inside
+        gs = {"w": (g * (step + 1)).astype(dtype)}
+        u, state = tx.update(gs, state, params)
+        chex.assert_type(u["w"], jnp.float32)  # the update is never pre-rounded
+        assert [x.dtype for x in jax.tree.leaves(state)] == [
+            x.dtype for x in jax.tree.leaves(tx.init({"w": p32}))]  # fp32 statistics
+        params = optax.apply_updates(params, u)
+        chex.assert_type(params["w"], dtype)
+        # the same as doing the whole step in fp32 on the upcast values, rounded once
+        p_up = params_before = expected_p["w"]
+        u32, state32 = tx32.update({"w": gs["w"].astype(jnp.float32)}, state32, {"w": p_up})
+        expected = (params_before + u32["w"]).astype(dtype)
+        np.testing.assert_array_equal(np.asarray(params["w"], np.float32),
+                                      np.asarray(expected, np.float32))
+        assert np.mean(np.asarray(params["w"] != p)) > 0.5  # the step did move the weights
+        expected_p = {"w": params["w"].astype(jnp.float32)}
+
+
+def test_scale_by_lomo_composes():
+    """``scale_by_lomo`` is LOMO without the learning rate: chained with
+    ``optax.scale_by_learning_rate`` it is ``lomo``; with ``optax.scale`` it is
+    the plain direction ``-(clip(g) + wd * p)`` scaled by the factor."""
+    rng = np.random.default_rng(9)
+    p = {"w": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+         "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32), p)
+             for _ in range(3)]
+    schedule = optax.exponential_decay(0.1, 1, 0.5)
+    composed = optax.chain(lomo_jax.scale_by_lomo(weight_decay=0.1, clip_grad_value=0.05),
+                           optax.scale_by_learning_rate(schedule))
+    a, _ = run(composed, p, grads)
+    b, _ = run(lomo_jax.lomo(schedule, weight_decay=0.1, clip_grad_value=0.05), p, grads)
+    for x, y in zip(a, b):
+        chex.assert_trees_all_close(x, y, rtol=1e-6, atol=1e-7)
+    direction = lomo_jax.scale_by_lomo(weight_decay=0.1, clip_grad_value=0.05)
+    u, _ = direction.update(grads[0], direction.init(p), p)
+    want = jax.tree.map(lambda g, w: jnp.clip(g, -0.05, 0.05) + 0.1 * w, grads[0], p)
+    chex.assert_trees_all_close(u, want, rtol=1e-6)
 
 
 def test_in_optax_chain_with_global_norm_clip_and_schedule():

@@ -169,3 +169,91 @@ def test_scaler_bad_arguments():
         DynamicLossScaler(scale_window=0)
     with pytest.raises(ValueError, match="scale_factor must be > 1"):
         DynamicLossScaler(scale_factor=1.0)
+
+
+@BOTH
+@pytest.mark.parametrize("kw,match", [
+    ({"lr": float("inf")}, "lr must be finite, got inf"),
+    ({"clip_grad_norm": float("inf")}, "clip_grad_norm must be finite"),
+    ({"weight_decay": float("inf")}, "weight_decay must be finite"),
+])
+def test_non_finite_hyperparameters(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls(MLP(), **kw)
+    with pytest.raises(TypeError, match="lr must be a real number, got nan"):
+        cls(MLP(), lr=float("nan"))
+
+
+@BOTH
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_lr_from_a_scheduler_is_refused(cls, bad):
+    """An LR scheduler writes ``param_groups[i]["lr"]``; a non-finite value there is an
+    error at the next fused_backward, before any parameter changes."""
+    model = MLP()
+    opt = cls(model, lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 if t == 0 else bad)
+    batch = mlp_batches(1)[0]
+    opt.fused_backward(model(*batch))
+    sched.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises((ValueError, TypeError), match=r"lr \(param_groups\[0\]\['lr'\], as an LR "
+                                                      r"scheduler sets it\) must be"):
+        opt.fused_backward(model(*batch))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="lr must be finite, got inf"):
+        opt.fused_backward(model(*batch), float("inf"))
+
+
+@BOTH
+def test_complex_and_integer_parameters_are_refused(cls):
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 2))
+            self.z = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+
+    with pytest.raises(TypeError, match=r"parameter 'z' has dtype torch.complex64"):
+        cls(Complex())
+    frozen = Complex()
+    frozen.z.requires_grad_(False)
+    cls(frozen)  # a frozen complex buffer-like parameter is fine
+    # integer tensors cannot require grad in torch at all
+    with pytest.raises(RuntimeError, match="floating point"):
+        nn.Parameter(torch.ones(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("name", ["Lomo", "AdaLomo"])
+def test_same_constructor_signature_as_lomo_optim(name, monkeypatch):
+    """A lomo-optim user switches by changing the import: every lomo-optim argument
+    exists with the same position and default (ours may add keyword-only extras)."""
+    import inspect
+
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    import lomo_optim
+
+    theirs = inspect.signature(getattr(lomo_optim, name).__init__).parameters
+    ours = inspect.signature(getattr(lomo_torch, name).__init__).parameters
+    positional = [p for p in ours.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert [p.name for p in positional] == list(theirs), (list(ours), list(theirs))
+    for p in theirs.values():
+        if p.default == {}:  # lomo-optim's mutable `loss_scale_args={}`: ours is None, the same
+            assert ours[p.name].default is None, p.name
+        else:
+            assert ours[p.name].default == p.default, p.name
+    assert all(p.kind is p.KEYWORD_ONLY for p in ours.values() if p.name not in theirs)
+    for method in ("grad_norm", "fused_backward"):  # ours: fused_backward(loss, lr=None)
+        theirs_m = inspect.signature(getattr(getattr(lomo_optim, name), method)).parameters
+        ours_m = inspect.signature(getattr(getattr(lomo_torch, name), method)).parameters
+        assert list(ours_m) == list(theirs_m), method
+
+
+def test_loss_scaler_signature_as_lomo_optim(monkeypatch):
+    import inspect
+
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    import lomo_optim
+
+    theirs = inspect.signature(lomo_optim.lomo.DynamicLossScaler.__init__).parameters
+    ours = inspect.signature(DynamicLossScaler.__init__).parameters
+    assert {n: p.default for n, p in theirs.items()} == {
+        n: p.default for n, p in ours.items() if n in theirs}

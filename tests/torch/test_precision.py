@@ -111,7 +111,7 @@ def test_fp16_overflow_skips_step_and_recovers(opt_name, caplog):
     assert "overflow" in caplog.text
     assert opt.fused_backward(loss, 0.01) is False
     for n, p in snapshot(model).items():
-        assert torch.equal(p, params_before[n]), f"{n} changed on a skipped step"
+        assert bitwise_equal(p, params_before[n]), f"{n} changed on a skipped step"
     states_equal(frozen_copy(opt), state_before)  # statistics and step count untouched
     assert opt.step_num == 2
     assert all(p.grad is None for p in model.parameters())
@@ -124,18 +124,85 @@ def test_fp16_overflow_skips_step_and_recovers(opt_name, caplog):
     assert not torch.equal(model.fc2.weight, params_before["fc2.weight"])
 
 
-def test_fp16_loss_overflow_by_huge_loss():
+@pytest.mark.parametrize("opt_name", ["Lomo", "AdaLomo"])
+def test_fp16_loss_overflow_by_huge_loss(opt_name):
     """Multiplying the loss by 1e30 overflows fp16: skipped, nothing changes."""
-    model, opt = fp16_setup("AdaLomo")
+    model, opt = fp16_setup(opt_name)
     batch = mlp_batches(1, dtype=torch.float16)[0]
     step(model, opt, batch, 0.01)
     before, state = snapshot(model), frozen_copy(opt)
     loss = model(*batch) * 1e30
     opt.grad_norm(loss)
     assert opt.fused_backward(loss, 0.01) is False
-    assert all(torch.equal(p, before[n]) for n, p in snapshot(model).items())
+    assert all(bitwise_equal(p, before[n]) for n, p in snapshot(model).items())
     states_equal(frozen_copy(opt), state)
     assert opt.loss_scaler.loss_scale == 2.0**7
+
+
+def bitwise_equal(a, b):
+    """Same dtype, shape and bytes (``torch.equal`` would call -0.0 equal to +0.0)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("opt_name", ["Lomo", "AdaLomo"])
+@pytest.mark.parametrize("inject", ["inf_grad", "nan_loss"])
+def test_skip_nonfinite_guard(opt_name, dtype, inject):
+    """bf16/fp32 with ``skip_nonfinite=True``: a step whose gradient norm or loss is not
+    finite is skipped whole (parameters and state byte-identical), counted, and training
+    goes on; without the guard the same step writes NaN/inf into the parameters."""
+    torch.manual_seed(0)
+    model = MLP().to(dtype)
+    opt = getattr(lomo_torch, opt_name)(model, lr=0.01, skip_nonfinite=True)
+    batches = mlp_batches(4, dtype=dtype)
+    for b in batches[:2]:
+        assert step(model, opt, b, 0.01) is True
+    before, state = snapshot(model), frozen_copy(opt)
+
+    def bad_step(m, o):
+        if inject == "nan_loss":
+            loss = m(*batches[2]) * float("nan")
+            o.grad_norm(loss)
+            return o.fused_backward(loss, 0.01)
+        # an inf in one gradient, in both backward passes
+        hook = m.fc1.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+        try:
+            loss = m(*batches[2])
+            o.grad_norm(loss)
+            return o.fused_backward(loss, 0.01)
+        finally:
+            hook.remove()
+
+    assert bad_step(model, opt) is False
+    assert opt.nonfinite_steps == 1 and opt.step_num == 2
+    for n, p in snapshot(model).items():
+        assert bitwise_equal(p, before[n]), f"{n} changed on a skipped step"
+    after = frozen_copy(opt)
+    assert after.pop("nonfinite_steps") == 1 and state.pop("nonfinite_steps") == 0
+    states_equal(after, state)
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.state_dict()["nonfinite_steps"] == 1
+    assert step(model, opt, batches[3], 0.01) is True  # and training goes on
+    assert opt.step_num == 3 and all(torch.isfinite(p).all() for p in model.parameters())
+
+    # the guard is what saved the parameters: without it the same step poisons them
+    torch.manual_seed(0)
+    unguarded = MLP().to(dtype)
+    plain = getattr(lomo_torch, opt_name)(unguarded, lr=0.01, clip_grad_norm=1e9)
+    for b in batches[:2]:
+        step(unguarded, plain, b, 0.01)
+    assert bad_step(unguarded, plain) is True
+    assert not all(torch.isfinite(p).all() for p in unguarded.parameters())
+
+
+def test_skip_nonfinite_needs_grad_norm():
+    model = MLP()
+    opt = lomo_torch.AdaLomo(model, skip_nonfinite=True)
+    with pytest.raises(RuntimeError, match=r"skip_nonfinite=True is set, and grad_norm\(loss\) checks"):
+        opt.fused_backward(model(*mlp_batches(1)[0]), 0.01)
+    with pytest.raises(TypeError, match="skip_nonfinite must be a bool"):
+        lomo_torch.Lomo(model, skip_nonfinite="yes")
 
 
 def test_fp16_lomo_defaults_like_lomo_optim():

@@ -238,3 +238,49 @@ def test_cuda_matches_cpu(opt_name):
         run(gpu, og, [(x.cuda(), y.cuda())], [0.01])
     for (n, p), q in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(q.cpu(), p, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (measures the CUDA allocator)")
+@pytest.mark.parametrize("opt_name", ["Lomo", "AdaLomo"])
+def test_cuda_peak_memory_against_adamw(opt_name):
+    """Peak ``torch.cuda.max_memory_allocated`` of a training step, everything counted
+    (parameters, gradients, optimizer state, activations): a fused step holds the
+    parameters plus about one parameter's gradient (and AdaLomo's m+n statistics);
+    ``loss.backward(); AdamW.step()`` holds parameters, all gradients and two moments."""
+    d, depth = 1024, 8
+    param_bytes, largest = depth * d * d * 4, d * d * 4
+    x = torch.randn(8, d, device="cuda")
+    activations = depth * x.numel() * 4
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(depth)]).cuda()
+
+    def peak(run_step, steps=2):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):  # the second step sees the optimizer state of the first
+            run_step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    fused = make()
+    opt = getattr(lomo_torch, opt_name)(fused, lr=1e-3)
+    lomo_peak = peak(lambda: opt.fused_backward(fused(x).square().mean(), 1e-3))
+    del fused, opt
+    torch.cuda.empty_cache()
+
+    plain = make()
+    adamw = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+
+    def adamw_step():
+        plain(x).square().mean().backward()
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+
+    adamw_peak = peak(adamw_step)
+    x_bytes = x.numel() * 4
+    assert lomo_peak <= x_bytes + param_bytes + 2 * largest + 4 * activations + (1 << 20), (
+        lomo_peak, param_bytes, largest)
+    assert adamw_peak >= x_bytes + 3.9 * param_bytes, (adamw_peak, param_bytes)
+    assert lomo_peak < 0.4 * adamw_peak, (lomo_peak, adamw_peak)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+pytest.importorskip("accelerate")  # transformers.Trainer needs it; a missing one fails (conftest)
 
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, get_scheduler  # noqa: E402
 

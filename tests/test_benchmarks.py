@@ -1,0 +1,54 @@
+"""The benchmark scripts run, at toy sizes, so the figures in the README can be
+re-made by anyone. Nothing here looks at a time: only that each script runs and
+prints its comparison (speed belongs in the benchmarks, not in tests)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNS = {
+    "torch_step": ["torch_step.py", "--blocks", "3", "--warmup", "1", "--repeats", "1"],
+    "speed": ["speed.py", "--layers", "2", "--d", "32", "--ffn", "64", "--heads", "2",
+              "--vocab", "64", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "1"],
+}
+
+
+def run(args):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]],
+                          cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_torch_step_benchmark_runs():
+    out = run(RUNS["torch_step"])
+    rows = re.findall(r"^(Lomo|AdaLomo)\s+fwd.*?([\d.]+)x\s+([\d.e+-]+)$", out, re.M)
+    assert len(rows) == 4, out
+    assert all(float(diff) < 1e-5 for _, _, diff in rows), out  # same parameters as lomo-optim
+
+
+def test_speed_benchmark_runs():
+    out = run(RUNS["speed"])
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms" not in line
+            and "---" not in line]
+    assert len(rows) == 5, out
+    for line in rows:
+        ratio = float(line.split("|")[6].split()[0])
+        assert ratio > 0, line
+
+
+def test_packages_import_without_the_other_framework():
+    """A PyTorch-only user needs no JAX, a JAX-only user no torch: importing one package
+    imports nothing of the other framework."""
+    code = ("import sys, {pkg}; bad = [m for m in ('{other}',) if m in sys.modules]; "
+            "assert not bad, bad")
+    for pkg, other in (("lomo_torch", "jax"), ("lomo_jax", "torch"),
+                       ("lomo_jax.models.llama", "torch")):
+        proc = subprocess.run([sys.executable, "-c", code.format(pkg=pkg, other=other)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"importing {pkg} imported {other}:\n{proc.stderr[-2000:]}"
