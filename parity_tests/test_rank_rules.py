@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lomo_jax
@@ -67,6 +67,7 @@ BF16_SPACING = 2.0**-7  # bf16 keeps 8 significant bits: the gap at 1.0 is 2**-7
 @settings(max_examples=20, deadline=None)
 @given(shape=st.lists(st.integers(2, 12), min_size=1, max_size=3).map(tuple),
        seed=st.integers(0, 2**31 - 1))
+@example(shape=(2,), seed=513)  # once drawn in CI: one of two elements moved
 def test_adalomo_bf16_within_one_rounding(shape, seed):
     """bf16 parameters and gradients, identical in both frameworks.
 
@@ -83,7 +84,7 @@ def test_adalomo_bf16_within_one_rounding(shape, seed):
     t, j = run_both(p0, grads, (5e-2, 4e-2, 3e-2), dtype_torch=torch.bfloat16,
                     dtype_jax=jnp.bfloat16, weight_decay=0.05)
     # the steps are large enough to move the bf16 values (else this is vacuous)
-    assert np.mean(t != np.asarray(jnp.asarray(p0, jnp.bfloat16), np.float32)) > 0.5
+    assert np.mean(t != np.asarray(jnp.asarray(p0, jnp.bfloat16), np.float32)) >= 0.5
     np.testing.assert_array_less(np.abs(j - t), 2 * BF16_SPACING * np.abs(t) + 1e-30 + 1e-6)
     assert np.mean(j == t) >= 0.9
 
@@ -101,7 +102,7 @@ def test_lomo_bf16_within_one_rounding(shape, seed):
     t, j = run_both(p0, grads, (5e-2, 4e-2, 3e-2), dtype_torch=torch.bfloat16,
                     dtype_jax=jnp.bfloat16, optimizer="lomo", weight_decay=0.05,
                     clip_grad_value=1.5)
-    assert np.mean(t != np.asarray(jnp.asarray(p0, jnp.bfloat16), np.float32)) > 0.5
+    assert np.mean(t != np.asarray(jnp.asarray(p0, jnp.bfloat16), np.float32)) >= 0.5
     np.testing.assert_array_less(np.abs(j - t), 2 * BF16_SPACING * np.abs(t) + 1e-30 + 1e-6)
     assert np.mean(j == t) >= 0.9
 
