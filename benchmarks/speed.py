@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rows", type=int, nargs="*", default=None,
+                    help="only these rows of the table (0-based; default: all)")
     args = ap.parse_args()
 
     t_start = time.time()
@@ -130,6 +132,8 @@ def main():
         ("adalomo", lambda: lomo_jax.adalomo(1e-3), "dots_saveable", None),
         ("adalomo", lambda: lomo_jax.adalomo(1e-3), None, 1.0),
     ]
+    if args.rows is not None:
+        configs = [configs[i] for i in args.rows]
     for name, make_tx, policy_name, clip in configs:
         tx = make_tx()
         policy = getattr(jax.checkpoint_policies, policy_name) if policy_name else None
