@@ -259,18 +259,16 @@ def plot(path, losses, memory, title):
     plt.close(fig)
 
 
-def batch_device(args):
-    if args.device == "auto":
-        return jax.default_backend().upper()
-    return str(jax.devices(args.device)[0]).upper()
-
-
 def main(argv=None):
     from tqdm import tqdm
 
     args = parse_args(argv)
-    if args.device != "auto":
-        jax.config.update("jax_default_device", jax.devices(args.device)[0])
+    if args.device == "auto":
+        where = jax.default_backend().upper()
+    else:
+        device = jax.devices(args.device)[0]
+        jax.config.update("jax_default_device", device)
+        where = str(device).upper()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -280,7 +278,7 @@ def main(argv=None):
     lm = llama.llama_layered_model(cfg)
     print(f"model: {n_params(params) / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
           f"{args.dtype}; data: {train.size:,} training tokens, vocab {len(tokenizer)}; "
-          f"optimizer: {args.optimizer}, {batch_device(args)}")
+          f"optimizer: {args.optimizer}, {where}")
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
                                                   args.steps, end_value=args.lr / 10)

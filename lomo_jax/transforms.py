@@ -16,9 +16,10 @@ both multiply every gradient by :math:`\min(1, c / \|g\|)`, except that
 ``lomo-optim`` (and ``lomo_torch``, and the fused step's ``clip_grad_norm=``)
 divide by :math:`\|g\| + 10^{-6}`, a relative difference of
 :math:`10^{-6} / \|g\|` in the clipped gradient (the parity suite tests the
-two against each other at 1e-5). One ordering difference to ``lomo-optim`` when *both* value and norm clipping
-are on: ``lomo-optim`` clamps the raw gradient and then scales it by the norm
-coefficient; a chain scales first and the transform clamps after.
+two against each other at 1e-5). One ordering difference to ``lomo-optim``
+when *both* value and norm clipping are on: ``lomo-optim`` clamps the raw
+gradient and then scales it by the norm coefficient; a chain scales first and
+the transform clamps after.
 """
 
 from __future__ import annotations

@@ -497,10 +497,10 @@ class FusedOptimizer(Optimizer):
             if self.loss_scaler is not None:
                 why = ("fp16 training uses dynamic loss scaling, and grad_norm(loss) is its "
                        "overflow check")
-            else:
+            elif self.clip_grad_norm is not None:
                 why = (f"clip_grad_norm={self.clip_grad_norm} is set, and grad_norm(loss) "
                        f"computes the global gradient norm")
-            if self.loss_scaler is None and self.clip_grad_norm is None:
+            else:
                 why = ("skip_nonfinite=True is set, and grad_norm(loss) checks the loss and the "
                        "gradient norm")
             raise RuntimeError(f"call grad_norm(loss) before every fused_backward(loss, lr): {why}")

@@ -23,7 +23,7 @@ from parity_tests.twin_models import assert_params_close
 def reference_optimizer(request, reference, optimizer):
     if reference == "lomo_torch":
         return {"lomo": lomo_torch.Lomo, "adalomo": lomo_torch.AdaLomo}[optimizer]
-    original = request.getfixturevalue("lomo_optim_on_cpu")
+    original = request.getfixturevalue("lomo_optim")
     return {"lomo": original.Lomo, "adalomo": original.AdaLomo}[optimizer]
 
 

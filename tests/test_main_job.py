@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from lomo_jax.models import convert, llama  # noqa: E402
@@ -56,19 +57,18 @@ def trained(tmp_path_factory):
             done.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
     proc = subprocess.CompletedProcess([], 0, **json.loads(done.read_text()))
     report = json.loads((out / "finetune_report.json").read_text())
-    return out, report["loss_before"], report["loss_after"], proc
+    return out, report, proc
 
 
 def test_loss_goes_down_and_report_is_written(trained):
-    out, before, after, proc = trained
+    out, report, proc = trained
+    before, after = report["loss_before"], report["loss_after"]
     assert after < before - 0.05
     # the report a user reads at the end, and the progress bar on stderr
     assert f"held-out loss: {before:.3f} before -> {after:.3f} after 12 steps" in proc.stdout
     for name in ("fused AdaLomo", "fused LOMO", "value_and_grad + SGD", "value_and_grad + AdamW"):
         assert re.search(rf"{re.escape(name)}\s+[\d.]+ MiB total", proc.stdout), name
     assert "12/12" in proc.stderr and "loss=" in proc.stderr and "tok_s=" in proc.stderr
-    report = json.loads((out / "finetune_report.json").read_text())
-    assert report["loss_before"] == before and report["loss_after"] == after
     assert len(report["train_losses"]) == 12
     mem = report["memory_bytes"]
     assert set(mem) == {"fused AdaLomo", "fused LOMO", "value_and_grad + SGD",
@@ -79,7 +79,7 @@ def test_loss_goes_down_and_report_is_written(trained):
 
 
 def test_checkpoint_loads_in_transformers_with_same_logits(trained):
-    out, _, _, _ = trained
+    out, _, _ = trained
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     ids = tok("Ada walked to the harbour and met Basil.", return_tensors="np")["input_ids"]
@@ -94,7 +94,8 @@ def test_checkpoint_loads_in_transformers_with_same_logits(trained):
                                    ["--optimizer", "adamw", "--dtype", "bf16"]],
                          ids=["lomo", "adamw_bf16"])
 def test_model_dir_is_fine_tuned_again(job, trained, tmp_path, extra):
-    out, _, after, _ = trained
+    out, report, _ = trained
+    after = report["loss_after"]
     before2, after2 = job.main(["--tiny", "--steps", "3", "--model", str(out),
                                 "--out", str(tmp_path), "--no-memory-report", *extra])
     # it starts from the trained checkpoint (with its tokenizer), not from scratch
@@ -117,7 +118,7 @@ def test_fp16_run_with_lr_shows_progress(job, tmp_path, capsys):
     assert report["args"]["device"] == "cpu"
     assert len(report["train_losses"]) == 4
     cfg, params = convert.load_pretrained(str(tmp_path))
-    assert {x.dtype for x in __import__("jax").tree.leaves(params)} == {jnp.dtype(jnp.float16)}
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float16)}
 
 
 def test_bad_arguments_are_refused(job):

@@ -153,9 +153,8 @@ def test_low_precision_params_math_in_fp32(dtype, name):
         params = optax.apply_updates(params, u)
         chex.assert_type(params["w"], dtype)
         # the same as doing the whole step in fp32 on the upcast values, rounded once
-        p_up = params_before = expected_p["w"]
-        u32, state32 = tx32.update({"w": gs["w"].astype(jnp.float32)}, state32, {"w": p_up})
-        expected = (params_before + u32["w"]).astype(dtype)
+        u32, state32 = tx32.update({"w": gs["w"].astype(jnp.float32)}, state32, expected_p)
+        expected = (expected_p["w"] + u32["w"]).astype(dtype)
         np.testing.assert_array_equal(np.asarray(params["w"], np.float32),
                                       np.asarray(expected, np.float32))
         assert np.mean(np.asarray(params["w"] != p)) > 0.5  # the step did move the weights
@@ -164,8 +163,8 @@ def test_low_precision_params_math_in_fp32(dtype, name):
 
 def test_scale_by_lomo_composes():
     """``scale_by_lomo`` is LOMO without the learning rate: chained with
-    ``optax.scale_by_learning_rate`` it is ``lomo``; with ``optax.scale`` it is
-    the plain direction ``-(clip(g) + wd * p)`` scaled by the factor."""
+    ``optax.scale_by_learning_rate`` it is ``lomo``; alone it is the direction
+    ``clip(g) + wd * p``."""
     rng = np.random.default_rng(9)
     p = {"w": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
          "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}

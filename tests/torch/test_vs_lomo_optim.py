@@ -26,16 +26,6 @@ SETTINGS = {
 MODELS = {"mlp": (MLP, mlp_batches), "block": (TinyBlock, lm_batches)}
 
 
-@pytest.fixture
-def lomo_optim(monkeypatch):
-    """lomo-optim's AdaLomo creates its state with ``.cuda()``; make that a no-op on CPU."""
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
-    import lomo_optim
-
-    return lomo_optim
-
-
 def lrs_for(name):
     base = 0.05 if name == "Lomo" else 0.02
     return [base * 0.7**t for t in range(STEPS)]
