@@ -10,6 +10,11 @@ import os
 
 import pytest
 
+# The tests run on the CPU. With JAX's CUDA plugin installed (requirements-test.txt
+# installs it for deviceless GPU-target compiles, lomo_jax.aot) this must be set
+# before JAX starts; it also keeps a GPU machine's JAX tests on the CPU they assume.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 STRICT = not os.environ.get("LOMO_ALLOW_MISSING_DEPS")
 
 

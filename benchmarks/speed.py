@@ -15,7 +15,10 @@ With ``clip_grad_norm`` the fused step does LOMO's two backward passes (one
 for the norm, one for the update) against one in the unfused path, so it is
 slower by design; that row is informational.
 
-Run:  python benchmarks/speed.py     (small LLaMA-like model, ~1-2 min on 2 CPU cores)
+Model: the shipped ``lomo_jax.models.llama`` (fp32, a small config set by the
+flags; untied head with its chunked cross-entropy).
+
+Run:  python benchmarks/speed.py     (small LLaMA, ~2-3 min on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -23,31 +26,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import lomo_jax  # noqa: E402
-from memory import make_model, param_shapes  # noqa: E402  (same LLaMA-like model)
-
-
-def init_params(shapes, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            return jnp.ones(s.shape, s.dtype)
-        fan_in = s.shape[-2] if len(s.shape) >= 2 else 1
-        return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(fan_in), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+import lomo_jax
+from lomo_jax.models import llama
 
 
 def unfused_step(model, tx, remat_policy, clip_grad_norm=None):
@@ -111,13 +98,12 @@ def main():
     args = ap.parse_args()
 
     t_start = time.time()
-    model = make_model(args.heads)
-    params = init_params(param_shapes(args.layers, args.d, args.ffn, args.vocab, jnp.float32))
+    cfg = llama.LlamaConfig(vocab_size=args.vocab, hidden_size=args.d, intermediate_size=args.ffn,
+                            num_hidden_layers=args.layers, num_attention_heads=args.heads)
+    model = llama.llama_layered_model(cfg)
+    params = llama.init_params(cfg, 0)
     rng = np.random.default_rng(1)
-    batch = {
-        "ids": jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32),
-        "labels": jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32),
-    }
+    batch = {"input_ids": jnp.asarray(rng.integers(0, args.vocab, (args.batch, args.seq)), jnp.int32)}
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"fused step vs value_and_grad + same transform, same remat; fp32, {n / 1e6:.1f}M params "
           f"({args.layers} layers, d={args.d}, ffn={args.ffn}), batch {args.batch} x {args.seq}, "

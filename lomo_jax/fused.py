@@ -14,7 +14,8 @@ transform:
 * **forward**: a ``lax.scan`` over the layers that keeps only each layer's
   input :math:`h_i` (``L`` activations; no other residuals);
 * **head**: :math:`(\bar\theta_H, \bar h_L) = \partial \ell / \partial
-  (\theta_H, h_L)`; the head is updated at once;
+  (\theta_H, h_L)`; the head is updated at once and its gradient dies before
+  the layer scan starts;
 * **layers**: a reverse ``lax.scan`` that, for :math:`i = L-1, \dots, 0`,
   recomputes layer :math:`i` and pulls :math:`\bar h_{i+1}` back through it
   (``jax.vjp``, optionally under ``jax.checkpoint(policy=remat_policy)``):
@@ -24,14 +25,35 @@ transform:
   :math:`\theta_i \leftarrow \theta_i + u_i`, written back into the stacked
   parameters and state *in place*; :math:`\bar\theta_i` dies here;
 * **embedding**: :math:`\bar\theta_E = \bar h_0^\top \partial E`; with tied
-  weights the head's cotangent for the embedding is added first and the
-  embedding gets one update with the sum.
+  weights the head's share of the embedding's gradient is recomputed here (a
+  second VJP of the head at :math:`h_L`, with the head's old parameters) and
+  added, so the summed gradient exists once, when it is applied.
 
-So at most one layer's gradient (plus the head's) is alive, and temporary
-memory is inference's plus the ``L`` saved layer inputs plus about two layers'
-parameters — independent of depth otherwise. The results are those of
-``jax.value_and_grad`` on the whole model followed by ``tx`` on the
+So at most one unit's gradient is alive, and temporary memory is inference's
+plus the ``L`` saved layer inputs plus the larger of the largest gradient and
+two layers' parameters (the layer being differentiated and its new values
+waiting to be written) — independent of depth otherwise. The results are
+those of ``jax.value_and_grad`` on the whole model followed by ``tx`` on the
 embedding and head and ``lomo_jax.per_layer(tx)`` on the layers.
+
+In code the step is a few named stages (:class:`_Stages`): ``forward``,
+``head_grads``, ``layer_grads``, ``embed_grads``, the ``norm_pass`` and the
+``update_pass`` built from them, and the guard (``ok``) that every write goes
+through. Parameters and state travel as :class:`~lomo_jax._layout.Units`
+``(embed, layers, head)``.
+
+**Order in memory, not only in math.** XLA schedules freely, so where the
+data flow alone would let it hold a large buffer longer than needed, the
+step uses ``lax.optimization_barrier`` to pin the order: the layer scan
+starts only after the head's update (so the head's gradient, ``[D, V]``, is
+dead by then); the update pass's head VJP waits for the norm pass's result
+(else XLA merges it with the norm pass's identical VJP and holds that
+gradient across the norm pass). The models' own building blocks do the rest:
+:func:`lomo_jax.cross_entropy.linear_cross_entropy` never builds ``[B, T,
+V]`` logits, :func:`lomo_jax.embedding.embedding_lookup`'s gradient is a
+gather XLA fuses into its consumer, and
+:func:`lomo_jax.grad_order.param_grads_first` finishes a sub-block's weight
+gradients before the next sub-block's backward.
 
 **Global norm clipping** (``clip_grad_norm=c``) is LOMO's two passes: a first
 backward computes :math:`\|g\|` without touching anything, the second updates
@@ -43,9 +65,11 @@ another leaf (``optax.clip_by_global_norm``, ``optax.apply_if_finite``,
 **fp16 parameters** get dynamic loss scaling (state in
 :attr:`FusedState.loss_scale`): the loss cotangent is the scale :math:`S`,
 gradients are unscaled in fp32; the first pass always runs, and a step whose
-gradients overflow is skipped as a whole (``lax.cond``; every parameter and
-state bit is unchanged) and halves :math:`S`; ``loss_scale_window`` clean steps
-double it. For bf16/fp32, ``skip_nonfinite=True`` is the same skip without
+gradients overflow is skipped as a whole (every write selects the old value,
+so every parameter and state bit is unchanged) and halves :math:`S`;
+``loss_scale_window`` clean steps double it. With two passes the update pass
+recomputes the head's VJP rather than holding its gradient across the norm
+pass. For bf16/fp32, ``skip_nonfinite=True`` is the same skip without
 the scale: a step whose loss or gradient norm (or the head's new values,
 which is how a non-finite learning rate shows) is not finite is skipped as a
 whole and counted in :attr:`FusedState.nonfinite_steps`.
@@ -110,7 +134,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +142,8 @@ import optax
 from jax import lax
 
 from lomo_jax import _loss_scale
+from lomo_jax._layout import Units, abstract as _abstract, describe as _describe
+from lomo_jax._layout import path_str as _path, split_params as _split_params_units
 from lomo_jax._leafwise import cross_leaf_dependencies
 from lomo_jax._loss_scale import LossScaleState
 from lomo_jax.per_layer import PerLayerState, per_layer
@@ -130,7 +156,6 @@ __all__ = [
     "fused_train_step",
 ]
 
-_KEYS = ("embed", "layers", "head")
 _NORM_EPS = 1e-6  # lomo-optim: clip_coef = max_norm / (total_norm + 1e-6)
 
 
@@ -238,58 +263,10 @@ class FusedState(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-def _path(prefix: str, path) -> str:
-    return prefix + jax.tree_util.keystr(path)
-
-
-def _describe(x) -> str:
-    return f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
-
-
 def _split_params(params):
     """Check the parameter tree; return ``(L, embed, layers, head)``."""
-    if not isinstance(params, Mapping) or set(params.keys()) != set(_KEYS):
-        got = (
-            sorted(map(str, params.keys()))
-            if isinstance(params, Mapping)
-            else type(params).__name__
-        )
-        raise ValueError(
-            "params must be a dict with exactly the keys 'embed', 'layers' and "
-            f"'head' (see lomo_jax.LayeredModel); got {got}."
-        )
-    bad = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dt = jnp.result_type(leaf)
-        if not jnp.issubdtype(dt, jnp.floating):
-            bad.append(f"{_path('params', path)} ({jnp.dtype(dt).name})")
-    if bad:
-        raise TypeError(
-            "the fused step updates real floating-point parameters only; these "
-            f"leaves are not: {', '.join(bad)}. Keep integer/complex arrays out "
-            "of params (pass them in batch or close over them)."
-        )
-    sizes = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params["layers"])[0]:
-        name = _path("params['layers']", path)
-        if jnp.ndim(leaf) == 0:
-            raise ValueError(
-                f"{name} is a scalar; every leaf of params['layers'] needs a "
-                "leading layer axis of size L."
-            )
-        sizes.append((name, jnp.shape(leaf)[0]))
-    if not sizes:
-        raise ValueError("params['layers'] has no arrays; there is nothing to scan over.")
-    first_name, n_layers = sizes[0]
-    for name, size in sizes[1:]:
-        if size != n_layers:
-            raise ValueError(
-                "every leaf of params['layers'] needs the same leading layer axis: "
-                f"{first_name} has {n_layers} but {name} has {size}."
-            )
-    if n_layers == 0:
-        raise ValueError("params['layers'] has a layer axis of size 0.")
-    return n_layers, params["embed"], params["layers"], params["head"]
+    n_layers, units = _split_params_units(params)
+    return (n_layers, *units)
 
 
 def _has_fp16(params) -> bool:
@@ -369,10 +346,6 @@ _FAKE_PROBE = {
     "b": jax.ShapeDtypeStruct((5,), jnp.float32),
     "c": jax.ShapeDtypeStruct((2, 3, 4), jnp.float32),
 }
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
 
 
 # --------------------------------------------------------------------------
@@ -505,6 +478,224 @@ def _check_loss(loss):
             "model.head must return a real scalar loss; it returned "
             f"{_describe(jax.ShapeDtypeStruct(jnp.shape(loss), jnp.result_type(loss)))}"
             ". Reduce it (e.g. .mean()) inside head."
+        )
+
+
+class _StepConfig(NamedTuple):
+    """The step's static options (see :func:`fused_train_step`)."""
+
+    tx: optax.GradientTransformation
+    clip_grad_norm: Optional[float]
+    skip_nonfinite: bool
+    loss_scale_window: int
+    min_loss_scale: float
+
+
+class _Stages:
+    r"""The pieces of one traced step: forward, head, layer and embedding
+    gradients, and the norm and update passes built from them.
+
+    ``seed`` is the cotangent of the loss (the fp16 loss scale, or 1).
+    """
+
+    def __init__(self, model: LayeredModel, layer_fn, tx, batch, n_layers: int):
+        self.model, self.layer_fn, self.tx = model, layer_fn, tx
+        self.batch, self.n_layers = batch, n_layers
+        self.idx = jnp.arange(n_layers)
+
+    # ---- forward ---------------------------------------------------------
+
+    def forward(self, p: Units):
+        """``h_L`` and the stacked layer inputs ``h_0..h_{L-1}`` (nothing else is kept)."""
+        h0 = self.model.embed(p.embed, self.batch)
+        _check_activation(self.model, _index(p.layers, 0), h0, self.batch)
+
+        def body(h, p_i):
+            return self.model.layer(p_i, h, self.batch), h
+
+        return lax.scan(body, h0, p.layers)
+
+    # ---- gradients of the three units --------------------------------------
+
+    def head_grads(self, p: Units, h_last, seed):
+        """``(loss, g_head, dh_L)``: the head's VJP at ``h_L`` (a tied embedding is
+        held constant here; its share comes in :meth:`embed_grads`)."""
+        def f(ph, h):
+            if self.model.tied:
+                return self.model.head(ph, h, self.batch, embed_params=p.embed)
+            return self.model.head(ph, h, self.batch)
+
+        loss, vjp = jax.vjp(f, p.head, h_last)
+        _check_loss(loss)
+        g_head, dh_last = vjp(seed.astype(loss.dtype))
+        return loss, g_head, dh_last
+
+    def layer_grads(self, p_i, h_i, dh):
+        """``(g_i, dh_i)``: recompute layer ``i`` at its saved input, pull ``dh_{i+1}`` back."""
+        _, vjp = jax.vjp(lambda pp, hh: self.layer_fn(pp, hh, self.batch), p_i, h_i)
+        return vjp(dh)
+
+    def embed_grads(self, p: Units, h_last, dh0, seed):
+        """The embedding's gradient from ``dh_0``; with tied weights plus the
+        head's share, recomputed here at ``h_L`` so that the summed gradient
+        exists once, only when it is used."""
+        _, vjp = jax.vjp(lambda pe: self.model.embed(pe, self.batch), p.embed)
+        (g,) = vjp(dh0)
+        if self.model.tied:
+            loss, vjp_h = jax.vjp(
+                lambda pe: self.model.head(p.head, h_last, self.batch, embed_params=pe), p.embed
+            )
+            (g_h,) = vjp_h(seed.astype(loss.dtype))
+            g = jax.tree.map(jnp.add, g, g_h)
+        return g
+
+    # ---- pass 1: the global norm, nothing updated ------------------------
+
+    def norm_pass(self, p: Units, h_last, hs, seed, inv_scale):
+        """``||g||^2`` over all parameters, gradients unscaled by ``inv_scale``."""
+        _, g_head, dh = self.head_grads(p, h_last, seed)
+        sq = _sq_norm(g_head, inv_scale)
+
+        def body(carry, xs):
+            dh, sq = carry
+            h_i, i = xs
+            g_i, dh_prev = self.layer_grads(_index(p.layers, i), h_i, dh)
+            return (dh_prev, sq + _sq_norm(g_i, inv_scale)), None
+
+        (dh0, sq), _ = lax.scan(body, (dh, sq), (hs, self.idx), reverse=True)
+        return sq + _sq_norm(self.embed_grads(p, h_last, dh0, seed), inv_scale)
+
+    # ---- pass 2: update every unit ---------------------------------------
+
+    def update_pass(self, p: Units, s: Units, h_last, hs, seed, factor, ok, guard: bool):
+        """Head, then the layers in a reverse scan, then the embedding; each
+        unit is updated as soon as its gradient exists and the gradient dies.
+
+        ``factor`` scales every gradient (clip coefficient / loss scale) or is
+        ``None``; ``ok`` (``None`` or a bool scalar) selects new or old values
+        everywhere, so a skipped step leaves every bit unchanged. With
+        ``guard`` the head's new values must be finite too (checked before
+        anything else is written). Returns ``(params, state, loss, ok)``.
+        """
+        loss, g_head, dh_last = self.head_grads(p, h_last, seed)
+        head_new = _apply(self.tx, _scale(g_head, factor), s.head, p.head)
+        if guard:
+            ok = ok & jnp.isfinite(loss) & _all_finite(head_new)
+        ph, sh = _keep_if_not(ok, head_new, (p.head, s.head))
+        # Everything after this point waits for the head's update (so its
+        # gradient dies before the layer scan), and layer L-1's slice is read
+        # only now (not hoisted to the start of the step).
+        ph, sh, dh_last, pl, sl = lax.optimization_barrier((ph, sh, dh_last, p.layers, s.layers))
+        pl, sl, dh0 = self._update_layers(pl, sl, hs, dh_last, factor, ok)
+        g_embed = self.embed_grads(p, h_last, dh0, seed)  # old head and embedding
+        embed_new = _apply(self.tx, _scale(g_embed, factor), s.embed, p.embed)
+        pe, se = _keep_if_not(ok, embed_new, (p.embed, s.embed))
+        return Units(pe, pl, ph), Units(se, sl, sh), loss, ok
+
+    def _update_layers(self, pl, sl, hs, dh_last, factor, ok):
+        """The reverse scan ``i = L-1..0``: gradient of layer ``i``, ``tx`` on it,
+        its new slice carried and written at the start of the next iteration
+        (before any read of the stack, so XLA writes in place; see the module
+        docstring)."""
+
+        def body(carry, xs):
+            pl, sl, pend_p, pend_s, pend_i, dh = carry
+            h_i, i = xs
+            pl, sl = _write(pl, pend_p, pend_i), _write(sl, pend_s, pend_i)
+            p_i, s_i = _index(pl, i), _index(sl, i)
+            g_i, dh_prev = self.layer_grads(p_i, h_i, dh)
+            new = _apply(self.tx, _scale(g_i, factor), s_i, p_i)
+            p_new, s_new = _keep_if_not(ok, new, (p_i, s_i))
+            return (pl, sl, p_new, s_new, i, dh_prev), None
+
+        last = jnp.asarray(self.n_layers - 1, self.idx.dtype)
+        init = (pl, sl, _index(pl, last), _index(sl, last), last, dh_last)
+        (pl, sl, pend_p, pend_s, pend_i, dh0), _ = lax.scan(
+            body, init, (hs, self.idx), reverse=True
+        )
+        return _write(pl, pend_p, pend_i), _write(sl, pend_s, pend_i), dh0
+
+
+def _keep_if_not(ok, new, old):
+    """``new`` where ``ok`` (a bool scalar), else ``old`` bit for bit; ``new`` if ``ok`` is None."""
+    if ok is None:
+        return new
+    return jax.tree.map(lambda n, o: lax.select(ok, n, o), new, old)
+
+
+def _train_step(stages: _Stages, config: _StepConfig, p: Units, s: Units, opt_state):
+    """Forward, the norm pass when needed, the update pass:
+    ``(p, s, metrics, ok, finite)`` (``ok``: the step was applied; ``finite``:
+    the gradient norm was; ``None`` where not computed)."""
+    scaling = opt_state.loss_scale is not None
+    scale = opt_state.loss_scale.scale if scaling else None
+    seed = scale if scaling else jnp.ones([], jnp.float32)
+    two_pass = scaling or config.skip_nonfinite or config.clip_grad_norm is not None
+    h_last, hs = stages.forward(p)
+    metrics = {}
+    factor = ok = finite = None
+    if two_pass:
+        inv = None if scale is None else 1.0 / scale
+        sq = stages.norm_pass(p, h_last, hs, seed, inv)
+        # The update pass starts from h_L only once the norm is known, so XLA
+        # can neither merge its head VJP with the norm pass's (holding the
+        # head's gradient across the layer scan) nor start it early. (Both
+        # outputs are used: XLA drops a barrier operand whose output is not.)
+        h_last, sq = lax.optimization_barrier((h_last, sq))
+        norm = jnp.sqrt(sq)
+        metrics["grad_norm"] = norm
+        factor = jnp.ones([], jnp.float32) if inv is None else inv
+        if config.clip_grad_norm is not None:
+            factor = factor * jnp.minimum(1.0, config.clip_grad_norm / (norm + _NORM_EPS))
+        finite = jnp.isfinite(sq)
+        if scaling or config.skip_nonfinite:  # else clipping alone: never skipped
+            ok = finite
+    p, s, loss, ok = stages.update_pass(
+        p, s, h_last, hs, seed, factor, ok, guard=config.skip_nonfinite
+    )
+    metrics["loss"] = loss.astype(jnp.float32)
+    return p, s, metrics, ok, finite
+
+
+def _pack(p: Units, s: Units, opt_state, metrics, ok, finite, config: _StepConfig):
+    """New params dict, new :class:`FusedState` (loss scale, skip counter) and metrics."""
+    new_ls = None
+    if opt_state.loss_scale is not None:
+        new_ls = _loss_scale.update(
+            opt_state.loss_scale, finite, config.loss_scale_window, config.min_loss_scale
+        )
+        metrics["loss_scale"] = opt_state.loss_scale.scale
+    if ok is not None:
+        metrics["skipped"] = jnp.logical_not(ok)
+    count = opt_state.nonfinite_steps
+    if count is not None:
+        if ok is not None:
+            count = count + jnp.logical_not(ok).astype(count.dtype)
+        metrics["nonfinite_steps"] = count
+    new_params = {"embed": p.embed, "layers": p.layers, "head": p.head}
+    new_state = FusedState(
+        embed=s.embed, layers=PerLayerState(inner_state=s.layers), head=s.head,
+        loss_scale=new_ls, nonfinite_steps=count,
+    )
+    return new_params, new_state, metrics
+
+
+def _check_state(opt_state, params, skip_nonfinite: bool) -> None:
+    if not isinstance(opt_state, FusedState):
+        raise TypeError(
+            "opt_state must be the FusedState made by lomo_jax.fused_init(tx, params), "
+            f"got {type(opt_state).__name__}."
+        )
+    if _has_fp16(params) and opt_state.loss_scale is None:
+        raise ValueError(
+            "params contain float16 leaves but opt_state has no loss scale; "
+            "create it with lomo_jax.fused_init(tx, params) on these params."
+        )
+    if skip_nonfinite and opt_state.nonfinite_steps is None:
+        raise ValueError(
+            "fused_train_step(..., skip_nonfinite=True) counts skipped steps in "
+            "opt_state.nonfinite_steps, which this opt_state lacks; create it with "
+            "lomo_jax.fused_init(tx, params, skip_nonfinite=True)."
         )
 
 
@@ -644,8 +835,7 @@ def fused_train_step(
         catches a learning-rate schedule that returns NaN/inf, since every
         unit uses the same schedule value; a ``params["head"]`` without
         leaves gives no such check). It needs the two-pass norm (a second
-        backward when not clipping anyway) and, while it runs, one extra
-        copy of the head's parameters and state. ``opt_state`` must come
+        backward when not clipping anyway). ``opt_state`` must come
         from ``fused_init(tx, params, skip_nonfinite=True)``, which holds the
         cumulative counter. A skipped step does not advance ``tx``'s step
         count, so a schedule that is non-finite at some step skips every
@@ -692,167 +882,20 @@ def fused_train_step(
     layer_fn = model.layer
     if remat_policy is not None:
         layer_fn = jax.checkpoint(layer_fn, policy=remat_policy)
+    config = _StepConfig(
+        tx=tx, clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite,
+        loss_scale_window=int(loss_scale_window), min_loss_scale=min_loss_scale,
+    )
 
     def step(params, opt_state, batch):
         n_layers, pe, pl, ph = _split_params(params)
-        if not isinstance(opt_state, FusedState):
-            raise TypeError(
-                "opt_state must be the FusedState made by lomo_jax.fused_init(tx, params), "
-                f"got {type(opt_state).__name__}."
-            )
-        scaling = opt_state.loss_scale is not None
-        if _has_fp16(params) and not scaling:
-            raise ValueError(
-                "params contain float16 leaves but opt_state has no loss scale; "
-                "create it with lomo_jax.fused_init(tx, params) on these params."
-            )
-        counting = opt_state.nonfinite_steps is not None
-        if skip_nonfinite and not counting:
-            raise ValueError(
-                "fused_train_step(..., skip_nonfinite=True) counts skipped steps in "
-                "opt_state.nonfinite_steps, which this opt_state lacks; create it with "
-                "lomo_jax.fused_init(tx, params, skip_nonfinite=True)."
-            )
+        _check_state(opt_state, params, skip_nonfinite)
         _check_leafwise_on(tx, _abstract(pe), _abstract(_index(pl, 0)), _abstract(ph))
-        se, sl, sh = opt_state.embed, opt_state.layers.inner_state, opt_state.head
-        two_pass = scaling or skip_nonfinite or clip_grad_norm is not None
-
-        # ---- forward: keep each layer's input only -------------------------
-        h0 = model.embed(pe, batch)
-        _check_activation(model, _index(pl, 0), h0, batch)
-
-        def fwd(h, p):
-            return model.layer(p, h, batch), h
-
-        h_last, hs = lax.scan(fwd, h0, pl)
-
-        # ---- head ---------------------------------------------------------
-        if model.tied:
-            loss, head_vjp = jax.vjp(
-                lambda p, h, e: model.head(p, h, batch, embed_params=e), ph, h_last, pe
-            )
-        else:
-            loss, head_vjp = jax.vjp(lambda p, h: model.head(p, h, batch), ph, h_last)
-        _check_loss(loss)
-        scale = opt_state.loss_scale.scale if scaling else None
-        seed = (scale if scaling else jnp.ones([], jnp.float32)).astype(loss.dtype)
-        cts = head_vjp(seed)
-        g_head, dh_last = cts[0], cts[1]
-        g_embed_head = cts[2] if model.tied else None
-
-        idx = jnp.arange(n_layers)
-
-        def layer_vjp(p, h, dh):
-            _, vjp = jax.vjp(lambda pp, hh: layer_fn(pp, hh, batch), p, h)
-            return vjp(dh)
-
-        def embed_grad(dh0):
-            _, vjp = jax.vjp(lambda p: model.embed(p, batch), pe)
-            (g,) = vjp(dh0)
-            if model.tied:
-                g = jax.tree.map(jnp.add, g, g_embed_head)
-            return g
-
-        metrics = {"loss": loss.astype(jnp.float32)}
-
-        # ---- pass 1 (clipping / fp16): global norm, nothing updated --------
-        factor = None
-        finite = None
-        if two_pass:
-            inv = None if scale is None else 1.0 / scale
-
-            def norm_body(carry, xs):
-                dh, sq = carry
-                h_i, i = xs
-                g_i, dh_prev = layer_vjp(_index(pl, i), h_i, dh)
-                return (dh_prev, sq + _sq_norm(g_i, inv)), None
-
-            sq0 = _sq_norm(g_head, inv)
-            (dh0, sq), _ = lax.scan(norm_body, (dh_last, sq0), (hs, idx), reverse=True)
-            sq = sq + _sq_norm(embed_grad(dh0), inv)
-            norm = jnp.sqrt(sq)
-            metrics["grad_norm"] = norm
-            factor = jnp.ones([], jnp.float32) if inv is None else inv
-            if clip_grad_norm is not None:
-                coef = jnp.minimum(1.0, clip_grad_norm / (norm + _NORM_EPS))
-                factor = factor * coef
-            finite = jnp.isfinite(sq)
-
-        # ---- the update pass -----------------------------------------------
-        def update_all(operands):
-            pe, pl, ph, se, sl, sh = operands
-            ph, sh = _apply(tx, _scale(g_head, factor), sh, ph)
-            return update_rest((pe, pl, ph, se, sl, sh))
-
-        def update_rest(operands):
-            """Layers and embedding (the head is done)."""
-            pe, pl, ph, se, sl, sh = operands
-
-            def body(carry, xs):
-                pl, sl, pend_p, pend_s, pend_i, dh = carry
-                h_i, i = xs
-                # Write back the previous layer's new slice first; every read
-                # below is of the written stack, so XLA updates in place.
-                pl = _write(pl, pend_p, pend_i)
-                sl = _write(sl, pend_s, pend_i)
-                p_i = _index(pl, i)
-                g_i, dh_prev = layer_vjp(p_i, h_i, dh)
-                p_new, s_new = _apply(tx, _scale(g_i, factor), _index(sl, i), p_i)
-                return (pl, sl, p_new, s_new, i, dh_prev), None
-
-            last = jnp.asarray(n_layers - 1, idx.dtype)
-            init = (pl, sl, _index(pl, last), _index(sl, last), last, dh_last)
-            (pl, sl, pend_p, pend_s, pend_i, dh0), _ = lax.scan(
-                body, init, (hs, idx), reverse=True
-            )
-            pl = _write(pl, pend_p, pend_i)
-            sl = _write(sl, pend_s, pend_i)
-            pe, se = _apply(tx, _scale(embed_grad(dh0), factor), se, pe)
-            return pe, pl, ph, se, sl, sh
-
-        operands = (pe, pl, ph, se, sl, sh)
-        skipped = None
-        if skip_nonfinite:
-            # The guard: loss, norm and the head's new values (which expose a
-            # non-finite learning rate) are all known before anything is
-            # written; the head's old values are kept for the skip branch.
-            ph_new, sh_new = _apply(tx, _scale(g_head, factor), sh, ph)
-            ok = finite & jnp.isfinite(loss) & _all_finite((ph_new, sh_new))
-
-            def guarded_update(o):
-                pe, pl, _, se, sl, _, ph_new, sh_new = o
-                return update_rest((pe, pl, ph_new, se, sl, sh_new))
-
-            pe, pl, ph, se, sl, sh = lax.cond(
-                ok, guarded_update, lambda o: o[:6], operands + (ph_new, sh_new)
-            )
-            skipped = jnp.logical_not(ok)
-        elif scaling:
-            # Overflow is known before anything is touched: skip the whole pass.
-            pe, pl, ph, se, sl, sh = lax.cond(finite, update_all, lambda o: o, operands)
-            skipped = jnp.logical_not(finite)
-        else:
-            pe, pl, ph, se, sl, sh = update_all(operands)
-        new_ls = None
-        if scaling:
-            new_ls = _loss_scale.update(
-                opt_state.loss_scale, finite, int(loss_scale_window), min_loss_scale
-            )
-            metrics["loss_scale"] = scale
-        if skipped is not None:
-            metrics["skipped"] = skipped
-        count = opt_state.nonfinite_steps
-        if counting:
-            if skipped is not None:
-                count = count + skipped.astype(count.dtype)
-            metrics["nonfinite_steps"] = count
-
-        new_params = {"embed": pe, "layers": pl, "head": ph}
-        new_state = FusedState(
-            embed=se, layers=PerLayerState(inner_state=sl), head=sh, loss_scale=new_ls,
-            nonfinite_steps=count,
-        )
-        return new_params, new_state, metrics
+        stages = _Stages(model, layer_fn, tx, batch, n_layers)
+        p = Units(pe, pl, ph)
+        s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)
+        p, s, metrics, ok, finite = _train_step(stages, config, p, s, opt_state)
+        return _pack(p, s, opt_state, metrics, ok, finite, config)
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)

@@ -87,13 +87,14 @@ is tested here.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lomo_jax._layout import abstract as _shape_tree, check_keys as _check_params
 from lomo_jax.fused import FusedState, fused_init
 from lomo_jax.per_layer import PerLayerState
 
@@ -112,8 +113,6 @@ AxisNames = Union[str, Sequence[str]]
 # Leaves (per layer, for params["layers"]) with fewer elements are replicated:
 # splitting a norm scale saves nothing and costs a collective.
 DEFAULT_MIN_SIZE = 2**14
-
-_KEYS = ("embed", "layers", "head")
 
 
 class FusedShardings(NamedTuple):
@@ -171,15 +170,6 @@ def _check_mesh(mesh, axes: tuple, what: str) -> int:
             "axis_types=(jax.sharding.AxisType.Auto,) * len(names))."
         )
     return math.prod(mesh.shape[a] for a in axes)
-
-
-def _check_params(params) -> None:
-    if not isinstance(params, Mapping) or set(params) != set(_KEYS):
-        got = sorted(map(str, params)) if isinstance(params, Mapping) else type(params).__name__
-        raise ValueError(
-            "params must be a dict with exactly the keys 'embed', 'layers' and 'head' "
-            f"(see lomo_jax.LayeredModel); got {got}."
-        )
 
 
 def _spec_entry(axes: tuple):
@@ -280,10 +270,6 @@ def param_shardings(
 # --------------------------------------------------------------------------
 # Optimizer state
 # --------------------------------------------------------------------------
-
-
-def _shape_tree(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
 
 
 def _bump_axis(params, k: int):

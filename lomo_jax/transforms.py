@@ -31,17 +31,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lomo_jax._layout import non_float_leaves
+
 Array = jax.Array
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 def _check_float_params(tree, what: str) -> None:
     """Raise a TypeError naming every leaf that is not a real floating array."""
-    bad = [
-        f"{jax.tree_util.keystr(path)} ({jnp.result_type(leaf)})"
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
-    ]
+    bad = non_float_leaves(tree)
     if bad:
         raise TypeError(
             f"{what} can only update real floating-point parameters; these leaves are "

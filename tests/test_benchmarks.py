@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
     "torch_step": ["torch_step.py", "--blocks", "3", "--warmup", "1", "--repeats", "1"],
+    "memory": ["memory.py", "--settings", "tiny", "--unit", "MiB"],
     "speed": ["speed.py", "--layers", "2", "--d", "32", "--ffn", "64", "--heads", "2",
               "--vocab", "64", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "1",
               "--rows", "1", "4"],  # AdaLomo without and with clipping
@@ -39,8 +42,26 @@ def test_speed_benchmark_runs():
             and "---" not in line]
     assert len(rows) == 2, out
     for line in rows:
-        ratio = float(line.split("|")[6].split()[0])
-        assert ratio > 0, line
+        cells = line.split("|")
+        fused, unfused, ratio = float(cells[4]), float(cells[5]), float(cells[6].split()[0])
+        assert fused > 0 and unfused > 0, line
+        # the printed ratio is the two printed times' (each rounded to 0.1 ms)
+        lo, hi = (fused - 0.05) / (unfused + 0.05), (fused + 0.05) / (unfused - 0.05)
+        assert lo - 1e-3 <= ratio <= hi + 1e-3, line
+
+
+@pytest.mark.parametrize("target", ["rtx4090", "cpu"])
+def test_memory_benchmark_runs(target):
+    """The shipped model on a GPU target (deviceless) and on this CPU: one row per
+    method, and the fused steps hold less than value_and_grad + AdamW."""
+    out = run(RUNS["memory"] + ["--target", target])
+    assert f"target {target}" in out, out
+    rows = {cells[2]: float(cells[5]) for line in out.splitlines()
+            if line.startswith("| tiny ") and (cells := [c.strip() for c in line.split("|")[1:]])}
+    assert set(rows) == {"inference", "fused LOMO", "fused AdaLomo", "fused AdaLomo, clip 1.0",
+                         "value_and_grad + AdamW"}, out
+    assert rows["inference"] < rows["fused LOMO"] < rows["value_and_grad + AdamW"], rows
+    assert rows["fused AdaLomo, clip 1.0"] < rows["value_and_grad + AdamW"], rows
 
 
 def test_packages_import_without_the_other_framework():

@@ -130,6 +130,10 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from lomo_jax.cross_entropy import linear_cross_entropy
+from lomo_jax.embedding import embedding_lookup
+from lomo_jax.grad_order import param_grads_first
+
 __all__ = [
     "LlamaConfig",
     "RMSNorm",
@@ -141,9 +145,14 @@ __all__ = [
     "rope_inv_freq",
     "rotary_cos_sin",
     "apply_rotary",
+    "attention",
     "attention_mask",
+    "key_mask",
+    "positions",
+    "segment_positions",
     "causal_lm_loss",
     "default_labels",
+    "next_token_targets",
     "init_params",
     "param_shapes",
     "module_to_params",
@@ -162,6 +171,7 @@ IGNORE_INDEX = -100
 
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -213,6 +223,9 @@ class LlamaConfig:
       dtype: computation dtype (activations, matmuls; softmax, RMSNorm
         statistics and the loss are fp32 regardless).
       param_dtype: dtype of freshly initialized parameters.
+      attention_implementation: ``"auto"`` (cuDNN flash attention when compiled
+        for a CUDA GPU in bf16/fp16, XLA's otherwise), ``"xla"`` or ``"cudnn"``;
+        see :func:`attention`.
     """
 
     vocab_size: int = 32000
@@ -236,6 +249,7 @@ class LlamaConfig:
     model_type: str = "llama"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention_implementation: str = "auto"
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -263,6 +277,11 @@ class LlamaConfig:
             raise ValueError(
                 f"model_type={self.model_type!r} is not supported; use one of "
                 f"{_SUPPORTED_MODEL_TYPES}."
+            )
+        if self.attention_implementation not in _ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation={self.attention_implementation!r}; use one of "
+                f"{_ATTENTION_IMPLEMENTATIONS}."
             )
         if self.sliding_window is not None and int(self.sliding_window) < 1:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}.")
@@ -539,7 +558,9 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention_mask(config: LlamaConfig, seq_len: int, padding_mask=None) -> jax.Array:
     r"""Boolean visibility ``[B or 1, T, T]`` (query, key): causal, inside the
     sliding window if any, and key not padding (``padding_mask [B, T]``, nonzero
-    = keep)."""
+    = keep). The model itself passes causality and the window to
+    ``jax.nn.dot_product_attention`` as flags and builds only
+    :func:`key_mask`; this dense form is for inspection and tests."""
     idx = jnp.arange(seq_len)
     vis = idx[None, :] <= idx[:, None]
     if config.sliding_window is not None:
@@ -550,9 +571,53 @@ def attention_mask(config: LlamaConfig, seq_len: int, padding_mask=None) -> jax.
     return vis
 
 
+def key_mask(batch: Mapping[str, Any]) -> Optional[jax.Array]:
+    r"""The part of the attention mask that is not causal: ``[B, 1, T, T]`` bool
+    (``None`` when the batch has neither ``attention_mask`` nor ``segment_ids``).
+
+    Key :math:`s` is visible from query :math:`t` when it is not padding
+    (``attention_mask[b, s] != 0``) and, with packed sequences, when both are
+    in the same document (``segment_ids[b, t] == segment_ids[b, s]``).
+    """
+    pad, seg = batch.get("attention_mask"), batch.get("segment_ids")
+    mask = None
+    if pad is not None:
+        mask = (jnp.asarray(pad) != 0)[:, None, None, :]
+    if seg is not None:
+        seg = jnp.asarray(seg)
+        same = seg[:, None, :, None] == seg[:, None, None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where each segment (document) starts:
+    ``[[7, 7, 7, 2, 2]] -> [[0, 1, 2, 0, 1]]``."""
+    seg = jnp.asarray(segment_ids)
+    t = jnp.arange(seg.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], axis=-1
+    )
+    return t - lax.cummax(jnp.where(starts, t, 0), axis=seg.ndim - 1)
+
+
+def positions(batch: Mapping[str, Any]) -> jax.Array:
+    """``batch["position_ids"]``; else positions restarting in each segment
+    (``segment_ids``); else ``0..T-1`` for every row."""
+    pos = batch.get("position_ids")
+    if pos is not None:
+        return jnp.asarray(pos)
+    if batch.get("segment_ids") is not None:
+        return segment_positions(batch["segment_ids"])
+    b, t = jnp.shape(batch["input_ids"])
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+
+
 def default_labels(batch: Mapping[str, Any]) -> jax.Array:
     """``batch["labels"]`` if given, else ``input_ids`` with padding positions
-    (``attention_mask == 0``) set to ``-100``."""
+    (``attention_mask == 0``) and the first token of every segment after the
+    first (``segment_ids``: a document's first token is not predicted from the
+    previous document) set to ``-100``."""
     labels = batch.get("labels")
     if labels is not None:
         return jnp.asarray(labels)
@@ -560,12 +625,28 @@ def default_labels(batch: Mapping[str, Any]) -> jax.Array:
     mask = batch.get("attention_mask")
     if mask is not None:
         labels = jnp.where(jnp.asarray(mask) != 0, labels, IGNORE_INDEX)
+    seg = batch.get("segment_ids")
+    if seg is not None:
+        seg = jnp.asarray(seg)
+        new_doc = jnp.concatenate(
+            [jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1
+        )
+        labels = jnp.where(new_doc, IGNORE_INDEX, labels)
     return labels
 
 
+def next_token_targets(labels: jax.Array) -> jax.Array:
+    """``labels`` shifted left by one, ``-100`` in the last column: the target
+    of position ``t`` is ``labels[:, t + 1]``."""
+    pad = jnp.full_like(labels[:, :1], IGNORE_INDEX)
+    return jnp.concatenate([labels[:, 1:], pad], axis=1)
+
+
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    r"""Mean next-token cross-entropy in fp32: position ``t`` predicts
-    ``labels[:, t + 1]``; labels equal to ``-100`` are ignored (0 if all are)."""
+    r"""Mean next-token cross-entropy in fp32 from full ``[B, T, V]`` logits:
+    position ``t`` predicts ``labels[:, t + 1]``; labels equal to ``-100`` are
+    ignored (0 if all are). The model's own loss computes the same without
+    the logits (:func:`lomo_jax.cross_entropy.linear_cross_entropy`)."""
     logits = logits[:, :-1].astype(jnp.float32)
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX
@@ -576,15 +657,92 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
+def attention(config: LlamaConfig, q, k, v, mask=None) -> jax.Array:
+    r"""Causal grouped-query attention, ``jax.nn.dot_product_attention``.
+
+    ``q [B, T, H, d]``, ``k, v [B, T, K, d]``, ``mask [B, 1, T, T]`` bool or
+    ``None`` (:func:`key_mask`: padding, packed-sequence segments).
+    ``config.attention_implementation``:
+
+    * ``"xla"``: XLA's implementation, fp32 scores and softmax. Without a key
+      mask, causality and the window are flags; with one, visibility is an
+      additive fp32 bias (the lowest float where hidden), as in
+      ``transformers``' eager attention: a query that sees no key (a
+      left-padding position) averages all values instead of giving NaN, with
+      the same values and gradients as PyTorch.
+    * ``"cudnn"``: cuDNN's flash attention (bf16/fp16, GPU): causality and the
+      window are flags (no ``[T, T]`` scores exist); a key mask becomes a
+      ``[B, 1, T, T]`` bias. A query that sees no key then averages the values
+      it may causally see (its output is padding either way).
+    * ``"auto"`` (default): cuDNN when the program is compiled for a CUDA GPU
+      (``lax.platform_dependent``: decided when lowering, so the same traced
+      step runs XLA's on CPU/TPU) and the dtype and head size allow it, else XLA.
+    """
+    window = None
+    if config.sliding_window is not None:
+        window = (int(config.sliding_window) - 1, 0)
+
+    def xla(q, k, v):
+        return _xla_attention(config, q, k, v, mask, window)
+
+    def cudnn(q, k, v):
+        bias = None
+        if mask is not None:  # cuDNN wants the bias [B, 1, T, T] in full
+            b, t = q.shape[:2]
+            bias = jnp.where(mask, 0.0, jnp.finfo(q.dtype).min).astype(q.dtype)
+            bias = jnp.broadcast_to(bias, (b, 1, t, t))
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, is_causal=True, local_window_size=window, implementation="cudnn")
+
+    impl = config.attention_implementation
+    if impl == "auto":
+        if not _cudnn_eligible(q):
+            return xla(q, k, v)
+        return lax.platform_dependent(q, k, v, cuda=cudnn, default=xla)
+    return xla(q, k, v) if impl == "xla" else cudnn(q, k, v)
+
+
+def _xla_attention(config, q, k, v, mask, window):
+    """XLA's ``dot_product_attention``; a key mask becomes an additive fp32 bias."""
+
+    def run(q, k, v):
+        if mask is None:
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, local_window_size=window, implementation="xla")
+        visible = mask & attention_mask(config, q.shape[1])[:, None]
+        bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+
+    if q.dtype != jnp.float16:
+        return run(q, k, v)
+
+    def upcast(q, k, v):  # XLA:CPU has no fp16 x fp16 -> fp32 matmul
+        return run(*(a.astype(jnp.float32) for a in (q, k, v))).astype(q.dtype)
+
+    return lax.platform_dependent(q, k, v, cpu=upcast, default=run)
+
+
+def _cudnn_eligible(q) -> bool:
+    d = q.shape[-1]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128 and _cudnn_traceable()
+
+
+@functools.lru_cache(maxsize=1)
+def _cudnn_traceable() -> bool:
+    """Whether this JAX can trace cuDNN attention at all (it needs the CUDA
+    plugin and cuDNN libraries, also for a deviceless GPU compile)."""
+    x = jax.ShapeDtypeStruct((1, 64, 1, 64), jnp.bfloat16)
+    try:
+        jax.eval_shape(lambda a: jax.nn.dot_product_attention(a, a, a, implementation="cudnn"), x)
+    except Exception:  # noqa: BLE001 - no CUDA plugin / cuDNN: XLA's attention
+        return False
+    return True
+
+
 def _context(config: LlamaConfig, batch: Mapping[str, Any]):
-    """``(cos, sin, visibility)`` shared by every layer, from the batch."""
-    ids = jnp.asarray(batch["input_ids"])
-    b, t = ids.shape
-    pos = batch.get("position_ids")
-    if pos is None:
-        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
-    cos, sin = rotary_cos_sin(config, jnp.asarray(pos))
-    return cos, sin, attention_mask(config, t, batch.get("attention_mask"))
+    """``(cos, sin, key mask or None)`` shared by every layer, from the batch."""
+    cos, sin = rotary_cos_sin(config, positions(batch))
+    return cos, sin, key_mask(batch)
 
 
 # --------------------------------------------------------------------------
@@ -629,26 +787,17 @@ class LlamaAttention(nnx.Module):
         self.v_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
         self.o_proj = _linear(c, h * d, c.hidden_size, c.attention_bias, rngs)
 
-    def __call__(self, x, cos, sin, visible):
-        """``x [B, T, D]``, ``cos/sin [B, T, d]``, ``visible [B|1, T, T]`` bool."""
+    def __call__(self, x, cos, sin, mask):
+        """``x [B, T, D]``, ``cos/sin [B, T, d]``, ``mask [B, 1, T, T]`` bool or ``None``
+        (see :func:`key_mask`; causality and the window are added here)."""
         c = self.config
         b, t, _ = x.shape
-        d, kh, g = c.head_dim, c.num_key_value_heads, c.num_kv_groups
-        q = self.q_proj(x).reshape(b, t, kh * g, d)
-        k = self.k_proj(x).reshape(b, t, kh, d)
+        d, h, kh = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        q = apply_rotary(self.q_proj(x).reshape(b, t, h, d), cos, sin)
+        k = apply_rotary(self.k_proj(x).reshape(b, t, kh, d), cos, sin)
         v = self.v_proj(x).reshape(b, t, kh, d)
-        q = apply_rotary(q, cos, sin).reshape(b, t, kh, g, d)
-        k = apply_rotary(k, cos, sin)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d**-0.5)
-        # Additive mask in fp32, as transformers' eager attention: a hidden
-        # score becomes the lowest float (the score is absorbed), so a query
-        # row with no visible key (left padding) averages all values instead
-        # of giving NaN, and its gradient flows exactly as in PyTorch.
-        low = jnp.finfo(jnp.float32).min
-        bias = jnp.where(visible[:, None, None, :, :], 0.0, low).astype(jnp.float32)
-        probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, kh * g * d)
-        return self.o_proj(out)
+        out = attention(c, q, k, v, mask)
+        return self.o_proj(out.reshape(b, t, h * d))
 
 
 class LlamaMLP(nnx.Module):
@@ -677,8 +826,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.mlp = LlamaMLP(c, rngs=rngs)
 
-    def __call__(self, h, cos, sin, visible):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, visible)
+    def __call__(self, h, cos, sin, mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -717,22 +866,23 @@ class LlamaForCausalLM(nnx.Module):
         else:
             self.lm_head = _linear(c, c.hidden_size, c.vocab_size, False, rngs)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None,
+                      segment_ids=None):
         """Final hidden states after the last layer (before the final norm)."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "position_ids": position_ids}
-        cos, sin, visible = _context(self.config, batch)
+                 "position_ids": position_ids, "segment_ids": segment_ids}
+        cos, sin, mask = _context(self.config, batch)
         h = self.embed_tokens(jnp.asarray(input_ids))
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def run(h, layer):
-            return layer(h, cos, sin, visible)
+            return layer(h, cos, sin, mask)
 
         return run(h, self.layers)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """Logits ``[B, T, V]`` in ``config.dtype``."""
-        h = self.norm(self.hidden_states(input_ids, attention_mask, position_ids))
+        h = self.norm(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
         if self.lm_head is None:
             return self.embed_tokens.attend(h)
         return self.lm_head(h)
@@ -740,8 +890,13 @@ class LlamaForCausalLM(nnx.Module):
     def loss(self, batch: Mapping[str, Any]) -> jax.Array:
         """Mean next-token cross-entropy (see :func:`causal_lm_loss`,
         :func:`default_labels`)."""
-        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-        return causal_lm_loss(logits, default_labels(batch))
+        h = self.hidden_states(batch["input_ids"], batch.get("attention_mask"),
+                               batch.get("position_ids"), batch.get("segment_ids"))
+        head = {"norm": self.norm.scale[...]}
+        embed = {"embedding": self.embed_tokens.embedding[...]}
+        if self.lm_head is not None:
+            head["lm_head"] = self.lm_head.kernel[...]
+        return llama_head(self.config, head, h, batch, embed_params=embed)
 
 
 # --------------------------------------------------------------------------
@@ -840,31 +995,54 @@ def params_to_module(config: LlamaConfig, params) -> LlamaForCausalLM:
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _layer_template(config: LlamaConfig):
-    layer = nnx.eval_shape(lambda: LlamaDecoderLayer(config, rngs=nnx.Rngs(0)))
-    return nnx.split(layer)
-
-
 def llama_embed(config: LlamaConfig, embed_params, batch) -> jax.Array:
-    """``h_0 = E[input_ids]`` in ``config.dtype``: ``[B, T, D]``."""
-    emb = jnp.asarray(embed_params["embedding"]).astype(config.dtype)
-    return jnp.take(emb, jnp.asarray(batch["input_ids"]), axis=0)
+    """``h_0 = E[input_ids]`` in ``config.dtype``: ``[B, T, D]`` (its gradient is
+    summed in fp32 and allocated late, see :mod:`lomo_jax.embedding`)."""
+    ids = jnp.asarray(batch["input_ids"])
+    return embedding_lookup(jnp.asarray(embed_params["embedding"]), ids).astype(config.dtype)
 
 
 def llama_layer(config: LlamaConfig, layer_params, h, batch) -> jax.Array:
     """One decoder layer on one (unstacked) slice of ``params["layers"]``.
 
-    The slice is merged into the :class:`LlamaDecoderLayer` graph
-    (``nnx.merge``) and called, so this is the NNX layer's own code. RoPE
-    tables and the mask are rebuilt from ``batch`` (cheap; XLA hoists them).
+    The layer's own NNX sub-modules (norms, attention, MLP) are merged from the
+    slice (``nnx.merge``) and called, so this is the NNX layer's code; each of
+    the two residual branches runs under
+    :func:`lomo_jax.grad_order.param_grads_first`, so the backward finishes the
+    MLP's weight gradients (and frees its ``[B, T, F]`` activations) before
+    the attention's backward starts. RoPE tables and the mask are rebuilt from
+    ``batch`` (cheap; XLA hoists them).
     """
-    graphdef, abstract = _layer_template(config)
+    context = _context(config, batch)
+    attn = {k: layer_params[k] for k in ("input_layernorm", "self_attn")}
+    mlp = {k: layer_params[k] for k in ("post_attention_layernorm", "mlp")}
+    h = h + param_grads_first(functools.partial(_attention_branch, config))(attn, h, context)
+    return h + param_grads_first(functools.partial(_mlp_branch, config))(mlp, h)
+
+
+def _attention_branch(config, p, h, cos, sin, mask):
+    norm = _merge_submodule(config, "input_layernorm", p["input_layernorm"])
+    return _merge_submodule(config, "self_attn", p["self_attn"])(norm(h), cos, sin, mask)
+
+
+def _mlp_branch(config, p, h):
+    norm = _merge_submodule(config, "post_attention_layernorm", p["post_attention_layernorm"])
+    return _merge_submodule(config, "mlp", p["mlp"])(norm(h))
+
+
+@functools.lru_cache(maxsize=64)
+def _submodule_templates(config: LlamaConfig) -> dict:
+    layer = nnx.eval_shape(lambda: LlamaDecoderLayer(config, rngs=nnx.Rngs(0)))
+    return {name: nnx.split(getattr(layer, name)) for name in
+            ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")}
+
+
+def _merge_submodule(config: LlamaConfig, name: str, params):
+    """The decoder layer's sub-module ``name`` holding ``params`` (a pure dict)."""
+    graphdef, abstract = _submodule_templates(config)[name]
     state = jax.tree.map(lambda x: x, abstract)  # fresh Variables, template untouched
-    nnx.replace_by_pure_dict(state, layer_params)
-    layer = nnx.merge(graphdef, state)
-    cos, sin, visible = _context(config, batch)
-    return layer(h, cos, sin, visible)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def _head_logits(config: LlamaConfig, head_params, h, embed_params=None) -> jax.Array:
@@ -879,8 +1057,22 @@ def _head_logits(config: LlamaConfig, head_params, h, embed_params=None) -> jax.
 
 
 def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) -> jax.Array:
-    """Final norm, LM head (or the tied embedding), scalar fp32 loss."""
-    return causal_lm_loss(_head_logits(config, head_params, h, embed_params), default_labels(batch))
+    r"""Final norm, LM head (or the tied embedding), scalar fp32 loss.
+
+    The same value as ``causal_lm_loss(logits, default_labels(batch))``, but
+    computed by :func:`lomo_jax.cross_entropy.linear_cross_entropy` over
+    vocabulary chunks: the ``[B, T, V]`` logits, their softmax and their
+    cotangent never exist whole.
+    """
+    x = rms_norm(h, jnp.asarray(head_params["norm"]), config.rms_norm_eps, config.dtype)
+    targets = next_token_targets(default_labels(batch))
+    if config.tie_word_embeddings:
+        if embed_params is None:
+            raise ValueError("a tied-embedding config needs embed_params for the head.")
+        w, transposed = jnp.asarray(embed_params["embedding"]), True
+    else:
+        w, transposed = jnp.asarray(head_params["lm_head"]), False
+    return linear_cross_entropy(x, w, targets, transposed=transposed, ignore_index=IGNORE_INDEX)
 
 
 def llama_hidden(config: LlamaConfig, params, batch) -> jax.Array:

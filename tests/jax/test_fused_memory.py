@@ -1,19 +1,27 @@
-"""Memory of the fused step, measured from XLA's compiled memory analysis.
+"""Memory of the fused step, from XLA's compiled memory analysis (nothing allocated).
 
-Everything here is compiled ahead of time on abstract ``ShapeDtypeStruct``
-inputs on the CPU backend; nothing is allocated. The model's layers are large
-next to its activations (d=256, MLP 256x1024x256, 16 tokens) so that a copy of
-a stacked weight, or a gradient per layer, would show up at once.
+The bound, with its terms named (``temp`` = ``temp_size_in_bytes``)::
 
-``temp`` is ``temp_size_in_bytes``; the bound checked is
+    temp(fused) <= temp(inference) + saved inputs + max(largest gradient, 2 layers' params)
+                   [+ one layer's optimizer state, for AdamW-like state]
 
-    temp(fused) <= temp(inference) + L * activation + 2 * layer params
+* inference: ``model.loss`` compiled alone (forward, chunked cross-entropy);
+* saved inputs: the ``L`` layer inputs ``h_0..h_{L-1}`` the backward scan needs;
+* largest gradient: the biggest of the embedding's, the head's and one layer's
+  gradients (only one is alive at a time);
+* two layers: the layer being differentiated and its new values waiting to be
+  written into the stack.
 
-for LOMO and AdaLomo (the issue's bound; AdaLomo's per-layer statistics are
-counted inside the two layers' worth), and the same plus one layer's optimizer
-state for a transform with parameter-sized state (AdamW: the new moments of
-the layer being updated are a temporary too). ``temp(fused) - L * activation``
-must not grow with L.
+It is checked on the shipped LLaMA with a vocabulary much larger than
+``d_model`` (so the head, logits and embedding terms count) in two ways:
+
+* compiled for an RTX 4090 (deviceless XLA:GPU, :mod:`lomo_jax.aot`, bf16: the
+  figure a GPU user gets), for LOMO/AdaLomo/AdamW, with clipping, fp16 loss
+  scaling and ``skip_nonfinite``, and at the real 7B/8B shapes of the issue's
+  goals;
+* compiled for this CPU in fp32 (XLA:CPU's bf16 adds f32 weight copies a GPU
+  never makes), where it must also not grow with depth; every output aliases
+  its donated input with no copy of a stacked array in the HLO.
 """
 
 import re
@@ -25,76 +33,65 @@ import optax
 import pytest
 
 import lomo_jax
-from lomo_jax.fused import LayeredModel, fused_init, fused_train_step
+from lomo_jax import aot
+from lomo_jax.models import llama
 
-D, F, V, B, T = 256, 1024, 64, 2, 8
-DEPTHS = (4, 8, 16, 32)
-
-
-def embed(p, batch):
-    return p["tok"][batch["ids"]]
-
-
-def layer(p, h, batch):
-    return h + jnp.tanh(h @ p["w1"]) @ p["w2"]
-
-
-def head(p, h, batch):
-    logits = (h @ p["out"]).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-
-
-MODEL = LayeredModel(embed, layer, head)
-
-
-def param_shapes(n_layers, dtype=jnp.float32):
-    s = jax.ShapeDtypeStruct
-    return {
-        "embed": {"tok": s((V, D), dtype)},
-        "layers": {"w1": s((n_layers, D, F), dtype), "w2": s((n_layers, F, D), dtype)},
-        "head": {"out": s((D, V), dtype)},
-    }
-
-
-BATCH = {
-    "ids": jax.ShapeDtypeStruct((B, T), jnp.int32),
-    "labels": jax.ShapeDtypeStruct((B, T), jnp.int32),
-}
-
-
-def nbytes(tree):
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
+GIB = 2**30
 
 TRANSFORMS = {
     "lomo": lambda: lomo_jax.lomo(1e-3),
     "adalomo": lambda: lomo_jax.adalomo(1e-3),
     "adamw": lambda: optax.adamw(1e-3),
 }
-# transforms whose state is parameter-sized get one layer of state on top of the bound
-STATE_ALLOWANCE = {"lomo": False, "adalomo": False, "adamw": True}
+STATE_IS_PARAM_SIZED = {"lomo": False, "adalomo": False, "adamw": True}
 
 
-def allowance(name, layer_state):
-    return layer_state if STATE_ALLOWANCE[name] else 0
+def nbytes(tree):
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def analyse(tx, n_layers, dtype=jnp.float32, **kw):
-    params = param_shapes(n_layers, dtype)
-    state = jax.eval_shape(lambda p: fused_init(tx, p), params)
-    compiled = fused_train_step(MODEL, tx, **kw).lower(params, state, BATCH).compile()
-    return params, state, compiled.memory_analysis(), compiled.as_text()
+def compile_step(cfg, tx, batch_shape, mesh, **kw):
+    params = aot.abstract(llama.param_shapes(cfg), mesh)
+    init_kw = {"skip_nonfinite": True} if kw.get("skip_nonfinite") else {}
+    state = aot.abstract(
+        jax.eval_shape(lambda p: lomo_jax.fused_init(tx, p, **init_kw), params), mesh)
+    batch = aot.abstract({"input_ids": jax.ShapeDtypeStruct(batch_shape, jnp.int32)}, mesh)
+    step = lomo_jax.fused_train_step(llama.llama_layered_model(cfg), tx, **kw)
+    compiled = step.lower(params, state, batch).compile()
+    return params, state, aot.MemoryFigures.of(compiled), compiled.as_text()
 
 
-_INFERENCE = {}
+def inference_temp(cfg, batch_shape, mesh):
+    params = aot.abstract(llama.param_shapes(cfg), mesh)
+    batch = aot.abstract({"input_ids": jax.ShapeDtypeStruct(batch_shape, jnp.int32)}, mesh)
+    lm = llama.llama_layered_model(cfg)
+    return aot.compiled_memory(jax.jit(lm.loss), params, batch).temporaries
 
 
-def inference_temp(n_layers, dtype=jnp.float32):
-    key = (n_layers, jnp.dtype(dtype).name)
-    if key not in _INFERENCE:
-        c = jax.jit(MODEL.loss).lower(param_shapes(n_layers, dtype), BATCH).compile()
-        _INFERENCE[key] = c.memory_analysis().temp_size_in_bytes
-    return _INFERENCE[key]
+def bound_terms(cfg, params, state, batch_shape, name):
+    """The named terms of the bound, in bytes."""
+    n_layers = cfg.num_hidden_layers
+    b, t = batch_shape
+    layer = nbytes(params["layers"]) // n_layers
+    largest = max(nbytes(params["embed"]), nbytes(params["head"]), layer)
+    terms = {
+        "saved inputs": n_layers * b * t * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize,
+        "max(largest gradient, 2 layers)": max(largest, 2 * layer),
+    }
+    if STATE_IS_PARAM_SIZED[name]:
+        terms["one layer's state"] = nbytes(state.layers) // n_layers
+    return terms
+
+
+def check_bound(cfg, name, batch_shape, mesh, **kw):
+    tx = TRANSFORMS[name]()
+    params, state, mem, hlo = compile_step(cfg, tx, batch_shape, mesh, **kw)
+    inf = inference_temp(cfg, batch_shape, mesh)
+    terms = bound_terms(cfg, params, state, batch_shape, name)
+    bound = inf + sum(terms.values())
+    assert mem.temporaries <= bound, (
+        f"{name} {kw}: temp {mem.temporaries} > {bound} = inference {inf} + {terms}")
+    return params, state, mem, hlo
 
 
 def stacked_copies(hlo_text, params, state):
@@ -106,77 +103,149 @@ def stacked_copies(hlo_text, params, state):
         if int(np.prod(x.shape)) > 0
     }
     pat = re.compile(r"= [a-z0-9]+\[([\d,]*)\]\S* copy\(")
-    out = []
-    for line in hlo_text.splitlines():
-        m = pat.search(line)
-        if m and m.group(1) in shapes:
-            out.append(line.strip()[:160])
-    return out
+    return [line.strip()[:160] for line in hlo_text.splitlines()
+            if (m := pat.search(line)) and m.group(1) in shapes]
+
+
+# --------------------------------------------------------------------------
+# XLA:GPU (RTX 4090 target, compiled without a GPU), bf16
+# --------------------------------------------------------------------------
+
+def _gpu_mesh():
+    if not aot.gpu_target_available("rtx4090"):
+        pytest.fail(
+            "the CUDA plugin (jax[cuda12], in requirements-test.txt) is needed for the "
+            "GPU-target memory bounds; install it and run with JAX_PLATFORMS=cpu "
+            "(the root conftest sets it).")
+    return aot.target_mesh("rtx4090")
+
+
+# Real widths (XLA picks different kernels, e.g. split-K partial sums, for toy
+# matrices); 4 layers. HEAD: Llama-3's vocabulary, the head's gradient is the
+# largest term. LAYERS: a 32k vocabulary, two layers' parameters are.
+GPU_CONFIGS = {
+    "head": (dict(hidden_size=2048, intermediate_size=5632, vocab_size=128256), (2, 512)),
+    "layers": (dict(hidden_size=2048, intermediate_size=5632, vocab_size=32000), (4, 512)),
+}
+
+
+def gpu_config(which, dtype=jnp.bfloat16, tied=False):
+    kw, batch = GPU_CONFIGS[which]
+    cfg = llama.LlamaConfig(**kw, num_hidden_layers=4, num_attention_heads=16,
+                            tie_word_embeddings=tied, dtype=dtype, param_dtype=dtype)
+    return cfg, batch
+
+
+@pytest.mark.parametrize(
+    "which,name,kw,dtype,tied",
+    [
+        ("head", "lomo", {}, jnp.bfloat16, False),
+        ("head", "adalomo", {}, jnp.bfloat16, False),
+        ("head", "adalomo", {"clip_grad_norm": 1.0}, jnp.bfloat16, False),
+        ("head", "adalomo", {"skip_nonfinite": True}, jnp.bfloat16, False),
+        ("head", "lomo", {"clip_grad_norm": 1.0}, jnp.float16, False),
+        ("head", "adalomo", {"clip_grad_norm": 1.0}, jnp.bfloat16, True),
+        ("layers", "adalomo", {}, jnp.bfloat16, False),
+        ("layers", "adamw", {}, jnp.bfloat16, False),
+        ("layers", "adalomo", {"clip_grad_norm": 1.0}, jnp.bfloat16, False),
+    ],
+    ids=["head-lomo", "head-adalomo", "head-clip", "head-skip_nonfinite", "head-fp16-clip",
+         "head-tied-clip", "layers-adalomo", "layers-adamw", "layers-clip"],
+)
+def test_gpu_target_bound(which, name, kw, dtype, tied):
+    mesh = _gpu_mesh()
+    cfg, batch = gpu_config(which, dtype, tied)
+    params, state, mem, _ = check_bound(cfg, name, batch, mesh, **kw)
+    assert mem.aliased == nbytes(params) + nbytes(state)  # every output in place
+
+
+# The issue's goals at the real shapes (bf16, RTX 4090 target), GiB of
+# arguments + outputs + temporaries - aliased.
+LLAMA_7B = llama.LlamaConfig(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+LLAMA3_8B = llama.LlamaConfig(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8,
+                              rope_theta=500000.0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+
+
+@pytest.mark.slow
+def test_gpu_target_real_scale_goals():
+    mesh = _gpu_mesh()
+    *_, lomo_7b, _ = compile_step(LLAMA_7B, lomo_jax.lomo(1e-5), (8, 512), mesh)
+    assert lomo_7b.total <= 14.5 * GIB, lomo_7b.total / GIB  # the LOMO paper: 14.58
+    tx = lomo_jax.adalomo(1e-5)
+    *_, plain, _ = compile_step(LLAMA3_8B, tx, (1, 1024), mesh)
+    *_, clipped, _ = compile_step(LLAMA3_8B, tx, (1, 1024), mesh, clip_grad_norm=1.0)
+    assert clipped.total <= 16.5 * GIB, clipped.total / GIB
+    assert clipped.total - plain.total <= 0.25 * GIB, (clipped.total - plain.total) / GIB
+
+
+# --------------------------------------------------------------------------
+# XLA:CPU, fp32: in place, no stacked copies, flat in depth
+# --------------------------------------------------------------------------
+#
+# XLA:CPU fuses less than XLA:GPU (the AdaLomo update of a [V, D] head, the
+# norm pass's embedding gradient are materialised), so the bound is asserted
+# here where the layers dominate (vocabulary 8 x d_model); the head-dominated
+# and clipped cases are the GPU tests' above.
+
+CPU_BATCH = (2, 64)
+DEPTHS = (2, 4, 8)
+
+
+def cpu_config(n_layers, dtype=jnp.float32):
+    return llama.LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024,
+                             num_hidden_layers=n_layers, num_attention_heads=8,
+                             dtype=dtype, param_dtype=dtype)
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))
-def test_temp_memory_bounded_and_flat_in_depth(name):
-    tx = TRANSFORMS[name]()
-    act = B * T * D * 4
+def test_cpu_bound_in_place_and_flat_in_depth(name):
     excess = []
     for n_layers in DEPTHS:
-        params, state, mem, hlo = analyse(tx, n_layers)
-        layer_params = nbytes(params["layers"]) // n_layers
-        layer_state = nbytes(state.layers) // n_layers
-        inf = inference_temp(n_layers)
-        bound = inf + n_layers * act + 2 * layer_params + allowance(name, layer_state)
-        assert mem.temp_size_in_bytes <= bound, (
-            f"{name} L={n_layers}: temp {mem.temp_size_in_bytes} > {bound} "
-            f"(inference {inf}, saved inputs {n_layers * act}, layer {layer_params}, "
-            f"layer state {layer_state})"
-        )
-        # Outputs alias the donated inputs: no second copy of params or state.
-        assert mem.alias_size_in_bytes == nbytes(params) + nbytes(state)
+        cfg = cpu_config(n_layers)
+        params, state, mem, hlo = check_bound(cfg, name, CPU_BATCH, None)
+        assert mem.aliased == nbytes(params) + nbytes(state)  # every output in place
         assert stacked_copies(hlo, params, state) == []
-        excess.append(mem.temp_size_in_bytes - n_layers * act)
+        saved = n_layers * CPU_BATCH[0] * CPU_BATCH[1] * cfg.hidden_size * 4
+        excess.append(mem.temporaries - saved)
+    layer = nbytes(params["layers"]) // DEPTHS[-1]
     # Apart from the saved layer inputs, temp does not grow with depth.
-    assert max(excess) - min(excess) <= 0.01 * layer_params, excess
+    assert max(excess) - min(excess) <= 0.05 * layer, excess
 
 
 @pytest.mark.parametrize(
     "name,kw,dtype",
     [
         ("adalomo", {"clip_grad_norm": 1.0}, jnp.float32),
+        ("adalomo", {"skip_nonfinite": True}, jnp.float32),
         ("lomo", {}, jnp.float16),
         ("adamw", {"clip_grad_norm": 1.0}, jnp.float16),
-        ("adalomo", {"remat_policy": jax.checkpoint_policies.nothing_saveable}, jnp.float32),
     ],
-    ids=["clip", "fp16", "fp16-clip-adamw", "remat"],
+    ids=["clip", "skip_nonfinite", "fp16", "fp16-clip-adamw"],
 )
-def test_clipping_fp16_and_remat_also_in_place(name, kw, dtype):
-    tx = TRANSFORMS[name]()
-    n_layers = 8
-    act = B * T * D * jnp.dtype(dtype).itemsize
-    params, state, mem, hlo = analyse(tx, n_layers, dtype, **kw)
-    layer_params = nbytes(params["layers"]) // n_layers
-    layer_state = nbytes(state.layers) // n_layers
-    bound = (inference_temp(n_layers, dtype) + n_layers * act + 2 * layer_params
-             + allowance(name, layer_state))
-    assert mem.temp_size_in_bytes <= bound
-    assert mem.alias_size_in_bytes == nbytes(params) + nbytes(state)
+def test_cpu_every_path_in_place(name, kw, dtype):
+    params, state, mem, hlo = compile_step(cpu_config(4, dtype), TRANSFORMS[name](), CPU_BATCH,
+                                           None, **kw)
+    assert mem.aliased == nbytes(params) + nbytes(state)
     assert stacked_copies(hlo, params, state) == []
 
 
 def test_unfused_baseline_holds_all_gradients():
     """Sanity check of the measurement: value_and_grad + SGD needs about one
     gradient per parameter in temp; the fused step does not."""
-    n_layers = 8
-    params = param_shapes(n_layers)
+    cfg = cpu_config(8)
+    lm = llama.llama_layered_model(cfg)
+    params = llama.param_shapes(cfg)
     tx = optax.sgd(1e-3)
 
     def unfused(p, s, batch):
-        loss, g = jax.value_and_grad(MODEL.loss)(p, batch)
+        loss, g = jax.value_and_grad(lm.loss)(p, batch)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, loss
 
+    batch = {"input_ids": jax.ShapeDtypeStruct(CPU_BATCH, jnp.int32)}
     state = jax.eval_shape(tx.init, params)
-    base = jax.jit(unfused, donate_argnums=(0, 1)).lower(params, state, BATCH).compile()
-    _, _, fused, _ = analyse(lomo_jax.lomo(1e-3), n_layers)
-    grads = nbytes(params["layers"])
-    assert base.memory_analysis().temp_size_in_bytes >= 0.9 * grads
-    assert fused.temp_size_in_bytes < base.memory_analysis().temp_size_in_bytes - 0.5 * grads
+    base = aot.compiled_memory(jax.jit(unfused, donate_argnums=(0, 1)), params, state, batch)
+    _, _, fused, _ = compile_step(cfg, lomo_jax.lomo(1e-3), CPU_BATCH, None)
+    grads = nbytes(params)
+    assert base.temporaries >= 0.9 * grads
+    assert fused.temporaries < base.temporaries - 0.5 * grads
