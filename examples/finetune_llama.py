@@ -60,6 +60,10 @@ def parse_args(argv=None):
                    help="global gradient-norm clipping (LOMO's two passes); 0 turns it off")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="parameter dtype (fp16 turns on dynamic loss scaling)")
+    p.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
+                   help="how updates are rounded into bf16/fp16 parameters (default: stochastic "
+                   "for bf16/fp16 with adalomo/lomo, so small updates still count; nearest "
+                   "to compare)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (new tokenizer)")
@@ -85,6 +89,11 @@ def parse_args(argv=None):
         p.error(f"--lr must be positive, got {args.lr}")
     if args.optimizer == "adamw" and args.dtype == "fp16":
         p.error("--optimizer adamw has no loss scaling here; use --dtype fp32 or bf16 with it")
+    if args.rounding is None:  # the fused step's stochastic rounding for bf16/fp16
+        fused_low = args.dtype != "fp32" and args.optimizer != "adamw"
+        args.rounding = "stochastic" if fused_low else "nearest"
+    if args.rounding == "stochastic" and args.optimizer == "adamw":
+        p.error("--rounding stochastic is the fused step's; use --optimizer adalomo or lomo")
     return args
 
 
@@ -180,8 +189,9 @@ def build_step(args, lm, schedule):
     if args.optimizer == "adamw":
         step, init = unfused_step(lm, tx, clip)
         return step, init
-    step = lomo_jax.fused_train_step(lm, tx, clip_grad_norm=clip)
-    return step, lambda p: lomo_jax.fused_init(tx, p)
+    step = lomo_jax.fused_train_step(lm, tx, clip_grad_norm=clip, rounding=args.rounding)
+    key = jax.random.key(args.seed)
+    return step, lambda p: lomo_jax.fused_init(tx, p, rng=key)
 
 
 def abstract(tree):
@@ -277,8 +287,8 @@ def main(argv=None):
     train, held_out = make_windows(tokenizer, args.seq_len, cfg.vocab_size)
     lm = llama.llama_layered_model(cfg)
     print(f"model: {n_params(params) / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
-          f"{args.dtype}; data: {train.size:,} training tokens, vocab {len(tokenizer)}; "
-          f"optimizer: {args.optimizer}, {where}")
+          f"{args.dtype} ({args.rounding} rounding); data: {train.size:,} training tokens, "
+          f"vocab {len(tokenizer)}; optimizer: {args.optimizer}, {where}")
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
                                                   args.steps, end_value=args.lr / 10)

@@ -4,7 +4,9 @@ Optax transforms (:func:`lomo`, :func:`adalomo` and their ``scale_by_*``
 halves), a per-layer combinator for layer-stacked parameters
 (:func:`per_layer`), and a fused training step that updates each layer inside
 the backward scan so only one layer's gradient is ever alive
-(:class:`LayeredModel`, :func:`fused_init`, :func:`fused_train_step`).
+(:class:`LayeredModel`, :func:`fused_init`, :func:`fused_train_step`), and
+stochastic rounding into bf16/fp16 parameters (:func:`apply_updates`,
+:mod:`lomo_jax.rounding`).
 """
 
 from lomo_jax.transforms import (
@@ -22,6 +24,8 @@ from lomo_jax.fused import (
     fused_init,
     fused_train_step,
 )
+from lomo_jax.rounding import apply_updates
+from lomo_jax import rounding as rounding  # stochastic rounding into bf16/fp16
 from lomo_jax import sharding as sharding  # FSDP shardings of the fused step over a mesh
 from lomo_jax import checkpoint as checkpoint  # orbax checkpoints (orbax imported on first use)
 
@@ -34,6 +38,7 @@ __all__ = [
     "PerLayerState",
     "ScaleByAdaLomoState",
     "adalomo",
+    "apply_updates",
     "fused_init",
     "fused_train_step",
     "lomo",

@@ -74,6 +74,10 @@ the scale: a step whose loss or gradient norm (or the head's new values,
 which is how a non-finite learning rate shows) is not finite is skipped as a
 whole and counted in :attr:`FusedState.nonfinite_steps`.
 
+**bf16/fp16 without a master copy.** Every new value is rounded into the
+parameter's dtype once per step; ``rounding="stochastic"`` makes that rounding
+unbiased (:mod:`lomo_jax.rounding`), with its key in :attr:`FusedState.rng`.
+
 **Donation.** The returned step donates ``params`` and ``opt_state``; passing
 the same arrays again raises an error that names the deleted leaf and says to
 use the returned values.
@@ -147,6 +151,7 @@ from lomo_jax._layout import path_str as _path, split_params as _split_params_un
 from lomo_jax._leafwise import cross_leaf_dependencies
 from lomo_jax._loss_scale import LossScaleState
 from lomo_jax.per_layer import PerLayerState, per_layer
+from lomo_jax.rounding import apply_updates
 
 __all__ = [
     "FusedState",
@@ -249,6 +254,11 @@ class FusedState(NamedTuple):
         ``fused_train_step(skip_nonfinite=True)``; fp16 overflow skips count
         too) when made by ``fused_init(..., skip_nonfinite=True)``, else
         ``None`` (the default, so four-field states keep working).
+      rng: the PRNG key of stochastic rounding
+        (``fused_train_step(..., rounding="stochastic")``), advanced every
+        step, when made by ``fused_init(..., rng=key)``; else ``None``.
+        Checkpointed with the rest of the state, so a resumed run draws the
+        same bits.
     """
 
     embed: Any
@@ -256,6 +266,7 @@ class FusedState(NamedTuple):
     head: Any
     loss_scale: Optional[LossScaleState]
     nonfinite_steps: Optional[jax.Array] = None
+    rng: Optional[jax.Array] = None
 
 
 # --------------------------------------------------------------------------
@@ -354,7 +365,12 @@ _FAKE_PROBE = {
 
 
 def fused_init(
-    tx: optax.GradientTransformation, params, *, loss_scale=None, skip_nonfinite: bool = False
+    tx: optax.GradientTransformation,
+    params,
+    *,
+    loss_scale=None,
+    skip_nonfinite: bool = False,
+    rng: Optional[jax.Array] = None,
 ) -> FusedState:
     r"""Optimizer state for :func:`fused_train_step`.
 
@@ -380,6 +396,9 @@ def fused_init(
       skip_nonfinite: add the skipped-step counter
         :attr:`FusedState.nonfinite_steps` (zero) that
         ``fused_train_step(..., skip_nonfinite=True)`` needs.
+      rng: a PRNG key (``jax.random.key(seed)``) for
+        ``fused_train_step(..., rounding="stochastic")``, kept in
+        :attr:`FusedState.rng`.
 
     Returns:
       A :class:`FusedState`.
@@ -397,7 +416,22 @@ def fused_init(
         head=tx.init(params["head"]),
         loss_scale=ls,
         nonfinite_steps=jnp.zeros([], jnp.int32) if skip_nonfinite else None,
+        rng=_check_rng(rng),
     )
+
+
+def _check_rng(rng):
+    if rng is None:
+        return None
+    key = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        ok = key.shape == ()
+    else:
+        ok = key.dtype == jnp.uint32 and key.shape == (2,)  # a raw jax.random.PRNGKey
+    if not ok:
+        raise TypeError(
+            f"rng must be one PRNG key (jax.random.key(seed)), got {key.dtype}{list(key.shape)}.")
+    return key
 
 
 # --------------------------------------------------------------------------
@@ -431,12 +465,14 @@ def _scale(tree, factor):
     return jax.tree.map(lambda g: g.astype(jnp.float32) * factor, tree)
 
 
-def _apply(tx, grads, state, params):
-    """One ``tx.update`` + ``optax.apply_updates`` on one unit (embed, head or
-    one layer). New state leaves are cast back to the dtypes they had, so the
-    state keeps its type across steps (and can be written into the stack)."""
+def _apply(tx, grads, state, params, key=None):
+    """One ``tx.update`` + ``apply_updates`` on one unit (embed, head or one
+    layer); with a ``key``, bf16/fp16 leaves are rounded stochastically
+    (:func:`lomo_jax.rounding.apply_updates`). New state leaves are cast back
+    to the dtypes they had, so the state keeps its type across steps (and can
+    be written into the stack)."""
     updates, new_state = tx.update(grads, state, params)
-    new_params = optax.apply_updates(params, updates)
+    new_params = apply_updates(params, updates, rng=key)
     new_params = jax.tree.map(lambda n, o: n.astype(jnp.result_type(o)), new_params, params)
     new_state = jax.tree.map(
         lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new_state, state
@@ -489,6 +525,7 @@ class _StepConfig(NamedTuple):
     skip_nonfinite: bool
     loss_scale_window: int
     min_loss_scale: float
+    rounding: str
 
 
 class _Stages:
@@ -567,7 +604,8 @@ class _Stages:
 
     # ---- pass 2: update every unit ---------------------------------------
 
-    def update_pass(self, p: Units, s: Units, h_last, hs, seed, factor, ok, guard: bool):
+    def update_pass(self, p: Units, s: Units, h_last, hs, seed, factor, ok, guard: bool,
+                    keys: Optional[Units] = None):
         """Head, then the layers in a reverse scan, then the embedding; each
         unit is updated as soon as its gradient exists and the gradient dies.
 
@@ -575,10 +613,13 @@ class _Stages:
         ``None``; ``ok`` (``None`` or a bool scalar) selects new or old values
         everywhere, so a skipped step leaves every bit unchanged. With
         ``guard`` the head's new values must be finite too (checked before
-        anything else is written). Returns ``(params, state, loss, ok)``.
+        anything else is written). ``keys``: the stochastic-rounding keys of
+        the three units (layer ``i`` folds ``i`` into its unit's key), or
+        ``None`` for round-to-nearest. Returns ``(params, state, loss, ok)``.
         """
+        keys = keys or Units(None, None, None)
         loss, g_head, dh_last = self.head_grads(p, h_last, seed)
-        head_new = _apply(self.tx, _scale(g_head, factor), s.head, p.head)
+        head_new = _apply(self.tx, _scale(g_head, factor), s.head, p.head, keys.head)
         if guard:
             ok = ok & jnp.isfinite(loss) & _all_finite(head_new)
         ph, sh = _keep_if_not(ok, head_new, (p.head, s.head))
@@ -586,13 +627,13 @@ class _Stages:
         # gradient dies before the layer scan), and layer L-1's slice is read
         # only now (not hoisted to the start of the step).
         ph, sh, dh_last, pl, sl = lax.optimization_barrier((ph, sh, dh_last, p.layers, s.layers))
-        pl, sl, dh0 = self._update_layers(pl, sl, hs, dh_last, factor, ok)
+        pl, sl, dh0 = self._update_layers(pl, sl, hs, dh_last, factor, ok, keys.layers)
         g_embed = self.embed_grads(p, h_last, dh0, seed)  # old head and embedding
-        embed_new = _apply(self.tx, _scale(g_embed, factor), s.embed, p.embed)
+        embed_new = _apply(self.tx, _scale(g_embed, factor), s.embed, p.embed, keys.embed)
         pe, se = _keep_if_not(ok, embed_new, (p.embed, s.embed))
         return Units(pe, pl, ph), Units(se, sl, sh), loss, ok
 
-    def _update_layers(self, pl, sl, hs, dh_last, factor, ok):
+    def _update_layers(self, pl, sl, hs, dh_last, factor, ok, key=None):
         """The reverse scan ``i = L-1..0``: gradient of layer ``i``, ``tx`` on it,
         its new slice carried and written at the start of the next iteration
         (before any read of the stack, so XLA writes in place; see the module
@@ -604,7 +645,8 @@ class _Stages:
             pl, sl = _write(pl, pend_p, pend_i), _write(sl, pend_s, pend_i)
             p_i, s_i = _index(pl, i), _index(sl, i)
             g_i, dh_prev = self.layer_grads(p_i, h_i, dh)
-            new = _apply(self.tx, _scale(g_i, factor), s_i, p_i)
+            key_i = None if key is None else jax.random.fold_in(key, i)
+            new = _apply(self.tx, _scale(g_i, factor), s_i, p_i, key_i)
             p_new, s_new = _keep_if_not(ok, new, (p_i, s_i))
             return (pl, sl, p_new, s_new, i, dh_prev), None
 
@@ -625,8 +667,9 @@ def _keep_if_not(ok, new, old):
 
 def _train_step(stages: _Stages, config: _StepConfig, p: Units, s: Units, opt_state):
     """Forward, the norm pass when needed, the update pass:
-    ``(p, s, metrics, ok, finite)`` (``ok``: the step was applied; ``finite``:
-    the gradient norm was; ``None`` where not computed)."""
+    ``(p, s, metrics, ok, finite, rng)`` (``ok``: the step was applied;
+    ``finite``: the gradient norm was; ``None`` where not computed; ``rng``:
+    the advanced stochastic-rounding key, or ``None``)."""
     scaling = opt_state.loss_scale is not None
     scale = opt_state.loss_scale.scale if scaling else None
     seed = scale if scaling else jnp.ones([], jnp.float32)
@@ -650,14 +693,18 @@ def _train_step(stages: _Stages, config: _StepConfig, p: Units, s: Units, opt_st
         finite = jnp.isfinite(sq)
         if scaling or config.skip_nonfinite:  # else clipping alone: never skipped
             ok = finite
+    keys = rng = None
+    if config.rounding == "stochastic":
+        rng, step_key = jax.random.split(opt_state.rng)
+        keys = Units(*(jax.random.fold_in(step_key, u) for u in range(3)))
     p, s, loss, ok = stages.update_pass(
-        p, s, h_last, hs, seed, factor, ok, guard=config.skip_nonfinite
+        p, s, h_last, hs, seed, factor, ok, guard=config.skip_nonfinite, keys=keys
     )
     metrics["loss"] = loss.astype(jnp.float32)
-    return p, s, metrics, ok, finite
+    return p, s, metrics, ok, finite, rng
 
 
-def _pack(p: Units, s: Units, opt_state, metrics, ok, finite, config: _StepConfig):
+def _pack(p: Units, s: Units, opt_state, metrics, ok, finite, rng, config: _StepConfig):
     """New params dict, new :class:`FusedState` (loss scale, skip counter) and metrics."""
     new_ls = None
     if opt_state.loss_scale is not None:
@@ -676,11 +723,12 @@ def _pack(p: Units, s: Units, opt_state, metrics, ok, finite, config: _StepConfi
     new_state = FusedState(
         embed=s.embed, layers=PerLayerState(inner_state=s.layers), head=s.head,
         loss_scale=new_ls, nonfinite_steps=count,
+        rng=opt_state.rng if rng is None else rng,
     )
     return new_params, new_state, metrics
 
 
-def _check_state(opt_state, params, skip_nonfinite: bool) -> None:
+def _check_state(opt_state, params, skip_nonfinite: bool, rounding: str) -> None:
     if not isinstance(opt_state, FusedState):
         raise TypeError(
             "opt_state must be the FusedState made by lomo_jax.fused_init(tx, params), "
@@ -696,6 +744,12 @@ def _check_state(opt_state, params, skip_nonfinite: bool) -> None:
             "fused_train_step(..., skip_nonfinite=True) counts skipped steps in "
             "opt_state.nonfinite_steps, which this opt_state lacks; create it with "
             "lomo_jax.fused_init(tx, params, skip_nonfinite=True)."
+        )
+    if rounding == "stochastic" and opt_state.rng is None:
+        raise ValueError(
+            "fused_train_step(..., rounding='stochastic') draws its random bits from "
+            "opt_state.rng, which this opt_state lacks; create it with "
+            "lomo_jax.fused_init(tx, params, rng=jax.random.key(seed))."
         )
 
 
@@ -784,6 +838,7 @@ def fused_train_step(
     min_loss_scale: float = 1.0,
     skip_nonfinite: bool = False,
     shardings: Optional[Any] = None,
+    rounding: str = "nearest",
 ):
     r"""Build the jitted fused LOMO step ``step(params, opt_state, batch)``.
 
@@ -840,6 +895,14 @@ def fused_train_step(
         cumulative counter. A skipped step does not advance ``tx``'s step
         count, so a schedule that is non-finite at some step skips every
         step from there on: watch ``metrics["nonfinite_steps"]``.
+      rounding: how new values are rounded into bf16/fp16 parameters:
+        ``"nearest"`` (default, what a cast does) or ``"stochastic"`` (unbiased
+        stochastic rounding, :mod:`lomo_jax.rounding`, so updates smaller than
+        half a spacing still count in expectation). The random bits come from
+        ``opt_state.rng`` (``fused_init(..., rng=jax.random.key(seed))``),
+        split every step; each unit, each layer (its index folded in inside
+        the scan) and each leaf draws its own. fp32 leaves are bit-identical
+        either way.
       shardings: ``None`` (default: ``jax.jit`` follows the inputs), or a
         ``(params, opt_state, batch)`` triple of shardings (pytree prefixes),
         e.g. :func:`lomo_jax.sharding.fused_shardings` for FSDP over a mesh.
@@ -871,6 +934,8 @@ def fused_train_step(
         raise ValueError(f"loss_scale_window must be >= 1, got {loss_scale_window!r}.")
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}.")
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}.")
     try:
         probe_ok = True
         jax.eval_shape(tx.init, _FAKE_PROBE)
@@ -885,17 +950,18 @@ def fused_train_step(
     config = _StepConfig(
         tx=tx, clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite,
         loss_scale_window=int(loss_scale_window), min_loss_scale=min_loss_scale,
+        rounding=rounding,
     )
 
     def step(params, opt_state, batch):
         n_layers, pe, pl, ph = _split_params(params)
-        _check_state(opt_state, params, skip_nonfinite)
+        _check_state(opt_state, params, skip_nonfinite, rounding)
         _check_leafwise_on(tx, _abstract(pe), _abstract(_index(pl, 0)), _abstract(ph))
         stages = _Stages(model, layer_fn, tx, batch, n_layers)
         p = Units(pe, pl, ph)
         s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)
-        p, s, metrics, ok, finite = _train_step(stages, config, p, s, opt_state)
-        return _pack(p, s, opt_state, metrics, ok, finite, config)
+        p, s, metrics, ok, finite, rng = _train_step(stages, config, p, s, opt_state)
+        return _pack(p, s, opt_state, metrics, ok, finite, rng, config)
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)

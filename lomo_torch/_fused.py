@@ -44,6 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .loss_scaler import DynamicLossScaler
+from .rounding import RoundingNoise, is_low_precision, stochastic_round
 
 STATE_FORMAT = 1
 
@@ -74,7 +75,7 @@ def _check_number(name, value, *, positive=False, non_negative=False, optional=F
 class _ShardSpec:
     """How a ``DTensor`` parameter is laid out: which tensor dims are split over which groups."""
 
-    __slots__ = ("mesh", "placements", "shape", "numel", "dim_groups", "all_groups")
+    __slots__ = ("mesh", "placements", "shape", "numel", "dim_groups", "all_groups", "shard")
 
     def __init__(self, name, p):
         self.mesh = p.device_mesh
@@ -97,6 +98,9 @@ class _ShardSpec:
             self.dim_groups.setdefault(dim, []).append(group)
             all_groups.append(group)
         self.all_groups = tuple(all_groups)
+        # which shard this rank holds: its coordinates along the mesh dims that split p
+        coord = self.mesh.get_coordinate() or ()
+        self.shard = tuple(c for c, pl in zip(coord, self.placements) if type(pl) is Shard)
 
     def groups(self, dim):
         return self.dim_groups.get(dim % len(self.shape), ())
@@ -150,7 +154,7 @@ class FusedOptimizer(Optimizer):
     """
 
     def __init__(self, model, defaults, *, lr, clip_grad_norm, clip_grad_value, weight_decay,
-                 skip_nonfinite=False):
+                 skip_nonfinite=False, stochastic_rounding=False, seed=None):
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}"
@@ -161,6 +165,10 @@ class FusedOptimizer(Optimizer):
         _check_number("weight_decay", weight_decay, non_negative=True)
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"stochastic_rounding must be a bool, got {stochastic_rounding!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
 
         # DistributedDataParallel: average gradients in our hooks (see the module doc).
         self._dp_group = None
@@ -209,6 +217,7 @@ class FusedOptimizer(Optimizer):
         super().__init__([p for _, p in named], defaults)
 
         self._named_params = named
+        self._param_index = {n: i for i, (n, _) in enumerate(named)}
         self._param_source = source
         dtensor = _dtensor_type()
         #: name -> _ShardSpec for DTensor (FSDP2 / sharded) parameters.
@@ -217,6 +226,9 @@ class FusedOptimizer(Optimizer):
         if self._specs and self._dp_group is not None:
             raise NotImplementedError(f"{type(self).__name__}: DTensor parameters inside "
                                       f"DistributedDataParallel are not supported")
+        #: round new values stochastically into bf16/fp16 parameters (see lomo_torch.rounding)
+        self.stochastic_rounding = stochastic_rounding
+        self._noise = RoundingNoise(self._agreed_seed(seed)) if stochastic_rounding else None
         self._shard_sq = []        # (groups, local sum of squares) of sharded gradients
         self._inflight = None      # DDP: (name, param, grad, work) awaiting its all-reduce
         self._pass = _Pass.IDLE
@@ -320,10 +332,30 @@ class FusedOptimizer(Optimizer):
         """The fp32 tensor to do the update on: ``p`` itself, or an fp32 copy."""
         return p if p.dtype == torch.float32 else p.float()
 
-    @staticmethod
-    def _write_back(p, w):
-        if w is not p:
-            p.copy_(w)
+    def _write_back(self, name, p, w):
+        """Store the new fp32 value ``w`` of parameter ``name`` in ``p`` (the tensor
+        updated in place: the parameter or this rank's shard), rounded to
+        ``p``'s dtype: to nearest, or stochastically."""
+        if w is p:
+            return
+        if self._noise is not None and is_low_precision(p.dtype):
+            spec = self._specs.get(name)
+            noise = self._noise.draw(w.shape, w.device, self.step_num, self._param_index[name],
+                                     shard=hash(spec.shard) if spec is not None else 0)
+            w = stochastic_round(w, p.dtype, noise)
+        p.copy_(w)
+
+    def _agreed_seed(self, seed):
+        """``seed``, or one drawn from torch's default generator; with several
+        processes (DDP, FSDP2) rank 0's, so that replicas draw the same bits."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if self._dp_group is not None or self._specs:
+            t = torch.tensor([int(seed)], dtype=torch.int64,
+                             device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.broadcast(t, src=0)
+            seed = int(t.item())
+        return int(seed)
 
     # -------------------------------------------------------------- subclass API
     def _update(self, name, p, g):  # pragma: no cover - abstract
@@ -547,6 +579,7 @@ class FusedOptimizer(Optimizer):
             "clip_grad_norm": self.clip_grad_norm,
             "clip_grad_value": self.clip_grad_value,
             "precision_checked": self._precision_checked,
+            "rounding_seed": None if self._noise is None else self._noise.seed,
             "loss_scaler": None if self.loss_scaler is None else self.loss_scaler.state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"}
                              for g in self.param_groups],
@@ -584,6 +617,9 @@ class FusedOptimizer(Optimizer):
         self.clip_grad_norm = state_dict["clip_grad_norm"]
         self.clip_grad_value = state_dict["clip_grad_value"]
         self._precision_checked = bool(state_dict["precision_checked"])
+        seed = state_dict.get("rounding_seed")
+        if self._noise is not None and seed is not None:
+            self._noise = RoundingNoise(seed)
         scaler = state_dict["loss_scaler"]
         self.loss_scaler = None if scaler is None else DynamicLossScaler.from_state_dict(scaler)
         saved_groups = state_dict.get("param_groups", [])
@@ -599,6 +635,7 @@ class FusedOptimizer(Optimizer):
         return (f"{type(self).__name__}(lr={self.lr}, clip_grad_norm={self.clip_grad_norm}, "
                 f"clip_grad_value={self.clip_grad_value}, weight_decay={self.weight_decay}, "
                 f"skip_nonfinite={self.skip_nonfinite}, "
+                f"stochastic_rounding={self.stochastic_rounding}, "
                 f"params={len(self._named_params)}, step={self.step_num})")
 
 

@@ -68,11 +68,14 @@ class AdaLomo(FusedOptimizer):
             :class:`DynamicLossScaler` arguments for fp16, e.g. ``scale_window``.
         skip_nonfinite: (keyword only) skip and count steps whose loss or gradient
             norm is not finite, as in :class:`~lomo_torch.Lomo`.
+        stochastic_rounding, seed: (keyword only) round new values into bf16/fp16
+            parameters stochastically, as in :class:`~lomo_torch.Lomo`.
     """
 
     def __init__(self, model, lr=1e-3, loss_scale=2**10, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
-                 *, loss_scale_args=None, skip_nonfinite=False):
+                 *, loss_scale_args=None, skip_nonfinite=False, stochastic_rounding=False,
+                 seed=None):
         if loss_scale:
             _check_number("loss_scale", loss_scale, positive=True)
         try:
@@ -96,7 +99,8 @@ class AdaLomo(FusedOptimizer):
                         clip_grad_value=clip_grad_value)
         super().__init__(model, defaults, lr=lr, clip_grad_norm=clip_grad_norm,
                          clip_grad_value=clip_grad_value, weight_decay=weight_decay,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
+                         seed=seed)
         self._beta = None
 
     def _enable_fp16(self):
@@ -198,7 +202,7 @@ class AdaLomo(FusedOptimizer):
         if wd > 0:
             w.mul_(torch.where(above, 1.0 - lr_t * wd, 1.0 - lr * eps1 * wd))
         w.addcmul_(update, lr_t.neg())  # w - lr_t * update, rounded once
-        self._write_back(p, w)
+        self._write_back(name, p, w)
 
     def _update_sharded(self, name, p, g):
         """:meth:`_update` on this rank's shard ``g`` of a DTensor parameter ``p``.
@@ -245,7 +249,7 @@ class AdaLomo(FusedOptimizer):
         if wd > 0:
             w.mul_(torch.where(above, 1.0 - lr_t * wd, 1.0 - lr * eps1 * wd))
         w.addcmul_(update, lr_t.neg())
-        self._write_back(self._local(name, p), w)
+        self._write_back(name, self._local(name, p), w)
 
 
 def _shard(dim):

@@ -48,10 +48,18 @@ class Lomo(FusedOptimizer):
             whose loss or global gradient norm is not finite is skipped whole
             (nothing changes) and counted in ``nonfinite_steps``; makes
             :meth:`grad_norm` required every step. (fp16 always skips overflows.)
+        stochastic_rounding: (keyword only, not in lomo-optim) round each new value
+            into a bf16/fp16 parameter stochastically (unbiased: updates smaller than
+            half a spacing still count in expectation; :mod:`lomo_torch.rounding`)
+            instead of to nearest. fp32 parameters are unaffected.
+        seed: (keyword only) seed of the rounding noise; ``None`` draws one from
+            torch's default generator (rank 0's under DDP/FSDP2). ``state_dict()``
+            carries it, so a resumed run draws the same bits.
     """
 
     def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
-                 weight_decay=0.0, loss_scale_args=None, *, skip_nonfinite=False):
+                 weight_decay=0.0, loss_scale_args=None, *, skip_nonfinite=False,
+                 stochastic_rounding=False, seed=None):
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError(f"loss_scale_args must be a dict, got {type(loss_scale_args).__name__}")
         self.loss_scale_args = dict(loss_scale_args or {})
@@ -59,7 +67,8 @@ class Lomo(FusedOptimizer):
                         weight_decay=weight_decay)
         super().__init__(model, defaults, lr=lr, clip_grad_norm=clip_grad_norm,
                          clip_grad_value=clip_grad_value, weight_decay=weight_decay,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
+                         seed=seed)
 
     def _enable_fp16(self):
         self.loss_scaler = DynamicLossScaler(**self.loss_scale_args)
@@ -74,4 +83,4 @@ class Lomo(FusedOptimizer):
         if self.weight_decay > 0:
             w.mul_(1.0 - lr * self.weight_decay)
         w.add_(g, alpha=-lr)
-        self._write_back(p, w)
+        self._write_back(name, p, w)

@@ -13,10 +13,11 @@ What it does differently from ``Trainer``:
   :class:`lomo_torch.Lomo` (``optim="lomo"``), built with
   ``lr=args.learning_rate``, ``weight_decay=args.weight_decay`` and
   ``clip_grad_norm=args.max_grad_norm`` (``max_grad_norm=0`` turns clipping
-  off); ``args.optim_args`` may add ``clip_grad_value``, and for AdaLomo
-  ``loss_scale``, ``clip_threshold``, ``decay_rate``, ``eps0``, ``eps1``
-  (``"clip_threshold=1.0,decay_rate=-0.8"``). Or pass your own lomo_torch
-  optimizer as ``optimizers=(opt, None)``.
+  off); ``args.optim_args`` may add ``clip_grad_value``,
+  ``stochastic_rounding`` (``True``/``False``; seeded from ``args.seed``), and
+  for AdaLomo ``loss_scale``, ``clip_threshold``, ``decay_rate``, ``eps0``,
+  ``eps1`` (``"clip_threshold=1.0,decay_rate=-0.8,stochastic_rounding=True"``).
+  Or pass your own lomo_torch optimizer as ``optimizers=(opt, None)``.
 * :meth:`LomoTrainer.training_step` runs ``grad_norm(loss)`` (when clipping
   by norm or in fp16) and then ``fused_backward(loss, lr)`` with the lr the
   Trainer's scheduler set for this step. The parameters are updated inside
@@ -61,10 +62,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 __all__ = ["LomoTrainer", "create_lomo_optimizer"]
 
 _OPTIMIZERS = {"adalomo": AdaLomo, "lomo": Lomo}
+_COMMON_ARGS = {"clip_grad_value", "stochastic_rounding"}
 _OPTIM_ARGS = {
-    "lomo": {"clip_grad_value"},
-    "adalomo": {"clip_grad_value", "loss_scale", "clip_threshold", "decay_rate", "eps0", "eps1"},
+    "lomo": _COMMON_ARGS,
+    "adalomo": _COMMON_ARGS | {"loss_scale", "clip_threshold", "decay_rate", "eps0", "eps1"},
 }
+_BOOL_ARGS = {"stochastic_rounding"}
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def _optim_name(args) -> str:
@@ -78,7 +82,8 @@ def _optim_name(args) -> str:
 
 
 def _parse_optim_args(name: str, optim_args: str | None) -> dict:
-    """``"a=1,b=2"`` -> ``{"a": 1.0, "b": 2.0}`` restricted to what ``name`` takes."""
+    """``"a=1,b=2"`` -> ``{"a": 1.0, "b": 2.0}`` restricted to what ``name`` takes
+    (``stochastic_rounding=True|False`` is a bool)."""
     kwargs = {}
     if not optim_args:
         return kwargs
@@ -91,6 +96,11 @@ def _parse_optim_args(name: str, optim_args: str | None) -> dict:
                 f"optim_args {optim_args!r}: {item!r} is not one of "
                 f"{sorted(_OPTIM_ARGS[name])} (as key=value) for optim={name!r}"
             )
+        if key in _BOOL_ARGS:
+            if value.lower() not in _BOOLS:
+                raise ValueError(f"optim_args: {key}={value!r} is not True or False")
+            kwargs[key] = _BOOLS[value.lower()]
+            continue
         try:
             kwargs[key] = float(value)
         except ValueError:
@@ -110,12 +120,15 @@ def create_lomo_optimizer(model: torch.nn.Module, args) -> FusedOptimizer:
     """
     name = _optim_name(args)
     max_norm = args.max_grad_norm
+    kwargs = _parse_optim_args(name, args.optim_args)
+    if kwargs.get("stochastic_rounding"):
+        kwargs["seed"] = int(args.seed)
     return _OPTIMIZERS[name](
         model,
         lr=args.learning_rate,
         weight_decay=args.weight_decay,
         clip_grad_norm=max_norm if max_norm and max_norm > 0 else None,
-        **_parse_optim_args(name, args.optim_args),
+        **kwargs,
     )
 
 

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "torch_step": ["torch_step.py", "--blocks", "3", "--warmup", "1", "--repeats", "1"],
     "memory": ["memory.py", "--settings", "tiny", "--unit", "MiB"],
+    "precision": ["precision.py", "--frameworks", "jax", "--steps", "4", "--pretrain-steps", "6",
+                  "--seq", "64"],
     "speed": ["speed.py", "--layers", "2", "--d", "32", "--ffn", "64", "--heads", "2",
               "--vocab", "64", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "1",
               "--rows", "1", "4"],  # AdaLomo without and with clipping
@@ -62,6 +64,22 @@ def test_memory_benchmark_runs(target):
                          "value_and_grad + AdamW"}, out
     assert rows["inference"] < rows["fused LOMO"] < rows["value_and_grad + AdamW"], rows
     assert rows["fused AdaLomo, clip 1.0"] < rows["value_and_grad + AdamW"], rows
+
+
+def test_precision_benchmark_runs():
+    """fp32, bf16 nearest, bf16 stochastic from one checkpoint: the columns are the
+    ratios they claim, and even 4 steps show nearest losing the update that
+    stochastic rounding keeps."""
+    out = run(RUNS["precision"])
+    rows = {cells[3]: cells for line in out.splitlines() if line.startswith("| jax ")
+            and (cells := [c.strip() for c in line.split("|")[1:-1]])}
+    assert set(rows) == {"fp32", "bf16 nearest", "bf16 stochastic"}, out
+    red = {k: float(v[5]) for k, v in rows.items()}
+    for k, v in rows.items():
+        assert abs(float(v[6]) - red[k] / red["fp32"]) < 0.006, v  # printed to 2 decimals
+    assert float(rows["fp32"][7].rstrip("%")) > 99  # fp32: every weight moves every step
+    assert red["fp32"] > 0 and red["bf16 stochastic"] > 0.5 * red["fp32"], red
+    assert red["bf16 stochastic"] > 2 * max(red["bf16 nearest"], 0.0), red
 
 
 def test_packages_import_without_the_other_framework():

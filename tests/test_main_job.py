@@ -117,16 +117,26 @@ def test_fp16_run_with_lr_shows_progress(job, tmp_path, capsys):
     captured = capsys.readouterr()
     assert np.isfinite(before) and np.isfinite(after)
     assert "4/4" in captured.err and "loss=" in captured.err and "tok_s=" in captured.err
-    assert "fp16" in captured.out and "CPU" in captured.out.upper()
+    assert "fp16 (stochastic rounding)" in captured.out and "CPU" in captured.out.upper()
     report = json.loads((tmp_path / "finetune_report.json").read_text())
     assert report["args"]["lr"] == 1e-2 and report["args"]["dtype"] == "fp16"
+    assert report["args"]["rounding"] == "stochastic"  # the default for bf16/fp16
     assert report["args"]["device"] == "cpu"
     assert len(report["train_losses"]) == 4
     cfg, params = convert.load_pretrained(str(tmp_path))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float16)}
 
 
+def test_rounding_defaults(job):
+    assert job.parse_args([]).rounding == "nearest"  # fp32: nothing to round
+    assert job.parse_args(["--dtype", "bf16"]).rounding == "stochastic"
+    assert job.parse_args(["--dtype", "bf16", "--rounding", "nearest"]).rounding == "nearest"
+    assert job.parse_args(["--dtype", "bf16", "--optimizer", "adamw"]).rounding == "nearest"
+
+
 def test_bad_arguments_are_refused(job):
+    with pytest.raises(SystemExit):
+        job.parse_args(["--optimizer", "adamw", "--dtype", "bf16", "--rounding", "stochastic"])
     with pytest.raises(SystemExit):
         job.parse_args(["--optimizer", "adamw", "--dtype", "fp16"])
     with pytest.raises(SystemExit):

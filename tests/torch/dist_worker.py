@@ -30,7 +30,12 @@ DDP_CASES = {
     "adalomo": ("AdaLomo", dict(), False),
     # fp16 parameters: dynamic loss scaling; with this scale step 1 overflows (skipped)
     "lomo_fp16": ("Lomo", dict(clip_grad_norm=1.0, loss_scale_args={"init_scale": 2**16}), True),
+    # stochastic rounding into the fp16 parameters, its seed drawn (per rank, from
+    # differently seeded default generators: SEEDED_BY_RANK) and agreed on by rank 0
+    "lomo_sr_fp16": ("Lomo", dict(clip_grad_norm=1.0, loss_scale_args={"init_scale": 2**16},
+                                  stochastic_rounding=True), True),
 }
+SEEDED_BY_RANK = 1000
 FSDP_CASES = {
     "adalomo_clip": ("AdaLomo", dict(clip_grad_norm=0.3, weight_decay=0.01), True),
     "adalomo": ("AdaLomo", dict(), False),
@@ -71,9 +76,10 @@ def train(model, opt, batches, two_pass, rank=0, world=1):
 
 
 def single_process(engine, case):
-    """The reference: one process, the full batch."""
+    """The reference: one process, the full batch (and rank 0's rounding seed)."""
     opt_name, kw, two_pass = cases(engine)[case]
     model = make_model(engine, case)
+    torch.manual_seed(SEEDED_BY_RANK)
     opt = getattr(lomo_torch, opt_name)(model, lr=LRS[0], **kw)
     res = train(model, opt, make_batches(engine, case), two_pass)
     return {**res, "params": snapshot(model), "state": opt.state_dict()["state"]}
@@ -85,6 +91,7 @@ def run_ddp(rank, world):
     out = {}
     for case, (opt_name, kw, two_pass) in DDP_CASES.items():
         ddp = DDP(make_model("ddp", case))
+        torch.manual_seed(SEEDED_BY_RANK + rank)  # ranks draw different seeds; rank 0's wins
         opt = getattr(lomo_torch, opt_name)(ddp, lr=LRS[0], **kw)
         res = train(ddp, opt, make_batches("ddp", case), two_pass, rank, world)
         out[case] = {**res, "params": snapshot(ddp.module), "state": opt.state_dict()["state"]}
@@ -154,6 +161,8 @@ def run_fsdp(rank, world):
                     for n, st in other.state_dict()["state"].items() for k, v in st.items())
         out[case] = res
 
+    out["hsdp_sr"] = run_hsdp_stochastic(rank, world, batches)
+
     # The optimizer must be created after fully_shard (which replaces the parameters).
     model = make_model("fsdp")
     opt = lomo_torch.AdaLomo(model)
@@ -164,6 +173,27 @@ def run_fsdp(rank, world):
     except RuntimeError as e:
         out["sharded_after_error"] = str(e)
     return out
+
+
+def run_hsdp_stochastic(rank, world, batches):
+    """HSDP (parameters replicated over the ranks, sharded over a size-1 dim) in bf16 with
+    stochastic rounding: every rank must draw the same bits for its replica."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    model = make_model("fsdp").to(torch.bfloat16)
+    for m in (model.q, model.k, model.v, model.o, model.up, model.down):
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    before = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(SEEDED_BY_RANK + rank)
+    opt = lomo_torch.AdaLomo(model, lr=1e-4, stochastic_rounding=True)
+    train(model, opt, batches, False, rank, world)
+    return {"local": {n: p.to_local().detach().clone() for n, p in model.named_parameters()},
+            "before": before, "seed": opt.state_dict()["rounding_seed"],
+            "placements": {n: [type(pl).__name__ for pl in p.placements]
+                           for n, p in model.named_parameters()}}
 
 
 def main(rank, world, init_file, out_dir):

@@ -135,6 +135,25 @@ def test_fsdp2_shards_match_single_process(ranks):
         assert "were replaced after the optimizer was created" in r["sharded_after_error"]
 
 
+def test_stochastic_rounding_keeps_replicas_identical(ranks):
+    """Stochastic rounding draws the same bits on every replica: DDP (fp16, above in
+    test_ddp_matches_single_process: ``lomo_sr_fp16`` replicas are bitwise equal) and
+    HSDP (bf16 parameters replicated over the two ranks). The ranks' default
+    generators were seeded differently; the optimizer agrees on rank 0's seed."""
+    runs = [r["fsdp"]["hsdp_sr"] for r in ranks]
+    assert runs[0]["seed"] == runs[1]["seed"]
+    changed = 0
+    for name, local in runs[0]["local"].items():
+        assert runs[0]["placements"][name] == ["Replicate", "Shard"], name
+        assert local.dtype == torch.bfloat16
+        assert torch.equal(local, runs[1]["local"][name]), name  # identical replicas
+        changed += int((local != runs[0]["before"][name]).sum())
+    assert changed > 0
+    ddp = [r["ddp"]["lomo_sr_fp16"]["params"] for r in ranks]
+    for name in ddp[0]:
+        assert torch.equal(ddp[0][name], ddp[1][name]), name
+
+
 def test_replaced_parameters_are_detected():
     """No process group needed: a parameter swapped out after the optimizer was built."""
     model = MLP()

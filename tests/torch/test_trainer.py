@@ -241,7 +241,15 @@ def test_optim_args_reach_the_optimizer(tmp_path):
     assert isinstance(opt, lomo_torch.AdaLomo)
     assert (opt.clip_threshold, opt.decay_rate, opt.loss_scale) == (2.0, -0.5, 64.0)
     assert opt.eps == (1e-30, 1e-4) and opt.clip_grad_norm == 0.5 and opt.weight_decay == 0.0
+    assert not opt.stochastic_rounding
     opt.remove_hooks()
+    for optim in ("adalomo", "lomo"):
+        args = training_args(tmp_path, optim=optim, seed=123, optim_args="stochastic_rounding=True")
+        opt = create_lomo_optimizer(tiny_llama(), args)
+        assert opt.stochastic_rounding and opt.state_dict()["rounding_seed"] == 123
+        opt.remove_hooks()
+    with pytest.raises(ValueError, match="is not True or False"):
+        create_lomo_optimizer(tiny_llama(), training_args(tmp_path, optim_args="stochastic_rounding=2"))
 
 
 def test_import_lomo_torch_does_not_import_transformers():

@@ -1,0 +1,167 @@
+"""lomo_torch.rounding and stochastic_rounding=True in Lomo / AdaLomo."""
+
+import copy
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lomo_torch
+from lomo_torch.rounding import RoundingNoise, stochastic_round
+
+
+# values beyond the largest finite bf16/fp16 are made on purpose (overflow cases)
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+DTYPES = {"bf16": (torch.bfloat16, ml_dtypes.bfloat16), "fp16": (torch.float16, np.float16)}
+
+
+def neighbours(x, np_dtype):
+    """(floor, ceil) of float32 ``x`` in ``np_dtype`` (numpy/ml_dtypes nextafter)."""
+    near = x.astype(np_dtype)
+    inf = np.array(np.inf, np_dtype)
+    f32 = near.astype(np.float32)
+    return (np.where(f32 > x, np.nextafter(near, -inf), near),
+            np.where(f32 < x, np.nextafter(near, inf), near))
+
+
+def samples(np_dtype, n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    fi = ml_dtypes.finfo(np_dtype)
+    lo, hi = np.log2(float(fi.smallest_subnormal)), np.log2(float(fi.max))
+    x = np.exp2(rng.uniform(lo, hi, n)) * rng.choice([-1.0, 1.0], n)
+    return np.concatenate([x, [float(fi.max) * 0.9999, float(fi.smallest_subnormal) * 0.7,
+                               1.0 + 2.0**-12]]).astype(np.float32)
+
+
+def draw(x, n_or_shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**24, n_or_shape, generator=g, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_neighbours_and_unbiased(name):
+    tdt, ndt = DTYPES[name]
+    x = samples(ndt)
+    floor, ceil = neighbours(x, ndt)
+    out = stochastic_round(torch.from_numpy(x), tdt, draw(x, x.shape)).float().numpy()
+    assert np.all((out == floor.astype(np.float32)) | (out == ceil.astype(np.float32)))
+    # unbiased: 20000 draws of 64 values, within 5 standard errors
+    x = x[:64]
+    floor, ceil = (a.astype(np.float64) for a in neighbours(x, ndt))
+    n = 20000
+    xs = torch.from_numpy(x).expand(n, -1)
+    mean = stochastic_round(xs, tdt, draw(x, (n, 64), seed=1)).double().mean(0).numpy()
+    spacing = np.where(ceil > floor, ceil - floor, 1.0)
+    p = (x - floor) / spacing
+    sigma = spacing * np.sqrt(np.maximum(p * (1 - p), 1e-12) / n)
+    assert np.all(np.abs(mean - x) <= 5 * sigma + 1e-7 * np.abs(x))
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_special_values(name):
+    tdt, ndt = DTYPES[name]
+    fi = torch.finfo(tdt)
+    exact = torch.tensor([0.0, -0.0, 1.0, fi.max, fi.smallest_normal])
+    assert torch.equal(stochastic_round(exact, tdt, draw(exact, (5,))).float().view(torch.int32),
+                       exact.view(torch.int32))
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), fi.max * 1.01])
+    out = stochastic_round(special, tdt, draw(special, (4,))).float()
+    torch.testing.assert_close(out, special.to(tdt).float(), equal_nan=True, rtol=0, atol=0)
+
+
+def test_noise_is_reproducible_per_step_parameter_and_shard():
+    noise = RoundingNoise(seed=3)
+    a = noise.draw((4, 5), "cpu", step=7, index=2)
+    assert torch.equal(a, RoundingNoise(seed=3).draw((4, 5), "cpu", step=7, index=2))
+    for other in (dict(step=8, index=2), dict(step=7, index=3), dict(step=7, index=2, shard=1)):
+        assert not torch.equal(a, noise.draw((4, 5), "cpu", **other)), other
+    assert not torch.equal(a, RoundingNoise(seed=4).draw((4, 5), "cpu", step=7, index=2))
+    assert int(a.min()) >= 0 and int(a.max()) < 2**24
+
+
+# --------------------------------------------------------------------------
+# In the optimizers
+# --------------------------------------------------------------------------
+
+
+def model_and_data(dtype, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 8)).to(dtype)
+    x = torch.randn(32, 64).to(dtype)
+    y = torch.randint(0, 8, (32,))
+    return model, x, y
+
+
+def train(model, opt, x, y, steps, lr=1e-4):
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.grad_norm(loss)
+        opt.fused_backward(loss, lr)
+
+
+@pytest.mark.parametrize("cls", [lomo_torch.Lomo, lomo_torch.AdaLomo])
+def test_fp32_parameters_are_untouched_by_the_option(cls):
+    a, x, y = model_and_data(torch.float32)
+    b = copy.deepcopy(a)
+    train(a, cls(a, lr=1e-3, clip_grad_norm=1.0), x, y, 3, lr=1e-3)
+    train(b, cls(b, lr=1e-3, clip_grad_norm=1.0, stochastic_rounding=True, seed=0), x, y, 3, lr=1e-3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [lomo_torch.Lomo, lomo_torch.AdaLomo])
+def test_bf16_updates_count_in_expectation(cls):
+    """At a fine-tuning lr the intended fp32 change of a bf16 weight is far below half a
+    spacing: nearest drops nearly all of it, stochastic rounding applies it on average.
+    Measured on the first layer after one step, as the mean over its 8192 weights of
+    (new - old) against the same mean of the fp32 update."""
+    lr = 1e-5 if cls is lomo_torch.AdaLomo else 2e-3
+    results = {}
+    for sr in (False, True):
+        model, x, y = model_and_data(torch.bfloat16)
+        w0 = model[0].weight.detach().float().clone()
+        opt = cls(model, lr=lr, stochastic_rounding=sr, seed=1)
+        ref = copy.deepcopy(model).float()
+        ref_opt = cls(ref, lr=lr)  # fp32 copy of the same weights: the intended update
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.fused_backward(nn.functional.cross_entropy(m(x.to(next(m.parameters()).dtype)).float(), y), lr)
+        applied = (model[0].weight.float() - w0).abs().sum().item()
+        intended = (ref[0].weight - w0).abs().sum().item()
+        signed = ((model[0].weight.float() - w0) * (ref[0].weight - w0).sign()).sum().item()
+        results[sr] = (applied / intended, signed / intended)
+    assert results[False][1] < 0.5, results  # nearest loses most of the update
+    assert 0.8 < results[True][1] < 1.2, results  # stochastic keeps it in expectation
+
+
+@pytest.mark.parametrize("cls", [lomo_torch.Lomo, lomo_torch.AdaLomo])
+def test_resume_is_bit_exact(cls):
+    model, x, y = model_and_data(torch.bfloat16)
+    straight = copy.deepcopy(model)
+    train(straight, cls(straight, lr=1e-4, stochastic_rounding=True, seed=5), x, y, 4)
+
+    opt = cls(model, lr=1e-4, stochastic_rounding=True, seed=5)
+    train(model, opt, x, y, 2)
+    state, weights = opt.state_dict(), copy.deepcopy(model.state_dict())
+    resumed, _, _ = model_and_data(torch.bfloat16, seed=1)  # other weights, overwritten
+    resumed.load_state_dict(weights)
+    opt2 = cls(resumed, lr=1e-4, stochastic_rounding=True, seed=99)  # seed comes from the state
+    opt2.load_state_dict(state)
+    train(resumed, opt2, x, y, 2)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    # and the seed matters: another seed gives other bits
+    other, _, _ = model_and_data(torch.bfloat16)
+    train(other, cls(other, lr=1e-4, stochastic_rounding=True, seed=6), x, y, 4)
+    assert any(not torch.equal(p, q) for p, q in zip(straight.parameters(), other.parameters()))
+
+
+def test_arguments_are_checked():
+    model, _, _ = model_and_data(torch.bfloat16)
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        lomo_torch.Lomo(model, stochastic_rounding="yes")
+    with pytest.raises(TypeError, match="seed"):
+        lomo_torch.AdaLomo(model, stochastic_rounding=True, seed=1.5)
+    assert "stochastic_rounding=True" in repr(lomo_torch.AdaLomo(model, stochastic_rounding=True))
