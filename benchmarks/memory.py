@@ -20,11 +20,15 @@ cuDNN workspaces, allocator fragmentation, JAX's preallocation.
 
 Model: ``lomo_jax.models.llama`` in bf16 (parameters and compute), the same
 code users train. Methods: inference (the loss, forward only), the fused step
-with LOMO, AdaLomo, AdaLomo with ``clip_grad_norm=1.0``, and
+with LOMO, AdaLomo, AdaLomo with ``clip_grad_norm=1.0`` (each with the batch in
+``--microbatches`` micro-batches), and
 ``jax.value_and_grad`` (every layer rematerialised, as the fused step does)
 followed by ``optax.adamw``; parameters and state donated throughout.
 
 Run:  python benchmarks/memory.py --target rtx4090      (about 2 minutes)
+Micro-batches (gradient accumulation inside the fused step), 7B at 32 x 512:
+      python benchmarks/memory.py --target rtx4090 --settings 7b-32x512 \\
+          --methods "fused LOMO" "fused AdaLomo, clip 1.0" --microbatches 1 4 8 32
 """
 
 from __future__ import annotations
@@ -68,19 +72,27 @@ MODELS = {
 SETTINGS = {
     "7b-1x512": ("LLaMA-7B", 1, 512),
     "7b-8x512": ("LLaMA-7B", 8, 512),
+    "7b-32x512": ("LLaMA-7B", 32, 512),
+    # the largest batches that leave 2 GiB of a 24 GiB card free, at one row per micro-batch
+    "7b-56x512": ("LLaMA-7B", 56, 512),
+    "7b-14x2048": ("LLaMA-7B", 14, 2048),
     "8b-1x1024": ("Llama-3-8B", 1, 1024),
     "8b-4x1024": ("Llama-3-8B", 4, 1024),
     "tiny": ("tiny", 2, 64),
 }
+DEFAULT_SETTINGS = ["7b-1x512", "7b-8x512", "8b-1x1024", "8b-4x1024"]
+# The methods that take micro-batches (the others are measured at M = 1 only).
+MICROBATCHED = ("fused LOMO", "fused AdaLomo", "fused AdaLomo, clip 1.0")
 # The LOMO paper (Lv et al. 2023, arXiv 2306.09782), Table 1: LLaMA-7B,
 # 8 x 512 tokens, measured on GPU in mixed precision. GB as printed there.
 PAPER = {("7b-8x512", "fused LOMO"): 14.58}
 
 
 def fused(tx, **kw):
-    def build(model, params, batch, mesh):
+    def build(model, params, batch, mesh, microbatches=1):
         state = aot.abstract(jax.eval_shape(lambda p: lomo_jax.fused_init(tx, p), params), mesh)
-        return lomo_jax.fused_train_step(model, tx, **kw).lower(params, state, batch)
+        step = lomo_jax.fused_train_step(model, tx, microbatches=microbatches, **kw)
+        return step.lower(params, state, batch)
 
     return build
 
@@ -110,14 +122,21 @@ METHODS = {
 }
 
 
-def measure(setting: str, method: str, target: str) -> aot.MemoryFigures:
-    """Compiled memory of ``method`` at ``setting`` on ``target``."""
+def measure(setting: str, method: str, target: str, microbatches: int = 1) -> aot.MemoryFigures:
+    """Compiled memory of ``method`` at ``setting`` on ``target``; the fused
+    methods with the batch in ``microbatches`` micro-batches."""
     name, b, t = SETTINGS[setting]
     cfg = MODELS[name]
     mesh = aot.target_mesh(target)
     params = aot.abstract(llama.param_shapes(cfg), mesh)
     batch = aot.abstract({"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32)}, mesh)
-    lowered = METHODS[method](llama.llama_layered_model(cfg), params, batch, mesh)
+    build, model = METHODS[method], llama.llama_layered_model(cfg)
+    if method in MICROBATCHED:
+        lowered = build(model, params, batch, mesh, microbatches=microbatches)
+    elif microbatches == 1:
+        lowered = build(model, params, batch, mesh)
+    else:
+        raise ValueError(f"{method!r} has no micro-batches; measure it at microbatches=1.")
     return aot.MemoryFigures.of(lowered.compile())
 
 
@@ -129,9 +148,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", choices=("cpu",) + aot.GPU_TARGETS, default=None,
                     help="default: rtx4090 where the CUDA plugin is installed, else cpu")
-    ap.add_argument("--settings", nargs="*", default=[s for s in SETTINGS if s != "tiny"],
+    ap.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS,
                     choices=list(SETTINGS))
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--microbatches", nargs="*", type=int, default=[1], metavar="M",
+                    help="micro-batch counts for the fused methods (others: M = 1 only)")
     ap.add_argument("--unit", choices=("GiB", "MiB"), default="GiB")
     ap.add_argument("--keep-licm", action="store_true",
                     help="cpu: keep XLA:CPU's loop-invariant code motion (hoisted f32 weight copies)")
@@ -142,16 +163,17 @@ def main(argv=None):
     t0 = time.time()
     print(f"Compiled memory of one step, target {target}, jax {jax.__version__}, bf16 "
           f"lomo_jax.models.llama (compile only; nothing allocated). {args.unit}.\n")
-    print("| model | batch | method | args | temp | total | paper (GB) |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| model | batch | micro-batches | method | args | temp | total | paper (GB) |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
     for setting in args.settings:
         name, b, t = SETTINGS[setting]
         for method in args.methods:
-            m = measure(setting, method, target)
-            paper = PAPER.get((setting, method))
-            print(f"| {name} | {b} x {t} | {method} | {m.arguments / unit:.2f} | "
-                  f"{m.temporaries / unit:.2f} | {m.total / unit:.2f} | "
-                  f"{'' if paper is None else f'{paper:.2f}'} |", flush=True)
+            for mb in args.microbatches if method in MICROBATCHED else [1]:
+                m = measure(setting, method, target, mb)
+                paper = PAPER.get((setting, method)) if mb == 1 else None
+                print(f"| {name} | {b} x {t} | {mb} | {method} | {m.arguments / unit:.2f} | "
+                      f"{m.temporaries / unit:.2f} | {m.total / unit:.2f} | "
+                      f"{'' if paper is None else f'{paper:.2f}'} |", flush=True)
     print(f"\n(compiled in {time.time() - t0:.0f} s. The paper's figure is measured on a GPU: "
           "not the same measurement.)")
 

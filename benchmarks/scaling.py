@@ -44,6 +44,8 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU runs all 8 devices' collectives on one pool; fewer threads than devices deadlock.
+os.environ.setdefault("PJRT_NPROC", "16")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

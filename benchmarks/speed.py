@@ -15,10 +15,15 @@ With ``clip_grad_norm`` the fused step does LOMO's two backward passes (one
 for the norm, one for the update) against one in the unfused path, so it is
 slower by design; that row is informational.
 
+Micro-batches (``--microbatches M``, default 4; 0 skips): one fused step with
+``microbatches=M`` on a batch of ``M x --batch`` rows against the ``M`` fused
+steps, ``microbatches=1``, on its micro-batches (rows ``k, k+M, ...``) one after
+the other: the same tokens, one optimizer update instead of ``M``. Goal <= 1.05.
+
 Model: the shipped ``lomo_jax.models.llama`` (fp32, a small config set by the
 flags; untied head with its chunked cross-entropy).
 
-Run:  python benchmarks/speed.py     (small LLaMA, ~2-3 min on 2 CPU cores)
+Run:  python benchmarks/speed.py     (small LLaMA, ~3-4 min on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -82,6 +87,36 @@ def time_pair(fns, params, batch, steps, warmup):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def one_step_per_microbatch(step, m):
+    """``step`` run on micro-batch ``k`` (rows ``k, k+m, ...``) for ``k < m``."""
+
+    def run(params, state, batch):
+        for k in range(m):
+            params, state, metrics = step(params, state, jax.tree.map(lambda x: x[k::m], batch))
+        return params, state, metrics
+
+    return run
+
+
+def microbatch_rows(model, params, batch, m, steps, warmup):
+    """One ``microbatches=m`` step on ``batch`` against ``m`` single steps on its parts."""
+    print(f"\nGradient accumulation inside the fused step: one step, microbatches={m}, on "
+          f"{batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} tokens vs {m} steps, "
+          "microbatches=1, on its micro-batches\n")
+    print(f"| transform | one step, M={m}, ms | {m} steps, M=1, ms | ratio |")
+    print("|---|---:|---:|---:|")
+    for name, make_tx in (("lomo", lambda: lomo_jax.lomo(1e-3)),
+                          ("adalomo", lambda: lomo_jax.adalomo(1e-3))):
+        tx = make_tx()
+        init = lambda p, tx=tx: lomo_jax.fused_init(tx, p)  # noqa: E731
+        accumulated = lomo_jax.fused_train_step(model, tx, microbatches=m)
+        separate = one_step_per_microbatch(lomo_jax.fused_train_step(model, tx), m)
+        t = time_pair({"acc": (init, accumulated), "sep": (init, separate)}, params, batch,
+                      steps, warmup)
+        print(f"| {name} | {t['acc'] * 1e3:.1f} | {t['sep'] * 1e3:.1f} | "
+              f"{t['acc'] / t['sep']:.3f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -93,6 +128,8 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--microbatches", type=int, default=4,
+                    help="M for the gradient-accumulation table (0: skip it)")
     ap.add_argument("--rows", type=int, nargs="*", default=None,
                     help="only these rows of the table (0-based; default: all)")
     args = ap.parse_args()
@@ -130,6 +167,11 @@ def main():
         note = " (2 passes, informational)" if clip else ""
         print(f"| {name} | {policy_name or 'None'} | {clip or '-'} | {t['fused'] * 1e3:.1f} | "
               f"{t['unfused'] * 1e3:.1f} | {t['fused'] / t['unfused']:.3f}{note} |", flush=True)
+    if args.microbatches:
+        m = args.microbatches
+        big = {"input_ids": jnp.asarray(rng.integers(0, args.vocab, (m * args.batch, args.seq)),
+                                        jnp.int32)}
+        microbatch_rows(model, params, big, m, args.steps, args.warmup)
     print(f"\n(total {time.time() - t_start:.0f} s)")
 
 

@@ -65,6 +65,9 @@ def parse_args(argv=None):
                    "for bf16/fp16 with adalomo/lomo, so small updates still count; nearest "
                    "to compare)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--microbatches", type=int, default=1, metavar="M",
+                   help="gradient accumulation inside the fused step: each layer runs on "
+                   "batch-size / M rows at a time, one update per step (adalomo/lomo)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (new tokenizer)")
     p.add_argument("--out", default="runs/finetune_llama", help="output directory")
@@ -85,6 +88,11 @@ def parse_args(argv=None):
         args.steps = 6 if args.tiny else 150
     if args.steps < 1 or args.batch_size < 1 or args.seq_len < 2:
         p.error("--steps, --batch-size must be >= 1 and --seq-len >= 2")
+    if args.microbatches < 1 or args.batch_size % args.microbatches:
+        p.error(f"--microbatches must be >= 1 and divide --batch-size ({args.batch_size}), "
+                f"got {args.microbatches}")
+    if args.microbatches > 1 and args.optimizer == "adamw":
+        p.error("--microbatches is the fused step's; use --optimizer adalomo or lomo")
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
     if args.optimizer == "adamw" and args.dtype == "fp16":
@@ -189,7 +197,8 @@ def build_step(args, lm, schedule):
     if args.optimizer == "adamw":
         step, init = unfused_step(lm, tx, clip)
         return step, init
-    step = lomo_jax.fused_train_step(lm, tx, clip_grad_norm=clip, rounding=args.rounding)
+    step = lomo_jax.fused_train_step(lm, tx, clip_grad_norm=clip, rounding=args.rounding,
+                                     microbatches=args.microbatches)
     key = jax.random.key(args.seed)
     return step, lambda p: lomo_jax.fused_init(tx, p, rng=key)
 
@@ -223,7 +232,8 @@ def memory_report(args, lm, params, batch, schedule, compiled):
             rows[label] = step_bytes(compiled)
             continue
         tx = transform(name, schedule)
-        step = lomo_jax.fused_train_step(lm, tx, clip_grad_norm=clip)
+        step = lomo_jax.fused_train_step(lm, tx, clip_grad_norm=clip,
+                                         microbatches=args.microbatches)
         init = lambda p, tx=tx: lomo_jax.fused_init(tx, p)  # noqa: E731
         rows[label] = step_bytes(compile_step(step, init, params, batch))
     for label, name, tx in (("value_and_grad + SGD", "sgd", optax.sgd(schedule)),
@@ -245,6 +255,14 @@ def evaluate(lm, params, held_out, batch_size, max_batches=8):
     rows = np.resize(held_out, (n * batch_size, held_out.shape[1]))  # repeats if too few
     return float(np.mean([loss_fn(params, {"input_ids": jnp.asarray(b)})
                           for b in np.split(rows, n)]))
+
+
+def describe_batch(args):
+    text = f"batch {args.batch_size} x {args.seq_len}"
+    if args.microbatches > 1:
+        text += (f" in {args.microbatches} micro-batches of {args.batch_size // args.microbatches}"
+                 " (fused steps)")
+    return text
 
 
 def plot(path, losses, memory, title):
@@ -288,7 +306,8 @@ def main(argv=None):
     lm = llama.llama_layered_model(cfg)
     print(f"model: {n_params(params) / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
           f"{args.dtype} ({args.rounding} rounding); data: {train.size:,} training tokens, "
-          f"vocab {len(tokenizer)}; optimizer: {args.optimizer}, {where}")
+          f"vocab {len(tokenizer)}; optimizer: {args.optimizer}, {where}; "
+          f"{describe_batch(args)}")
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
                                                   args.steps, end_value=args.lr / 10)
@@ -325,8 +344,8 @@ def main(argv=None):
     print(f"throughput: {tokens / seconds:,.0f} tokens/s over {seconds:.1f} s "
           f"(the step was compiled ahead of time in {t_compile:.1f} s)")
     if memory:
-        print("\nmemory of one training step (XLA compiled memory_analysis, batch "
-              f"{args.batch_size} x {args.seq_len}, {args.dtype}):")
+        print("\nmemory of one training step (XLA compiled memory_analysis, "
+              f"{describe_batch(args)}, {args.dtype}):")
         base = memory["value_and_grad + AdamW"][0]
         for name, (total, temp) in memory.items():
             print(f"  {name:<26} {total / MIB:9.2f} MiB total  ({temp / MIB:8.2f} MiB "

@@ -305,7 +305,8 @@ def _refusal(reason: str) -> str:
         "optax.clip_by_global_norm in the chain; fp16 overflow skipping is "
         "built in (dynamic loss scaling), so apply_if_finite/skip_not_finite "
         "are not needed; gradient accumulation (MultiSteps) keeps every "
-        "gradient alive and defeats LOMO - use a larger batch instead."
+        "gradient alive and defeats LOMO - use fused_train_step(..., "
+        "microbatches=M) instead, which accumulates one layer at a time."
     )
 
 
@@ -480,6 +481,55 @@ def _apply(tx, grads, state, params, key=None):
     return new_params, new_state
 
 
+def _to_micro(tree, m: int):
+    """``[B, ...] -> [B/M, M, ...]`` (a reshape, no copy): micro-batch ``k`` is
+    ``[:, k]``, rows ``k, k+M, k+2M, ...`` (strided, so a batch split over
+    devices splits every micro-batch alike). A scalar goes to every
+    micro-batch: ``[M]``."""
+
+    def split(x):
+        x = jnp.asarray(x)
+        if x.ndim == 0:
+            return jnp.broadcast_to(x, (m,))
+        return x.reshape((x.shape[0] // m, m) + x.shape[1:])
+
+    return jax.tree.map(split, tree)
+
+
+def _from_micro(tree):
+    """The inverse of :func:`_to_micro` (a scalar comes back from micro-batch 0)."""
+    return jax.tree.map(lambda x: x[0] if x.ndim == 1 else x.reshape((-1,) + x.shape[2:]), tree)
+
+
+def _micro_axis(x) -> int:
+    return 0 if jnp.ndim(x) == 1 else 1
+
+
+def _pick(tree, k):
+    """Micro-batch ``k`` of a tree in :func:`_to_micro` layout."""
+    return jax.tree.map(
+        lambda x: lax.dynamic_index_in_dim(x, k, _micro_axis(x), keepdims=False), tree)
+
+
+def _put(tree, value, k):
+    """``tree`` with micro-batch ``k`` replaced by ``value`` (in place)."""
+    return jax.tree.map(
+        lambda x, v: lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), k, _micro_axis(x)),
+        tree, value)
+
+
+def _check_microbatches(batch, m: int) -> None:
+    for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        shape = jnp.shape(x)
+        if shape and shape[0] % m:
+            raise ValueError(
+                f"fused_train_step(..., microbatches={m}): {_path('batch', path)} has "
+                f"{shape[0]} rows on its leading (batch) axis (shape {list(shape)}), which "
+                f"{m} equal micro-batches cannot split; make it a multiple of {m}. (Every "
+                "batch leaf with a leading axis is split along it; scalars go to every "
+                "micro-batch.)")
+
+
 def _index(tree, i):
     return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
 
@@ -526,6 +576,7 @@ class _StepConfig(NamedTuple):
     loss_scale_window: int
     min_loss_scale: float
     rounding: str
+    microbatches: int
 
 
 class _Stages:
@@ -535,22 +586,66 @@ class _Stages:
     ``seed`` is the cotangent of the loss (the fp16 loss scale, or 1).
     """
 
-    def __init__(self, model: LayeredModel, layer_fn, tx, batch, n_layers: int):
+    def __init__(self, model: LayeredModel, layer_fn, tx, batch, n_layers: int,
+                 microbatches: int = 1):
         self.model, self.layer_fn, self.tx = model, layer_fn, tx
         self.batch, self.n_layers = batch, n_layers
         self.idx = jnp.arange(n_layers)
+        self.m = microbatches
+        # the layers' view of the batch: [B/M, M, ...], micro-batch k = rows k, k+M, ...
+        self.micro = _to_micro(batch, microbatches) if microbatches > 1 else None
+
+    def to_layers(self, h):
+        """An activation of the whole batch in the layout the layer scan uses."""
+        return h if self.m == 1 else _to_micro(h, self.m)
+
+    def from_layers(self, h):
+        return h if self.m == 1 else _from_micro(h)
+
+    def cotangent_to_layers(self, dh):
+        """The cotangent of the whole batch's ``h`` in the layers' layout: the
+        transpose of :meth:`from_layers` (a scalar activation, shared by the
+        micro-batches, gets its cotangent once)."""
+        if self.m == 1:
+            return dh
+        like = jax.eval_shape(self.to_layers, dh)
+        return jax.linear_transpose(self.from_layers, like)(dh)[0]
+
+    def cotangent_from_layers(self, dh):
+        """The transpose of :meth:`to_layers` (a shared scalar's cotangents add up)."""
+        if self.m == 1:
+            return dh
+        like = jax.eval_shape(self.from_layers, dh)
+        return jax.linear_transpose(self.to_layers, like)(dh)[0]
 
     # ---- forward ---------------------------------------------------------
 
     def forward(self, p: Units):
-        """``h_L`` and the stacked layer inputs ``h_0..h_{L-1}`` (nothing else is kept)."""
+        """``h_L`` (whole batch) and the stacked layer inputs ``h_0..h_{L-1}``
+        (in the layers' layout; nothing else is kept)."""
         h0 = self.model.embed(p.embed, self.batch)
-        _check_activation(self.model, _index(p.layers, 0), h0, self.batch)
+        if self.m == 1:
+            _check_activation(self.model, _index(p.layers, 0), h0, self.batch)
+
+            def body(h, p_i):
+                return self.model.layer(p_i, h, self.batch), h
+
+            return lax.scan(body, h0, p.layers)
+        h0 = self.to_layers(h0)
+        _check_activation(self.model, _index(p.layers, 0), _pick(h0, 0), _pick(self.micro, 0))
+
+        def layer_on_each(p_i, h):
+            def micro(h, k):
+                out = self.model.layer(p_i, _pick(h, k), _pick(self.micro, k))
+                return _put(h, out, k), None
+
+            return lax.scan(micro, h, jnp.arange(self.m))[0]
 
         def body(h, p_i):
-            return self.model.layer(p_i, h, self.batch), h
+            return layer_on_each(p_i, h), h
 
-        return lax.scan(body, h0, p.layers)
+        h_last, hs = lax.scan(body, h0, p.layers)
+        return self.from_layers(h_last), hs
 
     # ---- gradients of the three units --------------------------------------
 
@@ -568,9 +663,26 @@ class _Stages:
         return loss, g_head, dh_last
 
     def layer_grads(self, p_i, h_i, dh):
-        """``(g_i, dh_i)``: recompute layer ``i`` at its saved input, pull ``dh_{i+1}`` back."""
-        _, vjp = jax.vjp(lambda pp, hh: self.layer_fn(pp, hh, self.batch), p_i, h_i)
-        return vjp(dh)
+        """``(g_i, dh_i)``: recompute layer ``i`` at its saved input, pull ``dh_{i+1}`` back.
+
+        With micro-batches, one micro-batch at a time, the parameter gradient
+        summed over them in an fp32 accumulator of the layer's size (so the
+        layer's working set is one micro-batch's).
+        """
+        if self.m == 1:
+            _, vjp = jax.vjp(lambda pp, hh: self.layer_fn(pp, hh, self.batch), p_i, h_i)
+            return vjp(dh)
+
+        def micro(carry, k):
+            acc, dh = carry
+            batch_k = _pick(self.micro, k)
+            _, vjp = jax.vjp(lambda pp, hh: self.layer_fn(pp, hh, batch_k), p_i, _pick(h_i, k))
+            g_k, dh_prev = vjp(_pick(dh, k))
+            acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, g_k)
+            return (acc, _put(dh, dh_prev, k)), None
+
+        acc = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), p_i)
+        return lax.scan(micro, (acc, dh), jnp.arange(self.m))[0]
 
     def embed_grads(self, p: Units, h_last, dh0, seed):
         """The embedding's gradient from ``dh_0``; with tied weights plus the
@@ -599,8 +711,10 @@ class _Stages:
             g_i, dh_prev = self.layer_grads(_index(p.layers, i), h_i, dh)
             return (dh_prev, sq + _sq_norm(g_i, inv_scale)), None
 
+        dh = self.cotangent_to_layers(dh)
         (dh0, sq), _ = lax.scan(body, (dh, sq), (hs, self.idx), reverse=True)
-        return sq + _sq_norm(self.embed_grads(p, h_last, dh0, seed), inv_scale)
+        g_embed = self.embed_grads(p, h_last, self.cotangent_from_layers(dh0), seed)
+        return sq + _sq_norm(g_embed, inv_scale)
 
     # ---- pass 2: update every unit ---------------------------------------
 
@@ -627,8 +741,9 @@ class _Stages:
         # gradient dies before the layer scan), and layer L-1's slice is read
         # only now (not hoisted to the start of the step).
         ph, sh, dh_last, pl, sl = lax.optimization_barrier((ph, sh, dh_last, p.layers, s.layers))
-        pl, sl, dh0 = self._update_layers(pl, sl, hs, dh_last, factor, ok, keys.layers)
-        g_embed = self.embed_grads(p, h_last, dh0, seed)  # old head and embedding
+        pl, sl, dh0 = self._update_layers(pl, sl, hs, self.cotangent_to_layers(dh_last), factor,
+                                          ok, keys.layers)
+        g_embed = self.embed_grads(p, h_last, self.cotangent_from_layers(dh0), seed)  # old head
         embed_new = _apply(self.tx, _scale(g_embed, factor), s.embed, p.embed, keys.embed)
         pe, se = _keep_if_not(ok, embed_new, (p.embed, s.embed))
         return Units(pe, pl, ph), Units(se, sl, sh), loss, ok
@@ -839,6 +954,7 @@ def fused_train_step(
     skip_nonfinite: bool = False,
     shardings: Optional[Any] = None,
     rounding: str = "nearest",
+    microbatches: int = 1,
 ):
     r"""Build the jitted fused LOMO step ``step(params, opt_state, batch)``.
 
@@ -903,6 +1019,26 @@ def fused_train_step(
         split every step; each unit, each layer (its index folded in inside
         the scan) and each leaf draws its own. fp32 leaves are bit-identical
         either way.
+      microbatches: gradient accumulation inside the layer scan. The batch's
+        leading axis is split into ``M`` equal micro-batches (micro-batch
+        ``k``: rows ``k, k+M, ...``; every batch leaf with a leading axis is
+        split, scalars go to each; a size ``M`` does not divide is an error
+        naming the leaf). The embedding and the head (chunked over the
+        vocabulary) see the whole batch, so the loss is the whole batch's,
+        token-weighted exactly as ``jax.value_and_grad`` on it gives; each
+        layer runs on one micro-batch at a time, in the forward and in the
+        backward, where its gradient is summed over the micro-batches in an
+        fp32 accumulator and applied once. Memory, at a fixed total batch
+        ``B``::
+
+            temp(M) <= saved layer inputs(B) + one layer's working set(B / M)
+                       + the head's VJP(B) + one layer's gradient in fp32
+
+        (the head's VJP: its input, temporaries and outputs at the whole
+        batch, which the micro-batches do not divide). The norm pass
+        accumulates the same way, so clipping, fp16 loss scaling and
+        ``skip_nonfinite`` see the summed gradient: one overflow anywhere
+        skips the whole step.
       shardings: ``None`` (default: ``jax.jit`` follows the inputs), or a
         ``(params, opt_state, batch)`` triple of shardings (pytree prefixes),
         e.g. :func:`lomo_jax.sharding.fused_shardings` for FSDP over a mesh.
@@ -936,6 +1072,8 @@ def fused_train_step(
         raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}.")
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}.")
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive int, got {microbatches!r}.")
     try:
         probe_ok = True
         jax.eval_shape(tx.init, _FAKE_PROBE)
@@ -950,14 +1088,16 @@ def fused_train_step(
     config = _StepConfig(
         tx=tx, clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite,
         loss_scale_window=int(loss_scale_window), min_loss_scale=min_loss_scale,
-        rounding=rounding,
+        rounding=rounding, microbatches=microbatches,
     )
 
     def step(params, opt_state, batch):
         n_layers, pe, pl, ph = _split_params(params)
         _check_state(opt_state, params, skip_nonfinite, rounding)
         _check_leafwise_on(tx, _abstract(pe), _abstract(_index(pl, 0)), _abstract(ph))
-        stages = _Stages(model, layer_fn, tx, batch, n_layers)
+        if microbatches > 1:
+            _check_microbatches(batch, microbatches)
+        stages = _Stages(model, layer_fn, tx, batch, n_layers, microbatches)
         p = Units(pe, pl, ph)
         s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)
         p, s, metrics, ok, finite, rng = _train_step(stages, config, p, s, opt_state)

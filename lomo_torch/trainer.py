@@ -25,7 +25,9 @@ What it does differently from ``Trainer``:
 * the logged ``grad_norm`` is the global norm from ``grad_norm(loss)``.
 
 Limits: ``gradient_accumulation_steps`` must be 1 (a LOMO step consumes each
-gradient the moment it is complete, so nothing can be accumulated); one
+gradient the moment it is complete, so nothing can be accumulated; use a
+larger batch with ``gradient_checkpointing_enable()``, or lomo_jax's fused
+step with ``microbatches=M``, which accumulates one layer at a time); one
 process and one device (no DDP/FSDP/DeepSpeed/DataParallel); ``fp16=True``
 (autocast + GradScaler) is refused: load the model in fp16 instead and the
 optimizer does dynamic loss scaling itself (``bf16=True`` autocast works).
@@ -164,7 +166,10 @@ class LomoTrainer(_Trainer):
                 f"LomoTrainer needs gradient_accumulation_steps=1 (got "
                 f"{a.gradient_accumulation_steps}): LOMO/AdaLomo update each parameter inside "
                 f"backward and free its gradient at once, so gradients cannot be accumulated over "
-                f"micro-batches. Raise per_device_train_batch_size instead."
+                f"micro-batches. Instead raise per_device_train_batch_size and call "
+                f"model.gradient_checkpointing_enable() (activation checkpointing keeps one "
+                f"layer's activations, so a larger batch fits), or fine-tune with lomo_jax's "
+                f"fused step, which accumulates exactly: fused_train_step(..., microbatches=M)."
             )
         if a.fp16:
             raise ValueError(

@@ -14,12 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
     "torch_step": ["torch_step.py", "--blocks", "3", "--warmup", "1", "--repeats", "1"],
-    "memory": ["memory.py", "--settings", "tiny", "--unit", "MiB"],
+    "memory": ["memory.py", "--settings", "tiny", "--unit", "MiB", "--microbatches", "1", "2"],
     "precision": ["precision.py", "--frameworks", "jax", "--steps", "4", "--pretrain-steps", "6",
                   "--seq", "64"],
     "speed": ["speed.py", "--layers", "2", "--d", "32", "--ffn", "64", "--heads", "2",
               "--vocab", "64", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "1",
-              "--rows", "1", "4"],  # AdaLomo without and with clipping
+              "--rows", "1", "4",  # AdaLomo without and with clipping
+              "--microbatches", "2"],
 }
 
 
@@ -38,32 +39,47 @@ def test_torch_step_benchmark_runs():
     assert all(float(diff) < 1e-5 for _, _, diff in rows), out  # same parameters as lomo-optim
 
 
+def table_rows(text):
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("| ") and "ms" not in line and "---" not in line]
+
+
+def assert_ratio_of_printed_times(a, b, ratio, line):
+    """The printed ratio is the two printed times' (each rounded to 0.1 ms)."""
+    assert a > 0 and b > 0, line
+    lo, hi = (a - 0.05) / (b + 0.05), (a + 0.05) / (b - 0.05)
+    assert lo - 1e-3 <= ratio <= hi + 1e-3, line
+
+
 def test_speed_benchmark_runs():
     out = run(RUNS["speed"])
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms" not in line
-            and "---" not in line]
+    fused_vs_unfused, _, accumulation = out.partition("Gradient accumulation")
+    rows = table_rows(fused_vs_unfused)
     assert len(rows) == 2, out
-    for line in rows:
-        cells = line.split("|")
-        fused, unfused, ratio = float(cells[4]), float(cells[5]), float(cells[6].split()[0])
-        assert fused > 0 and unfused > 0, line
-        # the printed ratio is the two printed times' (each rounded to 0.1 ms)
-        lo, hi = (fused - 0.05) / (unfused + 0.05), (fused + 0.05) / (unfused - 0.05)
-        assert lo - 1e-3 <= ratio <= hi + 1e-3, line
+    for cells in rows:
+        assert_ratio_of_printed_times(float(cells[3]), float(cells[4]),
+                                      float(cells[5].split()[0]), cells)
+    rows = table_rows(accumulation)
+    assert [cells[0] for cells in rows] == ["lomo", "adalomo"], out
+    for cells in rows:
+        assert_ratio_of_printed_times(float(cells[1]), float(cells[2]), float(cells[3]), cells)
 
 
 @pytest.mark.parametrize("target", ["rtx4090", "cpu"])
 def test_memory_benchmark_runs(target):
     """The shipped model on a GPU target (deviceless) and on this CPU: one row per
-    method, and the fused steps hold less than value_and_grad + AdamW."""
+    method (the fused ones also with 2 micro-batches), and the fused steps hold less
+    than value_and_grad + AdamW."""
     out = run(RUNS["memory"] + ["--target", target])
     assert f"target {target}" in out, out
-    rows = {cells[2]: float(cells[5]) for line in out.splitlines()
+    rows = {(cells[3], int(cells[2])): float(cells[6]) for line in out.splitlines()
             if line.startswith("| tiny ") and (cells := [c.strip() for c in line.split("|")[1:]])}
-    assert set(rows) == {"inference", "fused LOMO", "fused AdaLomo", "fused AdaLomo, clip 1.0",
-                         "value_and_grad + AdamW"}, out
-    assert rows["inference"] < rows["fused LOMO"] < rows["value_and_grad + AdamW"], rows
-    assert rows["fused AdaLomo, clip 1.0"] < rows["value_and_grad + AdamW"], rows
+    fused = ("fused LOMO", "fused AdaLomo", "fused AdaLomo, clip 1.0")
+    assert set(rows) == ({("inference", 1), ("value_and_grad + AdamW", 1)}
+                         | {(m, mb) for m in fused for mb in (1, 2)}), out
+    adamw = rows["value_and_grad + AdamW", 1]
+    assert rows["inference", 1] < rows["fused LOMO", 1] < adamw, rows
+    assert all(rows[m, mb] < adamw for m in fused for mb in (1, 2)), rows
 
 
 def test_precision_benchmark_runs():

@@ -110,18 +110,21 @@ def test_model_dir_is_fine_tuned_again(job, trained, tmp_path, extra):
 
 
 def test_fp16_run_with_lr_shows_progress(job, tmp_path, capsys):
-    """fp16 (the fused step's dynamic loss scaling) with an explicit --lr, on the CPU by
-    default; the progress bar reports the loss and tokens/s."""
+    """fp16 (the fused step's dynamic loss scaling) with an explicit --lr and two
+    micro-batches, on the CPU by default; the progress bar reports the loss and
+    tokens/s, the report the micro-batches."""
     before, after = job.main(["--tiny", "--steps", "4", "--dtype", "fp16", "--lr", "1e-2",
-                              "--out", str(tmp_path), "--no-memory-report"])
+                              "--microbatches", "2", "--out", str(tmp_path),
+                              "--no-memory-report"])
     captured = capsys.readouterr()
     assert np.isfinite(before) and np.isfinite(after)
     assert "4/4" in captured.err and "loss=" in captured.err and "tok_s=" in captured.err
     assert "fp16 (stochastic rounding)" in captured.out and "CPU" in captured.out.upper()
+    assert "batch 4 x 32 in 2 micro-batches of 2" in captured.out, captured.out
     report = json.loads((tmp_path / "finetune_report.json").read_text())
     assert report["args"]["lr"] == 1e-2 and report["args"]["dtype"] == "fp16"
     assert report["args"]["rounding"] == "stochastic"  # the default for bf16/fp16
-    assert report["args"]["device"] == "cpu"
+    assert report["args"]["device"] == "cpu" and report["args"]["microbatches"] == 2
     assert len(report["train_losses"]) == 4
     cfg, params = convert.load_pretrained(str(tmp_path))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float16)}
@@ -141,3 +144,7 @@ def test_bad_arguments_are_refused(job):
         job.parse_args(["--optimizer", "adamw", "--dtype", "fp16"])
     with pytest.raises(SystemExit):
         job.parse_args(["--lr", "-1"])
+    with pytest.raises(SystemExit):
+        job.parse_args(["--microbatches", "3"])  # does not divide --batch-size 8
+    with pytest.raises(SystemExit):
+        job.parse_args(["--optimizer", "adamw", "--microbatches", "2"])

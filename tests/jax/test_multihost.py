@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.jax.cpu_devices import cpu_devices_env
 from tests.jax.tiny_llama import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,8 +58,7 @@ def _setup():
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.update(cpu_devices_env(LOCAL_DEVICES))
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

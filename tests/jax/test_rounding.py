@@ -4,7 +4,6 @@ Neighbours are computed independently here with numpy/ml_dtypes (``nextafter``
 in the target dtype), not with the code under test.
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import lomo_jax
 from lomo_jax import checkpoint
 from lomo_jax.fused import LayeredModel, fused_init, fused_train_step
 from lomo_jax.rounding import apply_updates, stochastic_round
+from tests.jax.cpu_devices import cpu_devices_env
 
 
 # values beyond the largest finite bf16/fp16 are made on purpose (overflow cases)
@@ -251,8 +251,7 @@ def test_bits_do_not_depend_on_the_sharding():
     import subprocess
     import sys
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = cpu_devices_env(8)
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stderr[-3000:]

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.jax.cpu_devices import cpu_devices_env
 from tests.jax.tiny_llama import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,15 +240,7 @@ def _worker(case: str) -> dict:
 
 
 def _run(case: str) -> dict:
-    env = dict(os.environ)
-    flags = [
-        f for f in env.get("XLA_FLAGS", "").split()
-        if not f.startswith(("--xla_force_host_platform_device_count", "--xla_backend_optimization_level"))
-    ]
-    flags += [f"--xla_force_host_platform_device_count={N_DEVICES}",
-              "--xla_backend_optimization_level=0"]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
+    env = cpu_devices_env(N_DEVICES, ["--xla_backend_optimization_level=0"])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), case],
