@@ -47,20 +47,41 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor) -
         return x.to(dtype)
     x = x.float()
     r = noise.to(torch.int32)
-    x_bits = x.view(torch.int32)
     if dtype == torch.bfloat16:
-        # Adding 2^16 - 1 - r16 to the dropped 16 bits carries into the kept ones (the
-        # magnitude's next pattern) exactly when r16 < those bits: probability p.
-        carry = 0xFFFF - (r >> (NOISE_BITS - 16))
-        rounded = ((x_bits + carry) >> 16).to(torch.int16).view(dtype)
+        rounded = _bf16_by_carry(x, r)
     else:
-        a_bits = x_bits & 0x7FFFFFFF  # |x|, by bits
-        down_bits, round_up = _floor_by_value(a_bits.view(torch.float32), r, dtype)
-        sign = (x_bits >> 16) & 0x8000
-        pattern = (down_bits + round_up.to(torch.int32)) | sign
-        rounded = pattern.to(torch.int16).view(dtype)  # int16 wraps: the pattern's 16 bits
-    finite = x.abs() <= torch.finfo(dtype).max
-    return torch.where(finite, rounded, x.to(dtype))
+        rounded = _fp16_by_value(x, r)
+    return _nearest_beyond_max(x, rounded, dtype)
+
+
+def _bf16_by_carry(x, r):
+    # Adding 2^16 - 1 - r16 to the dropped 16 bits carries into the kept ones (the
+    # magnitude's next pattern) exactly when r16 < those bits: probability p. In
+    # place on one fresh int32 buffer: this runs on every parameter every step.
+    bits = r >> (NOISE_BITS - 16)
+    bits.neg_().add_(0xFFFF).add_(x.view(torch.int32)).bitwise_right_shift_(16)
+    return bits.to(torch.int16).view(torch.bfloat16)
+
+
+def _fp16_by_value(x, r):
+    x_bits = x.view(torch.int32)
+    a_bits = x_bits & 0x7FFFFFFF  # |x|, by bits
+    down_bits, round_up = _floor_by_value(a_bits.view(torch.float32), r, torch.float16)
+    sign = (x_bits >> 16) & 0x8000
+    pattern = (down_bits + round_up.to(torch.int32)) | sign
+    return pattern.to(torch.int16).view(torch.float16)  # int16 wraps: the pattern's 16 bits
+
+
+def _nearest_beyond_max(x, rounded, dtype):
+    """Magnitudes above ``dtype``'s largest finite value, infinities and NaN: to
+    nearest. On the CPU, where elementwise passes are the cost, only when ``x``
+    holds one (one min/max pass); on an accelerator always (no host sync)."""
+    big = torch.finfo(dtype).max
+    if x.device.type == "cpu":
+        lo, hi = torch.aminmax(x)
+        if bool(lo >= -big) and bool(hi <= big):  # False for NaN
+            return rounded
+    return torch.where(x.abs() <= big, rounded, x.to(dtype))
 
 
 def _floor_by_value(a, r, dtype):
@@ -95,4 +116,4 @@ class RoundingNoise:
         gen.manual_seed(hash((self.seed, int(step), int(index), int(shard))) & (2**63 - 1))
         # random_() on int32 is uniform on [0, 2^31): its top 24 bits
         return torch.empty(tuple(shape), dtype=torch.int32, device=device).random_(
-            generator=gen) >> (31 - NOISE_BITS)
+            generator=gen).bitwise_right_shift_(31 - NOISE_BITS)

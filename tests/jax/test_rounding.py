@@ -92,6 +92,14 @@ def test_exact_values_special_values_and_overflow(name):
     out = np.asarray(stochastic_round(special, jdt, jax.random.key(0)).astype(jnp.float32))
     # beyond the largest finite value: round to nearest, so an overflow is still inf
     np.testing.assert_array_equal(out, special.astype(ndt).astype(np.float32))
+    # finite in fp32 beyond the largest finite value (to nearest: the max, never inf),
+    # and NaNs whose bits a carry would wrap into the sign: 64 copies, 64 draws each
+    spacing = float(fi.max) - float(np.nextafter(ndt(fi.max), ndt(0)))
+    beyond = [float(fi.max) + 0.49 * spacing, -(float(fi.max) + 0.49 * spacing)]
+    nans = np.array([0x7FFFFFFF, -1], np.int32).view(np.float32)
+    edge = np.tile(np.concatenate([np.float32(beyond), nans]), 64)
+    out = np.asarray(stochastic_round(edge, jdt, jax.random.key(0))).astype(np.float32)
+    np.testing.assert_array_equal(out, edge.astype(ndt).astype(np.float32))
 
 
 def test_other_dtypes_are_a_plain_cast():

@@ -70,6 +70,14 @@ def test_special_values(name):
     special = torch.tensor([float("inf"), -float("inf"), float("nan"), fi.max * 1.01])
     out = stochastic_round(special, tdt, draw(special, (4,))).float()
     torch.testing.assert_close(out, special.to(tdt).float(), equal_nan=True, rtol=0, atol=0)
+    # finite in fp32 beyond the largest finite value (to nearest: the max, never inf),
+    # and NaNs whose bits a carry would wrap into the sign: 64 copies, 64 draws each
+    spacing = float(fi.max) - float(np.nextafter(ndt(fi.max), ndt(0)))
+    beyond = torch.tensor([fi.max + 0.49 * spacing, -(fi.max + 0.49 * spacing)])
+    nans = torch.tensor([0x7FFFFFFF, -1], dtype=torch.int32).view(torch.float32)
+    edge = torch.cat([beyond, nans]).repeat(64)
+    out = stochastic_round(edge, tdt, draw(edge, edge.shape)).float()
+    torch.testing.assert_close(out, edge.to(tdt).float(), equal_nan=True, rtol=0, atol=0)
 
 
 def test_noise_is_reproducible_per_step_parameter_and_shard():
