@@ -44,8 +44,9 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU runs all 8 devices' collectives on one pool; fewer threads than devices deadlock.
-os.environ.setdefault("PJRT_NPROC", "16")
+# XLA:CPU runs all 8 devices' collectives on one pool; fewer threads than devices can
+# deadlock: two per device (tests/jax/cpu_devices.py has the same rule).
+os.environ["PJRT_NPROC"] = str(max(16, int(os.environ.get("PJRT_NPROC") or 0)))
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

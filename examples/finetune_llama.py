@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 import lomo_jax
+from lomo_jax import aot
 from lomo_jax.models import convert, llama
 
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
@@ -203,23 +204,17 @@ def build_step(args, lm, schedule):
     return step, lambda p: lomo_jax.fused_init(tx, p, rng=key)
 
 
-def abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def compile_step(step, init, params, batch):
     """Compile ``step`` ahead of time on abstract shapes (nothing allocated)."""
-    shapes = abstract(params)
-    return step.lower(shapes, jax.eval_shape(init, shapes), abstract(batch)).compile()
+    shapes = aot.abstract(params, None)
+    return step.lower(shapes, jax.eval_shape(init, shapes), aot.abstract(batch, None)).compile()
 
 
 def step_bytes(compiled):
     """``(total, temp)`` bytes of one compiled step from XLA's ``memory_analysis()``:
     total = arguments + outputs + temporaries - outputs aliased to donated inputs."""
-    m = compiled.memory_analysis()
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-    return total, m.temp_size_in_bytes
+    m = aot.MemoryFigures.of(compiled)
+    return m.total, m.temporaries
 
 
 def memory_report(args, lm, params, batch, schedule, compiled):

@@ -41,6 +41,9 @@ from typing import NamedTuple, Optional, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lomo_jax import _layout
+from lomo_jax.sharding import abstract_like
+
 __all__ = [
     "GPU_TARGETS",
     "MemoryFigures",
@@ -131,10 +134,9 @@ def target_mesh(
 def abstract(tree, mesh: Optional[Mesh], spec: PartitionSpec = PartitionSpec()):
     """``jax.ShapeDtypeStruct`` of every leaf of ``tree``, placed with ``spec`` on
     ``mesh`` (replicated by default); ``mesh=None`` leaves the placement to ``jit``."""
-    sharding = None if mesh is None else NamedSharding(mesh, spec)
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
-    )
+    if mesh is None:
+        return _layout.abstract(tree)
+    return abstract_like(NamedSharding(mesh, spec), tree)
 
 
 def compiled_memory(fn, *abstract_args, **abstract_kwargs) -> MemoryFigures:

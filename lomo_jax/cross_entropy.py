@@ -129,12 +129,6 @@ def linear_cross_entropy(
 # --------------------------------------------------------------------------
 
 
-def _blocks(vocab: int, chunk: int):
-    """``(n_full, tail)``: ``n_full`` chunks of ``chunk`` columns, then one of ``tail``."""
-    n_full = vocab // chunk
-    return n_full, vocab - n_full * chunk
-
-
 def _w_chunk(w, start, size, transposed, dtype):
     return lax.dynamic_slice_in_dim(w, start, size, axis=0 if transposed else 1).astype(dtype)
 
@@ -149,7 +143,7 @@ def _logits(x, w_c, transposed):
 def _scan_chunks(body, carry, vocab, chunk):
     """Run ``body(carry, start, size) -> carry`` over the chunks (a scan over the
     full ones, then the tail, if any)."""
-    n_full, tail = _blocks(vocab, chunk)
+    n_full, tail = divmod(vocab, chunk)  # n_full chunks of chunk columns, then the tail
     if n_full == 1:
         carry = body(carry, 0, chunk)
     elif n_full > 1:
@@ -196,8 +190,7 @@ def _lse_and_label_logit(x, w, y, transposed, chunk):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _cross_entropy(x, w, y, coef, transposed, chunk):
-    lse, picked = _lse_and_label_logit(x, w, y, transposed, chunk)
-    return jnp.sum(coef * (lse - picked))
+    return _cross_entropy_fwd(x, w, y, coef, transposed, chunk)[0]
 
 
 def _cross_entropy_fwd(x, w, y, coef, transposed, chunk):

@@ -147,7 +147,7 @@ from jax import lax
 
 from lomo_jax import _loss_scale
 from lomo_jax._layout import Units, abstract as _abstract, describe as _describe
-from lomo_jax._layout import path_str as _path, split_params as _split_params_units
+from lomo_jax._layout import path_str as _path, split_params as _split_params
 from lomo_jax._leafwise import cross_leaf_dependencies
 from lomo_jax._loss_scale import LossScaleState
 from lomo_jax.per_layer import PerLayerState, per_layer
@@ -272,12 +272,6 @@ class FusedState(NamedTuple):
 # --------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------
-
-
-def _split_params(params):
-    """Check the parameter tree; return ``(L, embed, layers, head)``."""
-    n_layers, units = _split_params_units(params)
-    return (n_layers, *units)
 
 
 def _has_fp16(params) -> bool:
@@ -507,15 +501,12 @@ def _micro_axis(x) -> int:
 
 def _pick(tree, k):
     """Micro-batch ``k`` of a tree in :func:`_to_micro` layout."""
-    return jax.tree.map(
-        lambda x: lax.dynamic_index_in_dim(x, k, _micro_axis(x), keepdims=False), tree)
+    return _index(tree, k, _micro_axis)
 
 
 def _put(tree, value, k):
     """``tree`` with micro-batch ``k`` replaced by ``value`` (in place)."""
-    return jax.tree.map(
-        lambda x, v: lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), k, _micro_axis(x)),
-        tree, value)
+    return _write(tree, value, k, _micro_axis)
 
 
 def _check_microbatches(batch, m: int) -> None:
@@ -530,13 +521,15 @@ def _check_microbatches(batch, m: int) -> None:
                 "micro-batch.)")
 
 
-def _index(tree, i):
-    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, 0, keepdims=False), tree)
+def _index(tree, i, axis=lambda x: 0):
+    """Entry ``i`` along each leaf's ``axis(leaf)`` (default: the layer axis)."""
+    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, i, axis(x), keepdims=False), tree)
 
 
-def _write(tree, value, i):
+def _write(tree, value, i, axis=lambda x: 0):
+    """``tree`` with entry ``i`` along ``axis(leaf)`` replaced by ``value`` (in place)."""
     return jax.tree.map(
-        lambda x, v: lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), i, 0),
+        lambda x, v: lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), i, axis(x)),
         tree,
         value,
     )
@@ -623,29 +616,27 @@ class _Stages:
     def forward(self, p: Units):
         """``h_L`` (whole batch) and the stacked layer inputs ``h_0..h_{L-1}``
         (in the layers' layout; nothing else is kept)."""
-        h0 = self.model.embed(p.embed, self.batch)
+        h0 = self.to_layers(self.model.embed(p.embed, self.batch))
         if self.m == 1:
             _check_activation(self.model, _index(p.layers, 0), h0, self.batch)
-
-            def body(h, p_i):
-                return self.model.layer(p_i, h, self.batch), h
-
-            return lax.scan(body, h0, p.layers)
-        h0 = self.to_layers(h0)
-        _check_activation(self.model, _index(p.layers, 0), _pick(h0, 0), _pick(self.micro, 0))
-
-        def layer_on_each(p_i, h):
-            def micro(h, k):
-                out = self.model.layer(p_i, _pick(h, k), _pick(self.micro, k))
-                return _put(h, out, k), None
-
-            return lax.scan(micro, h, jnp.arange(self.m))[0]
+        else:
+            _check_activation(self.model, _index(p.layers, 0), _pick(h0, 0), _pick(self.micro, 0))
 
         def body(h, p_i):
-            return layer_on_each(p_i, h), h
+            return self._layer_on_each(p_i, h), h
 
         h_last, hs = lax.scan(body, h0, p.layers)
         return self.from_layers(h_last), hs
+
+    def _layer_on_each(self, p_i, h):
+        """One layer on the whole batch: on each micro-batch in turn, in place."""
+        if self.m == 1:
+            return self.model.layer(p_i, h, self.batch)
+
+        def micro(h, k):
+            return _put(h, self.model.layer(p_i, _pick(h, k), _pick(self.micro, k)), k), None
+
+        return lax.scan(micro, h, jnp.arange(self.m))[0]
 
     # ---- gradients of the three units --------------------------------------
 
@@ -1092,13 +1083,13 @@ def fused_train_step(
     )
 
     def step(params, opt_state, batch):
-        n_layers, pe, pl, ph = _split_params(params)
+        n_layers, p = _split_params(params)
         _check_state(opt_state, params, skip_nonfinite, rounding)
-        _check_leafwise_on(tx, _abstract(pe), _abstract(_index(pl, 0)), _abstract(ph))
+        _check_leafwise_on(tx, _abstract(p.embed), _abstract(_index(p.layers, 0)),
+                           _abstract(p.head))
         if microbatches > 1:
             _check_microbatches(batch, microbatches)
         stages = _Stages(model, layer_fn, tx, batch, n_layers, microbatches)
-        p = Units(pe, pl, ph)
         s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)
         p, s, metrics, ok, finite, rng = _train_step(stages, config, p, s, opt_state)
         return _pack(p, s, opt_state, metrics, ok, finite, rng, config)

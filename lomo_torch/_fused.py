@@ -347,13 +347,17 @@ class FusedOptimizer(Optimizer):
 
     def _agreed_seed(self, seed):
         """``seed``, or one drawn from torch's default generator; with several
-        processes (DDP, FSDP2) rank 0's, so that replicas draw the same bits."""
+        processes (DDP, FSDP2) the group's first rank's, so that replicas draw
+        the same bits."""
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         if self._dp_group is not None or self._specs:
+            # DDP: its own group (which may be a subgroup); FSDP2 (and HSDP): every rank
+            group = None if self._specs else self._dp_group
+            backend = torch.distributed.get_backend(group)
             t = torch.tensor([int(seed)], dtype=torch.int64,
-                             device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-            torch.distributed.broadcast(t, src=0)
+                             device="cuda" if backend == "nccl" else "cpu")
+            torch.distributed.broadcast(t, group=group, group_src=0)
             seed = int(t.item())
         return int(seed)
 

@@ -77,6 +77,8 @@ def _nearest_beyond_max(x, rounded, dtype):
     nearest. On the CPU, where elementwise passes are the cost, only when ``x``
     holds one (one min/max pass); on an accelerator always (no host sync)."""
     big = torch.finfo(dtype).max
+    if x.numel() == 0:
+        return rounded
     if x.device.type == "cpu":
         lo, hi = torch.aminmax(x)
         if bool(lo >= -big) and bool(hi <= big):  # False for NaN

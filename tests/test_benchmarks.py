@@ -40,6 +40,7 @@ def test_torch_step_benchmark_runs():
 
 
 def table_rows(text):
+    """The cells of every Markdown table row of ``text`` but headers and rules."""
     return [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith("| ") and "ms" not in line and "---" not in line]
 
@@ -72,8 +73,8 @@ def test_memory_benchmark_runs(target):
     than value_and_grad + AdamW."""
     out = run(RUNS["memory"] + ["--target", target])
     assert f"target {target}" in out, out
-    rows = {(cells[3], int(cells[2])): float(cells[6]) for line in out.splitlines()
-            if line.startswith("| tiny ") and (cells := [c.strip() for c in line.split("|")[1:]])}
+    rows = {(cells[3], int(cells[2])): float(cells[6]) for cells in table_rows(out)
+            if cells[0] == "tiny"}
     fused = ("fused LOMO", "fused AdaLomo", "fused AdaLomo, clip 1.0")
     assert set(rows) == ({("inference", 1), ("value_and_grad + AdamW", 1)}
                          | {(m, mb) for m in fused for mb in (1, 2)}), out
@@ -87,8 +88,7 @@ def test_precision_benchmark_runs():
     ratios they claim, and even 4 steps show nearest losing the update that
     stochastic rounding keeps."""
     out = run(RUNS["precision"])
-    rows = {cells[3]: cells for line in out.splitlines() if line.startswith("| jax ")
-            and (cells := [c.strip() for c in line.split("|")[1:-1]])}
+    rows = {cells[3]: cells for cells in table_rows(out) if cells[0] == "jax"}
     assert set(rows) == {"fp32", "bf16 nearest", "bf16 stochastic"}, out
     red = {k: float(v[5]) for k, v in rows.items()}
     for k, v in rows.items():

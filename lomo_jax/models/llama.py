@@ -595,10 +595,13 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     ``[[7, 7, 7, 2, 2]] -> [[0, 1, 2, 0, 1]]``."""
     seg = jnp.asarray(segment_ids)
     t = jnp.arange(seg.shape[-1], dtype=jnp.int32)
-    starts = jnp.concatenate(
-        [jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], axis=-1
-    )
-    return t - lax.cummax(jnp.where(starts, t, 0), axis=seg.ndim - 1)
+    return t - lax.cummax(jnp.where(_segment_starts(seg), t, 0), axis=seg.ndim - 1)
+
+
+def _segment_starts(seg: jax.Array) -> jax.Array:
+    """True where a segment starts (the first token of each row included)."""
+    return jnp.concatenate(
+        [jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], axis=-1)
 
 
 def positions(batch: Mapping[str, Any]) -> jax.Array:
@@ -627,10 +630,7 @@ def default_labels(batch: Mapping[str, Any]) -> jax.Array:
         labels = jnp.where(jnp.asarray(mask) != 0, labels, IGNORE_INDEX)
     seg = batch.get("segment_ids")
     if seg is not None:
-        seg = jnp.asarray(seg)
-        new_doc = jnp.concatenate(
-            [jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1
-        )
+        new_doc = _segment_starts(jnp.asarray(seg)).at[..., 0].set(False)
         labels = jnp.where(new_doc, IGNORE_INDEX, labels)
     return labels
 
@@ -1045,14 +1045,22 @@ def _merge_submodule(config: LlamaConfig, name: str, params):
     return nnx.merge(graphdef, state)
 
 
-def _head_logits(config: LlamaConfig, head_params, h, embed_params=None) -> jax.Array:
+def _head_input_and_weight(config: LlamaConfig, head_params, h, embed_params):
+    """``(x, w, transposed)``: the normed ``h`` and the output projection, the
+    tied embedding (``[V, D]``, ``transposed``) or the LM head (``[D, V]``)."""
     x = rms_norm(h, jnp.asarray(head_params["norm"]), config.rms_norm_eps, config.dtype)
-    if config.tie_word_embeddings:
-        if embed_params is None:
-            raise ValueError("a tied-embedding config needs embed_params for the head.")
-        w = jnp.asarray(embed_params["embedding"]).astype(config.dtype)
+    if not config.tie_word_embeddings:
+        return x, jnp.asarray(head_params["lm_head"]), False
+    if embed_params is None:
+        raise ValueError("a tied-embedding config needs embed_params for the head.")
+    return x, jnp.asarray(embed_params["embedding"]), True
+
+
+def _head_logits(config: LlamaConfig, head_params, h, embed_params=None) -> jax.Array:
+    x, w, transposed = _head_input_and_weight(config, head_params, h, embed_params)
+    w = w.astype(config.dtype)
+    if transposed:
         return jnp.dot(x, w.T)
-    w = jnp.asarray(head_params["lm_head"]).astype(config.dtype)
     return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
@@ -1064,14 +1072,8 @@ def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) ->
     vocabulary chunks: the ``[B, T, V]`` logits, their softmax and their
     cotangent never exist whole.
     """
-    x = rms_norm(h, jnp.asarray(head_params["norm"]), config.rms_norm_eps, config.dtype)
+    x, w, transposed = _head_input_and_weight(config, head_params, h, embed_params)
     targets = next_token_targets(default_labels(batch))
-    if config.tie_word_embeddings:
-        if embed_params is None:
-            raise ValueError("a tied-embedding config needs embed_params for the head.")
-        w, transposed = jnp.asarray(embed_params["embedding"]), True
-    else:
-        w, transposed = jnp.asarray(head_params["lm_head"]), False
     return linear_cross_entropy(x, w, targets, transposed=transposed, ignore_index=IGNORE_INDEX)
 
 

@@ -13,6 +13,7 @@ from lomo_jax import aot
 from lomo_jax.grad_order import param_grads_first
 from lomo_jax.models import llama
 from tests.jax.tiny_llama import TINY
+from tests.jax.gpu_target import rtx4090_mesh
 
 CFG = llama.LlamaConfig(**TINY)
 
@@ -78,8 +79,7 @@ def _compiled_hlo(cfg, batch_extra):
 def test_gpu_target_uses_cudnn_flash_attention(extra):
     """Compiled for an RTX 4090, the bf16 step runs cuDNN's fused attention in the
     forward and the backward (with a sliding window too); fp32 runs XLA's."""
-    if not aot.gpu_target_available("rtx4090"):
-        pytest.fail("the GPU-target test needs the CUDA plugin (requirements-test.txt)")
+    rtx4090_mesh()  # fails (or skips) with the reason when the CUDA plugin is missing
     kw = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=2, sliding_window=64, model_type="mistral")
     batch_extra = {k: jax.ShapeDtypeStruct((2, 128), jnp.int32) for k in extra}

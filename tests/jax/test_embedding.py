@@ -4,10 +4,10 @@ tokens in fp32, and is never a dense [V, D] buffer where a norm consumes it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from lomo_jax import aot
 from lomo_jax.embedding import embedding_lookup
+from tests.jax.gpu_target import rtx4090_mesh
 
 
 def inputs(vocab=50, d=8, shape=(3, 20), seed=0, dtype=jnp.float32):
@@ -53,9 +53,7 @@ def test_gradient_norm_needs_no_dense_buffer_on_gpu():
     """||dE||^2 of a 128k x 1024 table from 1024 tokens, compiled for an RTX 4090:
     the gradient is never a [V, D] array (the gather fuses into the reduction);
     the scatter-add gradient of jnp.take is one. (XLA:CPU materialises both.)"""
-    if not aot.gpu_target_available("rtx4090"):
-        pytest.fail("the GPU-target test needs the CUDA plugin (requirements-test.txt)")
-    mesh = aot.target_mesh("rtx4090")
+    mesh = rtx4090_mesh()
     vocab, d, n = 131072, 1024, 1024
     table = aot.abstract(jax.ShapeDtypeStruct((vocab, d), jnp.bfloat16), mesh)
     ids = aot.abstract(jax.ShapeDtypeStruct((n,), jnp.int32), mesh)

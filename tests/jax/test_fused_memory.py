@@ -35,6 +35,7 @@ import pytest
 import lomo_jax
 from lomo_jax import aot
 from lomo_jax.models import llama
+from tests.jax.gpu_target import rtx4090_mesh
 
 GIB = 2**30
 
@@ -111,15 +112,6 @@ def stacked_copies(hlo_text, params, state):
 # XLA:GPU (RTX 4090 target, compiled without a GPU), bf16
 # --------------------------------------------------------------------------
 
-def _gpu_mesh():
-    if not aot.gpu_target_available("rtx4090"):
-        pytest.fail(
-            "the CUDA plugin (jax[cuda12], in requirements-test.txt) is needed for the "
-            "GPU-target memory bounds; install it and run with JAX_PLATFORMS=cpu "
-            "(the root conftest sets it).")
-    return aot.target_mesh("rtx4090")
-
-
 # Real widths (XLA picks different kernels, e.g. split-K partial sums, for toy
 # matrices); 4 layers. HEAD: Llama-3's vocabulary, the head's gradient is the
 # largest term. LAYERS: a 32k vocabulary, two layers' parameters are.
@@ -153,7 +145,7 @@ def gpu_config(which, dtype=jnp.bfloat16, tied=False):
          "head-tied-clip", "layers-adalomo", "layers-adamw", "layers-clip"],
 )
 def test_gpu_target_bound(which, name, kw, dtype, tied):
-    mesh = _gpu_mesh()
+    mesh = rtx4090_mesh()
     cfg, batch = gpu_config(which, dtype, tied)
     params, state, mem, _ = check_bound(cfg, name, batch, mesh, **kw)
     assert mem.aliased == nbytes(params) + nbytes(state)  # every output in place
@@ -168,7 +160,7 @@ LLAMA3_8B = llama.LlamaConfig(vocab_size=128256, intermediate_size=14336, num_ke
 
 @pytest.mark.slow
 def test_gpu_target_real_scale_goals():
-    mesh = _gpu_mesh()
+    mesh = rtx4090_mesh()
     *_, lomo_7b, _ = compile_step(LLAMA_7B, lomo_jax.lomo(1e-5), (8, 512), mesh)
     assert lomo_7b.total <= 14.5 * GIB, lomo_7b.total / GIB  # the LOMO paper: 14.58
     tx = lomo_jax.adalomo(1e-5)

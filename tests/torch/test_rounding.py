@@ -78,6 +78,9 @@ def test_special_values(name):
     edge = torch.cat([beyond, nans]).repeat(64)
     out = stochastic_round(edge, tdt, draw(edge, edge.shape)).float()
     torch.testing.assert_close(out, edge.to(tdt).float(), equal_nan=True, rtol=0, atol=0)
+    # an empty tensor (an FSDP2 shard of a parameter with fewer rows than ranks)
+    empty = torch.empty(0, 4)
+    assert stochastic_round(empty, tdt, draw(empty, (0, 4))).shape == (0, 4)
 
 
 def test_noise_is_reproducible_per_step_parameter_and_shard():
