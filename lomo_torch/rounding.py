@@ -9,14 +9,19 @@ values unchanged; magnitudes above the largest finite value, infinities and
 NaN round to nearest. Given the same :math:`r`, ``lomo_torch`` and
 ``lomo_jax`` round identically.
 
-Where the integers come from (:class:`RoundingNoise`): one ``torch.Generator``
-per device, re-seeded for every parameter at every step from
-``(seed, step, parameter index, shard)``. So the bits a parameter gets do not
-depend on how many other parameters (or shards of different sizes) drew
-before it: DDP replicas and FSDP2 ranks holding a replicated parameter draw
-the same bits, shards of one parameter draw different ones, and a run resumed
-from ``state_dict()`` (which carries the seed and the step) draws what the
-uninterrupted run would have.
+Where the integers come from (:class:`RoundingNoise`): a generator re-keyed
+for every parameter at every step from ``(seed, step, parameter index,
+shard)`` -- numpy's PCG64 on the CPU, a ``torch.Generator`` (Philox) on an
+accelerator. So the bits a parameter gets do not depend on how many other
+parameters (or shards of different sizes) drew before it: DDP replicas and
+FSDP2 ranks holding a replicated parameter draw the same bits, shards of one
+parameter draw different ones, and a run resumed from ``state_dict()`` (which
+carries the seed and the step) draws what the uninterrupted run would have.
+Every generated bit is used: bf16 takes 16 per element (all its rule reads;
+the ``int16`` form of :func:`stochastic_round`), fp16 24, four or two
+elements per 64-bit word. On a CPU the generator and the elementwise passes
+are the whole cost, so the optimizers round with :func:`stochastic_round_into`,
+which works in the fp32 update's own storage.
 
 Example::
 
@@ -27,9 +32,13 @@ Example::
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
-__all__ = ["NOISE_BITS", "RoundingNoise", "is_low_precision", "stochastic_round"]
+__all__ = ["NOISE_BITS", "RoundingNoise", "is_low_precision", "stochastic_round",
+           "stochastic_round_into"]
 
 NOISE_BITS = 24
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -41,25 +50,52 @@ def is_low_precision(dtype: torch.dtype) -> bool:
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor) -> torch.Tensor:
-    """``x`` (fp32) rounded stochastically to ``dtype`` with the integers
-    ``noise`` in ``[0, 2^24)`` (``x``'s shape). Other dtypes: a plain cast."""
+    """``x`` (fp32) rounded stochastically to ``dtype`` with the random integers
+    ``noise`` (``x``'s shape): ``int32`` values :math:`r \\in [0, 2^{24})`, or
+    for bf16 also ``int16`` values :math:`s`, read as
+    :math:`r = (s + 2^{15}) \\cdot 2^8` -- bf16's rule reads only the top 16
+    bits of :math:`r`, and this is the form :class:`RoundingNoise` draws them
+    in for bf16 (no conversion pass). Other dtypes: a plain cast."""
     if not is_low_precision(dtype):
         return x.to(dtype)
     x = x.float()
-    r = noise.to(torch.int32)
     if dtype == torch.bfloat16:
-        rounded = _bf16_by_carry(x, r)
+        rounded = _bf16_by_carry(x, _int16_form(noise))
+    elif noise.dtype == torch.int16:
+        raise ValueError(f"int16 noise carries 16 bits, enough for bfloat16 only; {dtype} "
+                         f"needs int32 noise in [0, 2^{NOISE_BITS})")
     else:
-        rounded = _fp16_by_value(x, r)
+        rounded = _fp16_by_value(x, noise.to(torch.int32))
     return _nearest_beyond_max(x, rounded, dtype)
 
 
-def _bf16_by_carry(x, r):
-    # Adding 2^16 - 1 - r16 to the dropped 16 bits carries into the kept ones (the
-    # magnitude's next pattern) exactly when r16 < those bits: probability p. In
-    # place on one fresh int32 buffer: this runs on every parameter every step.
-    bits = r >> (NOISE_BITS - 16)
-    bits.neg_().add_(0xFFFF).add_(x.view(torch.int32)).bitwise_right_shift_(16)
+def _int16_form(noise):
+    """bf16's noise as int16 ``s``: as given, or from 24-bit ``r``: ``(r >> 8) - 2^15``."""
+    if noise.dtype == torch.int16:
+        return noise
+    return ((noise.to(torch.int32) >> (NOISE_BITS - 16)) - 2**15).to(torch.int16)
+
+
+def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Store ``stochastic_round(x, out.dtype, noise)`` in ``out``, bit for bit, and
+    return ``out``. ``x`` is scratch: a contiguous fp32 tensor the caller no
+    longer needs may be overwritten. The optimizers' path: for bf16 with
+    ``int16`` noise on the CPU (where each elementwise pass is the cost) it
+    works in ``x``'s own storage, three integer passes and the store, where
+    :func:`stochastic_round` allocates; otherwise it is that function."""
+    if (out.dtype == torch.bfloat16 and noise.dtype == torch.int16 and x.dtype == torch.float32
+            and x.is_contiguous() and _all_finite_in(x, out.dtype)):
+        # x_bits + 2^16 - 1 - r16 carries into the high half (the magnitude's next
+        # pattern) exactly when the low 16 bits exceed r16 = s16 + 2^15: probability p
+        bits = x.view(torch.int32).sub_(noise).add_(2**15 - 1).bitwise_right_shift_(16)
+        out.view(torch.int16).copy_(bits)  # the high half: exact in int16
+        return out
+    return out.copy_(stochastic_round(x, out.dtype, noise))
+
+
+def _bf16_by_carry(x, s16):
+    # The same carry as stochastic_round_into's, on a fresh int32 buffer.
+    bits = torch.sub(x.view(torch.int32), s16).add_(2**15 - 1).bitwise_right_shift_(16)
     return bits.to(torch.int16).view(torch.bfloat16)
 
 
@@ -74,16 +110,25 @@ def _fp16_by_value(x, r):
 
 def _nearest_beyond_max(x, rounded, dtype):
     """Magnitudes above ``dtype``'s largest finite value, infinities and NaN: to
-    nearest. On the CPU, where elementwise passes are the cost, only when ``x``
-    holds one (one min/max pass); on an accelerator always (no host sync)."""
-    big = torch.finfo(dtype).max
-    if x.numel() == 0:
+    nearest. On the CPU only when ``x`` holds one (one min/max pass); on an
+    accelerator always (no host sync)."""
+    if _all_finite_in(x, dtype):
         return rounded
-    if x.device.type == "cpu":
-        lo, hi = torch.aminmax(x)
-        if bool(lo >= -big) and bool(hi <= big):  # False for NaN
-            return rounded
+    big = torch.finfo(dtype).max
     return torch.where(x.abs() <= big, rounded, x.to(dtype))
+
+
+def _all_finite_in(x, dtype) -> bool:
+    """True where ``x`` is known to lie within ``dtype``'s finite range (no NaN):
+    checked on the CPU (one min/max pass, where elementwise passes are the cost);
+    on an accelerator False (unknown without a host sync)."""
+    if x.numel() == 0:
+        return True
+    if x.device.type != "cpu":
+        return False
+    big = torch.finfo(dtype).max
+    lo, hi = torch.aminmax(x)
+    return -big <= lo.item() and hi.item() <= big  # False for NaN
 
 
 def _floor_by_value(a, r, dtype):
@@ -106,16 +151,53 @@ class RoundingNoise:
     def __init__(self, seed: int):
         self.seed = int(seed)
         self._generators = {}
+        self._pcg = np.random.PCG64(0)
 
-    def draw(self, shape, device, step: int, index: int, shard: int = 0) -> torch.Tensor:
-        """``int32`` integers in ``[0, 2^24)`` of ``shape`` on ``device`` for
-        parameter ``index`` (its ``shard``) at optimizer step ``step``."""
-        device = torch.device(device)
+    def _words(self, count: int, device: torch.device, key: int) -> torch.Tensor:
+        """``count`` uniform 64-bit words (``int64``) determined by ``key``: numpy's
+        PCG64 on the CPU (its generator is the cost of stochastic rounding there,
+        and PCG64 makes 64 bits in about 0.4x the time of torch's CPU
+        ``random_``), a ``torch.Generator`` (Philox on CUDA) elsewhere."""
+        if device.type == "cpu":
+            self._pcg.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
+                               "state": {"state": key << 64 | _mix(key), "inc": _mix(key, 1) | 1}}
+            return torch.from_numpy(self._pcg.random_raw(count).view(np.int64))
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        # int hashing is deterministic across processes (no hash randomisation)
-        gen.manual_seed(hash((self.seed, int(step), int(index), int(shard))) & (2**63 - 1))
-        # random_() on int32 is uniform on [0, 2^31): its top 24 bits
-        return torch.empty(tuple(shape), dtype=torch.int32, device=device).random_(
-            generator=gen).bitwise_right_shift_(31 - NOISE_BITS)
+        gen.manual_seed(key)
+        return torch.empty(count, dtype=torch.int64, device=device).random_(
+            -(2**63), None, generator=gen)  # the full int64 range: 64 uniform bits
+
+    def draw(self, shape, device, step: int, index: int, shard=0, *,
+             dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """Integers of ``shape`` on ``device`` for parameter ``index`` (its ``shard``:
+        an int or a tuple of mesh coordinates) at optimizer step ``step``: ``int32``
+        in ``[0, 2^24)``, or ``int16`` (every value; bf16's form, see
+        :func:`stochastic_round`)."""
+        if dtype not in (torch.int16, torch.int32):
+            raise ValueError(f"dtype must be torch.int16 or torch.int32, got {dtype}")
+        shard = tuple(shard) if isinstance(shard, (tuple, list)) else (shard,)
+        n = math.prod(shape)
+        per_word = 64 // torch.iinfo(dtype).bits  # 4 (or 2) integers a 64-bit word
+        words = self._words(-(-n // per_word), torch.device(device),
+                            _mix(self.seed, step, index, *shard))
+        r = words.view(dtype)[:n].view(tuple(shape))
+        if dtype == torch.int16:
+            return r
+        return (r >> (32 - NOISE_BITS)).bitwise_and_(2**NOISE_BITS - 1)
+
+
+_MASK64 = 2**64 - 1
+
+
+def _mix(*values: int) -> int:
+    """A 64-bit key from integers: SplitMix64's finaliser folded over them
+    (defined here, so it is the same on every Python and process, unlike
+    ``hash`` of a tuple)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h

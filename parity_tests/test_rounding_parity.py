@@ -41,3 +41,14 @@ def test_same_bits_same_rounding(name):
     other = np.random.default_rng(2).integers(0, 2**24, x.shape).astype(np.int32)
     c = np.asarray(jax_round(x, jdt, noise=other)).view(np.uint16)
     assert (a != c).mean() > 0.2
+
+
+def test_bf16_int16_noise_form():
+    """lomo_torch's optimizers draw bf16's noise as int16 ``s`` (read as
+    ``r = (s + 2^15) << 8``): that form rounds as lomo_jax does with that ``r``."""
+    x = values(ml_dtypes.bfloat16)
+    s16 = np.random.default_rng(3).integers(-(2**15), 2**15, x.shape).astype(np.int16)
+    r = (s16.astype(np.int32) + 2**15) << 8
+    a = np.asarray(jax_round(x, jnp.bfloat16, noise=r)).view(np.uint16)
+    b = torch_round(torch.from_numpy(x), torch.bfloat16, torch.from_numpy(s16))
+    np.testing.assert_array_equal(a, b.view(torch.int16).numpy().view(np.uint16))
