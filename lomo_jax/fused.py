@@ -67,12 +67,14 @@ another leaf (``optax.clip_by_global_norm``, ``optax.apply_if_finite``,
 gradients are unscaled in fp32; the first pass always runs, and a step whose
 gradients overflow is skipped as a whole (every write selects the old value,
 so every parameter and state bit is unchanged) and halves :math:`S`;
-``loss_scale_window`` clean steps double it. With two passes the update pass
-recomputes the head's VJP rather than holding its gradient across the norm
-pass. For bf16/fp32, ``skip_nonfinite=True`` is the same skip without
-the scale: a step whose loss or gradient norm (or the head's new values,
-which is how a non-finite learning rate shows) is not finite is skipped as a
-whole and counted in :attr:`FusedState.nonfinite_steps`.
+``loss_scale_window`` clean steps double it; an overflow with :math:`S` at
+``min_loss_scale`` raises (:mod:`lomo_jax._loss_scale` states the policy).
+With two passes the update pass recomputes the head's VJP rather than
+holding its gradient across the norm pass. For bf16/fp32,
+``skip_nonfinite=True`` is the same skip without the scale: a step whose
+loss or gradient norm (or the head's new values, which is how a non-finite
+learning rate shows) is not finite is skipped as a whole and counted in
+:attr:`FusedState.nonfinite_steps`.
 
 **bf16/fp16 without a master copy.** Every new value is rounded into the
 parameter's dtype once per step; ``rounding="stochastic"`` makes that rounding
@@ -137,7 +139,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -179,8 +180,9 @@ class LayeredModel:
       ``params["layers"]`` has a leading layer axis ``L``). It must return an
       activation with the same tree structure, shapes and dtypes as ``h``
       (``h`` may be any pytree of arrays).
-    * ``head(params["head"], h, batch) -> loss`` (a real scalar; compute it in
-      fp32 for fp16 models so the loss-scaled cotangent fits). With
+    * ``head(params["head"], h, batch) -> loss`` (a real scalar; for fp16
+      models better computed in fp32, though an fp16 loss works: its
+      loss-scale seed is capped at ``2**15`` and the rest applied in fp32). With
       ``tied=True`` it is called as ``head(params["head"], h, batch,
       embed_params=params["embed"])`` and may reuse the embedding; the
       embedding then gets one update with the summed gradient.
@@ -650,7 +652,8 @@ class _Stages:
 
         loss, vjp = jax.vjp(f, p.head, h_last)
         _check_loss(loss)
-        g_head, dh_last = vjp(seed.astype(loss.dtype))
+        seed, rest = _loss_scale.loss_seed(seed, loss.dtype)  # an fp16 loss holds < 2**16
+        g_head, dh_last = _loss_scale.times(vjp(seed), rest)
         return loss, g_head, dh_last
 
     def layer_grads(self, p_i, h_i, dh):
@@ -685,7 +688,8 @@ class _Stages:
             loss, vjp_h = jax.vjp(
                 lambda pe: self.model.head(p.head, h_last, self.batch, embed_params=pe), p.embed
             )
-            (g_h,) = vjp_h(seed.astype(loss.dtype))
+            seed, rest = _loss_scale.loss_seed(seed, loss.dtype)
+            (g_h,) = _loss_scale.times(vjp_h(seed), rest)
             g = jax.tree.map(jnp.add, g, g_h)
         return g
 
@@ -893,15 +897,18 @@ def _deleted_arg_error(name: str, tree) -> Exception:
 
 
 class _DonatingStep:
-    """The jitted fused step; ``__call__`` first checks for donated arrays.
+    """The jitted fused step; ``__call__`` first checks for donated arrays and
+    for an earlier fp16 overflow at the minimum loss scale
+    (:class:`lomo_jax._loss_scale.OverflowWatch`, which never waits).
 
     JAX's own error for a deleted (donated) input is a generic "Array has been
     deleted"; this names the leaf and the fix. Everything else (``lower``,
     ``trace``, ``eval_shape``, ...) is the wrapped ``jax.jit`` function's.
     """
 
-    def __init__(self, jitted):
+    def __init__(self, jitted, watch: _loss_scale.OverflowWatch):
         self._jitted = jitted
+        self._watch = watch
         self.__wrapped__ = jitted
         self.__doc__ = getattr(jitted, "__doc__", None)
 
@@ -912,7 +919,10 @@ class _DonatingStep:
         for name, tree in named:
             if _deleted_leaves(tree):
                 raise _deleted_arg_error(name, tree)
-        return self._jitted(*args, **kwargs)
+        self._watch.check()
+        out = self._jitted(*args, **kwargs)
+        self._watch.see(out[2])
+        return out
 
     def __getattr__(self, name):
         if name == "_jitted":  # not set yet (copy/pickle): no recursion
@@ -923,17 +933,6 @@ class _DonatingStep:
         return f"fused_train_step({self._jitted!r})"
 
 
-def _checks_donated(build):
-    """Wrap the jitted step that ``build`` returns in :class:`_DonatingStep`."""
-
-    @functools.wraps(build)
-    def wrapper(*args, **kwargs):
-        return _DonatingStep(build(*args, **kwargs))
-
-    return wrapper
-
-
-@_checks_donated
 def fused_train_step(
     model: LayeredModel,
     tx: optax.GradientTransformation,
@@ -988,7 +987,10 @@ def fused_train_step(
         its residuals while its vjp runs; the unfused counterpart is
         ``jax.checkpoint(layer)`` around the scanned layer).
       loss_scale_window: clean steps after which the fp16 loss scale doubles.
-      min_loss_scale: the loss scale never goes below this.
+      min_loss_scale: the loss scale never goes below this; an overflow at it
+        raises ``RuntimeError`` when the step is next called (the flag is read
+        without waiting, so possibly a call later; see
+        :mod:`lomo_jax._loss_scale` for the policy).
       skip_nonfinite: the non-finite guard for any dtype (fp16 has it built
         in). The step is skipped as a whole - every parameter and state bit
         unchanged, as for an fp16 overflow - when the loss or the global
@@ -1059,6 +1061,8 @@ def fused_train_step(
         raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm!r}.")
     if int(loss_scale_window) < 1:
         raise ValueError(f"loss_scale_window must be >= 1, got {loss_scale_window!r}.")
+    if not min_loss_scale > 0:
+        raise ValueError(f"min_loss_scale must be positive, got {min_loss_scale!r}.")
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}.")
     if rounding not in ("nearest", "stochastic"):
@@ -1094,8 +1098,9 @@ def fused_train_step(
         p, s, metrics, ok, finite, rng = _train_step(stages, config, p, s, opt_state)
         return _pack(p, s, opt_state, metrics, ok, finite, rng, config)
 
+    watch = _loss_scale.OverflowWatch(min_loss_scale)
     if shardings is None:
-        return jax.jit(step, donate_argnums=(0, 1), keep_unused=True)
+        return _DonatingStep(jax.jit(step, donate_argnums=(0, 1), keep_unused=True), watch)
     try:
         p_sh, s_sh, b_sh = shardings
     except (TypeError, ValueError):
@@ -1104,10 +1109,10 @@ def fused_train_step(
             f"lomo_jax.sharding.fused_shardings(tx, params, mesh); got {shardings!r}."
         ) from None
     # out_shardings = in_shardings: outputs alias their donated inputs.
-    return jax.jit(
+    return _DonatingStep(jax.jit(
         step,
         in_shardings=(p_sh, s_sh, b_sh),
         out_shardings=(p_sh, s_sh, None),
         donate_argnums=(0, 1),
         keep_unused=True,
-    )
+    ), watch)

@@ -194,6 +194,12 @@ class ScaleByAdaLomoState(NamedTuple):
     v: optax.Updates
 
 
+def _unzip(like, out, n: int):
+    """``n`` trees shaped like ``like`` from ``out``, which has an ``n``-tuple at
+    each of ``like``'s leaves (``jax.tree.transpose`` cannot do an empty tree)."""
+    return tuple(jax.tree.map(lambda _, o, k=k: o[k], like, out) for k in range(n))
+
+
 def _empty() -> Array:
     return jnp.zeros((0,), jnp.float32)
 
@@ -237,7 +243,7 @@ def scale_by_adalomo(
       eps: :math:`(\epsilon_1, \epsilon_2)`: added to :math:`G^2`, and the
         smallest parameter RMS used for the step size.
       clip_threshold: :math:`d`, the RMS above which the update is rescaled.
-      decay_rate: :math:`\rho`, the exponent of the second-moment decay.
+      decay_rate: :math:`\rho \le 0`, the exponent of the second-moment decay.
       weight_decay: :math:`\lambda`, decoupled and scaled like the update.
       clip_grad_value: clamp each gradient entry to ``[-c, c]`` first.
 
@@ -251,6 +257,11 @@ def scale_by_adalomo(
     _check_positive("clip_grad_value", clip_grad_value)
     if isinstance(weight_decay, (int, float)) and weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+    if isinstance(decay_rate, (int, float)) and decay_rate > 0:
+        raise ValueError(
+            f"decay_rate must be <= 0 (beta_t = 1 - t**decay_rate), got {decay_rate!r}; "
+            "a positive rate makes beta_t negative from step 2 on. The default is -0.8."
+        )
     use_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
 
     def init_fn(params):
@@ -307,9 +318,7 @@ def scale_by_adalomo(
             return u, vr, vc, v
 
         out = jax.tree.map(leaf, updates, params, state.v_row, state.v_col, state.v)
-        u, vr, vc, v = jax.tree.transpose(
-            jax.tree.structure(updates), jax.tree.structure((0, 0, 0, 0)), out
-        )
+        u, vr, vc, v = _unzip(updates, out, 4)
         return u, ScaleByAdaLomoState(count=count, v_row=vr, v_col=vc, v=v)
 
     return optax.GradientTransformation(init_fn, update_fn)

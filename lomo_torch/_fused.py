@@ -72,6 +72,54 @@ def _check_number(name, value, *, positive=False, non_negative=False, optional=F
     return value
 
 
+_FP16_SEED_CAP = 2.0**15  # the largest power of two an fp16 loss's gradient holds
+
+# Autograd nodes that break "one parameter's gradient at a time" (torch 2.13 names).
+_REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"  # torch.utils.checkpoint(use_reentrant=True)
+_COMPILED_REGION = "CompiledFunctionBackward"         # a torch.compile'd (AOTAutograd) region
+
+
+def _graph_nodes(loss):
+    """Every node of ``loss``'s autograd graph, once each (iterative walk)."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(f for f, _ in node.next_functions)
+
+
+def _check_graph(cls_name, loss, param_names):
+    """Refuse a graph whose backward would not update each parameter once, in turn.
+
+    ``param_names`` maps ``id(parameter)`` to its name. Runs before any backward,
+    so on refusal no parameter has changed.
+    """
+    for node in _graph_nodes(loss):
+        kind = type(node).__name__
+        if kind == _REENTRANT_CHECKPOINT:
+            raise RuntimeError(
+                f"{cls_name}: the loss was computed with reentrant activation checkpointing "
+                f"(torch.utils.checkpoint(..., use_reentrant=True), autograd node {kind}). Its "
+                f"nested backward fires a parameter's hook once per checkpointed use, so a "
+                f"parameter used in two segments would get two partial updates. Use "
+                f"use_reentrant=False (transformers: model.gradient_checkpointing_enable() "
+                f"without use_reentrant=True)")
+        if kind == _COMPILED_REGION:
+            inside = [param_names[id(f.variable)] for f, _ in node.next_functions
+                      if type(f).__name__ == "AccumulateGrad" and id(f.variable) in param_names]
+            if len(inside) > 1:
+                raise RuntimeError(
+                    f"{cls_name}: part of the model runs under torch.compile (autograd node "
+                    f"{kind}), whose backward produces the gradients of {len(inside)} "
+                    f"parameters ({inside[:3]}...) at once: the update would not be fused and "
+                    f"those gradients would all be alive together. Train the model uncompiled: "
+                    f"give the optimizer and call the module itself (for torch.compile(model): "
+                    f"its ._orig_mod) and do not call module.compile()")
+
+
 class _ShardSpec:
     """How a ``DTensor`` parameter is laid out: which tensor dims are split over which groups."""
 
@@ -218,6 +266,7 @@ class FusedOptimizer(Optimizer):
 
         self._named_params = named
         self._param_index = {n: i for i, (n, _) in enumerate(named)}
+        self._name_by_id = {id(p): n for n, p in named}
         self._param_source = source
         dtensor = _dtensor_type()
         #: name -> _ShardSpec for DTensor (FSDP2 / sharded) parameters.
@@ -419,11 +468,15 @@ class FusedOptimizer(Optimizer):
         for _, p in self._named_params:  # stale gradients from a plain loss.backward()
             if p.grad is not None:
                 p.grad = None
+        if scale is not None and loss.dtype == torch.float16:
+            # an fp16 loss's gradient (the seed) is the scale itself, in fp16: 2**16 is
+            # inf there, so it is seeded with at most 2**15 and unscaled by the same
+            scale = min(scale, _FP16_SEED_CAP)
         self._scale = scale
         self._pass = mode
         self._inflight = None
         try:
-            (loss if scale is None else loss * scale).backward(retain_graph=retain_graph)
+            (loss if scale is None else loss.float() * scale).backward(retain_graph=retain_graph)
             if self._inflight is not None:  # DDP: the last parameter's all-reduce
                 item, self._inflight = self._inflight, None
                 self._finish_inflight(item, mode)
@@ -474,6 +527,7 @@ class FusedOptimizer(Optimizer):
         way the same on every rank, so all ranks clip and skip alike.
         """
         self._check_loss(loss, "grad_norm")
+        _check_graph(type(self).__name__, loss, self._name_by_id)
         self._check_precision(loss)
         self._skip_step = False
         self._norm_ready = False
@@ -522,6 +576,8 @@ class FusedOptimizer(Optimizer):
         was not finite.
         """
         self._check_loss(loss, "fused_backward")
+        if not self._norm_ready:  # else grad_norm() checked this step's graph
+            _check_graph(type(self).__name__, loss, self._name_by_id)
         if lr is None:
             lr = _check_number("lr (param_groups[0]['lr'], as an LR scheduler sets it)",
                                self.param_groups[0]["lr"], non_negative=True)

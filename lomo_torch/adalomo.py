@@ -7,7 +7,7 @@ import math
 import torch
 
 from ._fused import FusedOptimizer, _check_number, _sum_over_groups
-from .loss_scaler import DynamicLossScaler
+from .loss_scaler import FP16_POLICY, DynamicLossScaler
 
 __all__ = ["AdaLomo"]
 
@@ -35,11 +35,12 @@ class AdaLomo(FusedOptimizer):
         lr_t   = lr * max(eps[1], rms(p))
         p      = p * (1 - lr_t * weight_decay) - lr_t * update
 
-    with ``rms(x) = ||x||_2 / sqrt(numel(x))``. The loss is multiplied by the
-    static ``loss_scale`` (gradients divided by it). With fp16 (an fp16 loss
-    or fp16 parameters) the scale becomes dynamic: a :class:`DynamicLossScaler`
-    starting at ``loss_scale``; :meth:`grad_norm` is then required every step
-    and an overflow skips the step (no parameter, statistic or ``t`` changes).
+    with ``rms(x) = ||x||_2 / sqrt(numel(x))``. A ``loss_scale`` multiplies the
+    loss statically (gradients divided by it). With fp16 (an fp16 loss or fp16
+    parameters) the scale is dynamic: a :class:`DynamicLossScaler` with
+    :data:`~lomo_torch.FP16_POLICY`, starting at ``loss_scale`` if given (else
+    2**16); :meth:`grad_norm` is then required every step and an overflow skips
+    the step (no parameter, statistic or ``t`` changes).
 
     Under FSDP2 (``fully_shard``; DTensor shards) the means and RMS values are
     global (local partial sums all-reduced over the sharding groups) and the
@@ -59,20 +60,23 @@ class AdaLomo(FusedOptimizer):
     Args:
         model: the ``nn.Module`` to train (trainable parameters, tied ones once).
         lr: learning rate, relative to each parameter's RMS.
-        loss_scale: static loss scale (falsy: none); the initial scale in fp16.
+        loss_scale: static loss scale (None, the default, or 0: none); the
+            initial scale in fp16. lomo-optim's default is 2**10
+            (``**lomo_torch.LOMO_OPTIM_LOSS_SCALE["AdaLomo"]``).
         eps: ``(eps added to g**2, floor of rms(p) in the step size)``.
         clip_threshold: the update's RMS is clipped to this.
         decay_rate: ``beta_t = 1 - t**decay_rate`` (<= 0).
         clip_grad_norm, clip_grad_value, weight_decay: as in :class:`~lomo_torch.Lomo`.
         loss_scale_args: (keyword only, not in lomo-optim) extra
-            :class:`DynamicLossScaler` arguments for fp16, e.g. ``scale_window``.
+            :class:`DynamicLossScaler` arguments for fp16, over
+            :data:`~lomo_torch.FP16_POLICY`, e.g. ``scale_window``.
         skip_nonfinite: (keyword only) skip and count steps whose loss or gradient
             norm is not finite, as in :class:`~lomo_torch.Lomo`.
         stochastic_rounding, seed: (keyword only) round new values into bf16/fp16
             parameters stochastically, as in :class:`~lomo_torch.Lomo`.
     """
 
-    def __init__(self, model, lr=1e-3, loss_scale=2**10, eps=(1e-30, 1e-3), clip_threshold=1.0,
+    def __init__(self, model, lr=1e-3, loss_scale=None, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
                  *, loss_scale_args=None, skip_nonfinite=False, stochastic_rounding=False,
                  seed=None):
@@ -104,8 +108,9 @@ class AdaLomo(FusedOptimizer):
         self._beta = None
 
     def _enable_fp16(self):
-        args = {"init_scale": self.loss_scale or 1.0, **self.loss_scale_args}
-        self.loss_scaler = DynamicLossScaler(**args)
+        init = FP16_POLICY["init_scale"] if self.loss_scale is None else self.loss_scale or 1.0
+        self.loss_scaler = DynamicLossScaler(**{**FP16_POLICY, "init_scale": init,
+                                                **self.loss_scale_args})
 
     def _loss_scale(self):
         if self.loss_scaler is not None:
@@ -171,85 +176,105 @@ class AdaLomo(FusedOptimizer):
         return state
 
     def _update(self, name, p, g):
-        if name in self._specs:
-            return self._update_sharded(name, p, g)
+        """One AdaLomo step of ``p`` from its fp32 gradient ``g`` (this rank's shard
+        of a DTensor ``p``; its reductions then span the shards, see :class:`_Sharded`)."""
+        spec = self._specs.get(name)
+        red = _Dense if spec is None else _Sharded(spec)
+        local = self._local(name, p)
+        state = {k: red.local(v) for k, v in self._state_for(p, name).items()}
+        w = self._fp32_view(local)
+        update, p_rms = self._scaled_update(g, state, w, red)
+        self._apply(w, update, p_rms)
+        self._write_back(name, local, w)
+
+    def _scaled_update(self, g, state, w, red):
+        """Update the second moments from ``g``; return ``(update, rms(w))``, the
+        update already divided by ``max(1, rms(update) / clip_threshold)``."""
         beta = self._beta
-        state = self._state_for(p, name)
         u = g.square().add_(self.eps[0])
         if g.dim() >= 2:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta).add_(u.mean(dim=-1), alpha=1.0 - beta)
-            col.mul_(beta).add_(u.mean(dim=-2), alpha=1.0 - beta)
+            u_row, u_col, p_rms = red.factored_means(u, w)
             del u
-            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            row.mul_(beta).add_(u_row, alpha=1.0 - beta)
+            col.mul_(beta).add_(u_col, alpha=1.0 - beta)
+            r = (row / red.row_mean(row)).rsqrt_().unsqueeze(-1)
             c = col.unsqueeze(-2).rsqrt()
             update = torch.mul(r, c).mul_(g)
         else:
+            p_rms = red.rms(w)
             v = state["exp_avg_sq"]
             v.mul_(beta).add_(u, alpha=1.0 - beta)
             del u
             update = v.rsqrt().mul_(g)
-        del g
-        update.div_((_rms(update) / self.clip_threshold).clamp_(min=1.0))
+        update.div_((red.rms(update) / self.clip_threshold).clamp_(min=1.0))
+        return update, p_rms
 
-        w = self._fp32_view(p)
-        # lr_t = lr * max(eps[1], rms(p)) as 0-d tensors (no host sync). The floor
-        # branch is computed in float64 and rounded once, as lomo-optim does.
+    def _apply(self, w, update, p_rms):
+        """``w = w * (1 - lr_t * wd) - lr_t * update`` with ``lr_t = lr * max(eps[1], rms(p))``.
+
+        0-d tensors (no host sync); the floor branch is computed in float64 and
+        rounded once, as lomo-optim does.
+        """
         lr, wd, eps1 = self._step_lr, self.weight_decay, self.eps[1]
-        p_rms = _rms(w)
         above = p_rms > eps1
         lr_t = torch.where(above, p_rms * lr, lr * eps1)
         if wd > 0:
             w.mul_(torch.where(above, 1.0 - lr_t * wd, 1.0 - lr * eps1 * wd))
         w.addcmul_(update, lr_t.neg())  # w - lr_t * update, rounded once
-        self._write_back(name, p, w)
 
-    def _update_sharded(self, name, p, g):
-        """:meth:`_update` on this rank's shard ``g`` of a DTensor parameter ``p``.
 
-        Means over a sharded dim are local sums all-reduced over the groups that
-        split it, divided by the global size; RMS values likewise from sums of
-        squares. Tensors reduced over the same groups share one collective.
-        """
-        spec = self._specs[name]
-        beta, nd = self._beta, g.dim()
-        state = self._state_for(p, name)
-        w = self._fp32_view(self._local(name, p))
-        p_sq = w.square().sum()
-        u = g.square().add_(self.eps[0])
-        if nd >= 2:
-            row, col = state["exp_avg_sq_row"].to_local(), state["exp_avg_sq_col"].to_local()
-            row_sum, col_sum, p_sq = _sum_over_groups([
-                (u.sum(dim=-1), spec.groups(nd - 1)),
-                (u.sum(dim=-2), spec.groups(nd - 2)),
-                (p_sq, spec.all_groups),
-            ])
-            del u
-            row.mul_(beta).add_(row_sum.div_(spec.shape[-1]), alpha=1.0 - beta)
-            col.mul_(beta).add_(col_sum.div_(spec.shape[-2]), alpha=1.0 - beta)
-            (row_total,) = _sum_over_groups([(row.sum(dim=-1, keepdim=True), spec.groups(nd - 2))])
-            r = (row / row_total.div_(spec.shape[-2])).rsqrt_().unsqueeze(-1)
-            c = col.unsqueeze(-2).rsqrt()
-            update = torch.mul(r, c).mul_(g)
-        else:
-            (p_sq,) = _sum_over_groups([(p_sq, spec.all_groups)])
-            v = state["exp_avg_sq"].to_local()
-            v.mul_(beta).add_(u, alpha=1.0 - beta)
-            del u
-            update = v.rsqrt().mul_(g)
-        del g
-        (u_sq,) = _sum_over_groups([(update.square().sum(), spec.all_groups)])
-        root_n = math.sqrt(spec.numel)
-        update.div_((u_sq.sqrt_() / root_n / self.clip_threshold).clamp_(min=1.0))
+class _Dense:
+    """AdaLomo's reductions over a whole (unsharded) tensor."""
 
-        lr, wd, eps1 = self._step_lr, self.weight_decay, self.eps[1]
-        p_rms = p_sq.sqrt_() / root_n
-        above = p_rms > eps1
-        lr_t = torch.where(above, p_rms * lr, lr * eps1)
-        if wd > 0:
-            w.mul_(torch.where(above, 1.0 - lr_t * wd, 1.0 - lr * eps1 * wd))
-        w.addcmul_(update, lr_t.neg())
-        self._write_back(name, self._local(name, p), w)
+    @staticmethod
+    def local(t):
+        return t
+
+    @staticmethod
+    def factored_means(u, w):
+        """``(u.mean(-1), u.mean(-2), rms(w))``."""
+        return u.mean(dim=-1), u.mean(dim=-2), _rms(w)
+
+    @staticmethod
+    def row_mean(row):
+        return row.mean(dim=-1, keepdim=True)
+
+    rms = staticmethod(_rms)
+
+
+class _Sharded:
+    """AdaLomo's reductions over a DTensor's shards: local sums all-reduced over
+    the groups that split the reduced dims, divided by the global size.
+    Sums over the same groups share one collective."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.root_n = math.sqrt(spec.numel)
+
+    @staticmethod
+    def local(t):
+        return t.to_local()
+
+    def factored_means(self, u, w):
+        spec, nd = self.spec, u.dim()
+        row_sum, col_sum, p_sq = _sum_over_groups([
+            (u.sum(dim=-1), spec.groups(nd - 1)),
+            (u.sum(dim=-2), spec.groups(nd - 2)),
+            (w.square().sum(), spec.all_groups),
+        ])
+        p_rms = p_sq.sqrt_() / self.root_n
+        return row_sum.div_(spec.shape[-1]), col_sum.div_(spec.shape[-2]), p_rms
+
+    def row_mean(self, row):
+        spec = self.spec  # row's last dim is the parameter's dim nd - 2
+        groups = spec.groups(len(spec.shape) - 2)
+        (total,) = _sum_over_groups([(row.sum(dim=-1, keepdim=True), groups)])
+        return total.div_(spec.shape[-2])
+
+    def rms(self, x):
+        (sq,) = _sum_over_groups([(x.square().sum(), self.spec.all_groups)])
+        return sq.sqrt_() / self.root_n
 
 
 def _shard(dim):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._fused import FusedOptimizer, warn_fp16_clip
-from .loss_scaler import DynamicLossScaler
+from .loss_scaler import FP16_POLICY, DynamicLossScaler
 
 __all__ = ["Lomo"]
 
@@ -22,7 +22,9 @@ class Lomo(FusedOptimizer):
     The global norm needs every gradient before any update, so norm clipping
     takes two backward passes: :meth:`grad_norm` (norm only), then
     :meth:`fused_backward` (updates). fp16 (an fp16 loss or fp16 parameters)
-    turns on a :class:`DynamicLossScaler` built from ``loss_scale_args`` and,
+    turns on a :class:`DynamicLossScaler` with :data:`~lomo_torch.FP16_POLICY`
+    (start at 2**16; lomo-optim's 2**32 with
+    ``**lomo_torch.LOMO_OPTIM_LOSS_SCALE["Lomo"]``), updated by ``loss_scale_args``, and,
     as in lomo-optim, ``clip_grad_norm=1.0`` if it was None; ``grad_norm``
     is then required every step and an overflow skips the step.
 
@@ -43,7 +45,8 @@ class Lomo(FusedOptimizer):
         clip_grad_norm: clip the global gradient L2 norm to this (two passes).
         clip_grad_value: clamp each gradient element to ``[-v, v]``.
         weight_decay: decoupled weight decay, ``p *= 1 - lr * weight_decay``.
-        loss_scale_args: keyword arguments of :class:`DynamicLossScaler` for fp16.
+        loss_scale_args: keyword arguments of :class:`DynamicLossScaler` for fp16,
+            over :data:`~lomo_torch.FP16_POLICY`.
         skip_nonfinite: (keyword only, not in lomo-optim) bf16/fp32 guard: a step
             whose loss or global gradient norm is not finite is skipped whole
             (nothing changes) and counted in ``nonfinite_steps``; makes
@@ -71,7 +74,7 @@ class Lomo(FusedOptimizer):
                          seed=seed)
 
     def _enable_fp16(self):
-        self.loss_scaler = DynamicLossScaler(**self.loss_scale_args)
+        self.loss_scaler = DynamicLossScaler(**{**FP16_POLICY, **self.loss_scale_args})
         if self.clip_grad_norm is None:
             self.clip_grad_norm = 1.0
             warn_fp16_clip(type(self).__name__)

@@ -8,7 +8,8 @@ multiplied by ``scale_factor`` again. ``delayed_shift`` > 1 tolerates that many
 overflows before the first reduction (hysteresis).
 
 The same rules and defaults as ``lomo_optim.lomo.DynamicLossScaler`` (itself
-after DeepSpeed's), but it needs no process group and logs through
+after DeepSpeed's; :class:`~lomo_torch.Lomo` and :class:`~lomo_torch.AdaLomo`
+build it from :data:`FP16_POLICY` instead), but it needs no process group and logs through
 :mod:`logging` (logger ``"lomo_torch"``) instead of printing on rank 0.
 
 Example::
@@ -27,7 +28,21 @@ import torch
 
 logger = logging.getLogger("lomo_torch")
 
-__all__ = ["DynamicLossScaler"]
+__all__ = ["DynamicLossScaler", "FP16_POLICY", "LOMO_OPTIM_LOSS_SCALE"]
+
+#: The fp16 loss-scaling policy of lomo_torch's optimizers, the same as lomo_jax's:
+#: start at 2**16; on a step whose gradients overflow, skip it (nothing changes)
+#: and halve the scale; double it after 1000 consecutive clean steps; never
+#: below 1, and an overflow at 1 raises ``RuntimeError``.
+FP16_POLICY = {"init_scale": 2.0**16, "scale_factor": 2.0, "scale_window": 1000,
+               "min_scale": 1, "raise_error_at_min_scale": True}
+
+#: lomo-optim 0.1.1's loss scales, for reproducing its numbers:
+#: ``Lomo(model, **LOMO_OPTIM_LOSS_SCALE["Lomo"])`` starts fp16 at 2**32 and
+#: ``AdaLomo(model, **LOMO_OPTIM_LOSS_SCALE["AdaLomo"])`` scales every loss by
+#: 2**10 (fp32 and bf16 too, statically; fp16 starts its dynamic scale there).
+LOMO_OPTIM_LOSS_SCALE = {"Lomo": {"loss_scale_args": {"init_scale": 2**32}},
+                         "AdaLomo": {"loss_scale": 2**10}}
 
 
 class DynamicLossScaler:

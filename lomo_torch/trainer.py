@@ -7,6 +7,13 @@ The one-line switch for a script that already uses ``Trainer``::
     args = TrainingArguments(..., optim="adalomo", learning_rate=1e-3)   # or optim="lomo"
     Trainer(model=model, args=args, train_dataset=ds).train()
 
+A ``Trainer`` subclass (trl's ``SFTTrainer``, ``Seq2SeqTrainer``, your own)
+opts in the same way, explicitly: ``lomo_trainer(SFTTrainer)`` returns
+``LomoSFTTrainer``, the subclass with :class:`LomoTrainerMixin` first (or
+write ``class MyTrainer(LomoTrainerMixin, SFTTrainer)``). Nothing in
+transformers is patched: a plain ``Trainer`` with ``optim="lomo"`` still
+runs transformers' own path (``lomo-optim``, see below).
+
 What it does differently from ``Trainer``:
 
 * the optimizer is :class:`lomo_torch.AdaLomo` (``optim="adalomo"``) or
@@ -18,21 +25,29 @@ What it does differently from ``Trainer``:
   for AdaLomo ``loss_scale``, ``clip_threshold``, ``decay_rate``, ``eps0``,
   ``eps1`` (``"clip_threshold=1.0,decay_rate=-0.8,stochastic_rounding=True"``).
   Or pass your own lomo_torch optimizer as ``optimizers=(opt, None)``.
-* :meth:`LomoTrainer.training_step` runs ``grad_norm(loss)`` (when clipping
-  by norm or in fp16) and then ``fused_backward(loss, lr)`` with the lr the
-  Trainer's scheduler set for this step. The parameters are updated inside
-  backward; the ``optimizer.step()`` the Trainer calls afterwards is a no-op.
+* :meth:`LomoTrainerMixin.training_step` runs ``grad_norm(loss)`` (when
+  clipping by norm or in fp16) and then ``fused_backward(loss, lr)`` with the
+  lr the Trainer's scheduler set for this step. The parameters are updated
+  inside backward; the ``optimizer.step()`` the Trainer calls afterwards is a
+  no-op. ``max_grad_norm > 0`` therefore costs a second backward pass per
+  step (LOMO's clipping: the norm must be known before the first update); the
+  trainer says so once in its log.
 * the logged ``grad_norm`` is the global norm from ``grad_norm(loss)``.
+* several processes (``torchrun``/``accelerate launch``): the model is wrapped
+  in ``DistributedDataParallel`` (by accelerate, as ``Trainer`` does) *before*
+  the optimizer is built on the wrapper, so lomo_torch averages each gradient
+  over the ranks in its hook (see :mod:`lomo_torch._fused`).
 
 Limits: ``gradient_accumulation_steps`` must be 1 (a LOMO step consumes each
 gradient the moment it is complete, so nothing can be accumulated; use a
 larger batch with ``gradient_checkpointing_enable()``, or lomo_jax's fused
-step with ``microbatches=M``, which accumulates one layer at a time); one
-process and one device (no DDP/FSDP/DeepSpeed/DataParallel); ``fp16=True``
-(autocast + GradScaler) is refused: load the model in fp16 instead and the
-optimizer does dynamic loss scaling itself (``bf16=True`` autocast works).
-Weight decay applies to every trainable parameter (also biases and norms),
-as in lomo-optim.
+step with ``microbatches=M``, which accumulates one layer at a time); no
+FSDP/DeepSpeed/``DataParallel`` (several GPUs in one process) under the
+Trainer; under DDP the optimizer must be the one built from
+``TrainingArguments``. ``fp16=True`` (autocast + GradScaler) is refused: load
+the model in fp16 instead and the optimizer does dynamic loss scaling itself
+(``bf16=True`` autocast works). Weight decay applies to every trainable
+parameter (also biases and norms), as in lomo-optim.
 
 transformers' own ``optim="lomo"/"adalomo"`` imports ``lomo_optim`` and
 calls only ``fused_backward(loss, lr)``: it never runs the ``grad_norm``
@@ -45,9 +60,12 @@ here only: ``import lomo_torch`` does not need them.
 
 from __future__ import annotations
 
+import functools
+import logging
 import types
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from ._fused import FusedOptimizer
 from .adalomo import AdaLomo
@@ -55,13 +73,16 @@ from .lomo import Lomo
 
 try:
     from transformers import Trainer as _Trainer
+    from transformers.training_args import ParallelMode
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "lomo_torch.trainer needs transformers (and accelerate): "
         "pip install 'transformers>=4.40' 'accelerate>=1.1'"
     ) from e
 
-__all__ = ["LomoTrainer", "create_lomo_optimizer"]
+__all__ = ["LomoTrainer", "LomoTrainerMixin", "create_lomo_optimizer", "lomo_trainer"]
+
+logger = logging.getLogger(__name__)
 
 _OPTIMIZERS = {"adalomo": AdaLomo, "lomo": Lomo}
 _COMMON_ARGS = {"clip_grad_value", "stochastic_rounding"}
@@ -147,23 +168,33 @@ _noop_step._lomo_trainer_noop = True
 _noop_step._wrapped_by_lr_sched = True
 
 
-class LomoTrainer(_Trainer):
-    """``transformers.Trainer`` with lomo_torch's fused update (see the module docstring).
+class LomoTrainerMixin:
+    """lomo_torch's fused update for a ``transformers.Trainer`` class (see the module docstring).
 
-    Takes exactly ``Trainer``'s arguments. Set ``TrainingArguments(optim="adalomo")``
-    (or ``"lomo"``), ``gradient_accumulation_steps=1`` (the default); the lr
-    scheduler (``lr_scheduler_type``, ``warmup_steps``, ...) works as usual.
-    After :meth:`train`, ``trainer.optimizer`` (accelerate's wrapper) holds
-    the lomo_torch optimizer as ``trainer.optimizer.optimizer``; its
+    Put it first: ``class MyTrainer(LomoTrainerMixin, SomeTrainer)``, or
+    ``lomo_trainer(SomeTrainer)``. It replaces ``training_step`` (the base
+    class's ``compute_loss`` is used) and ``create_optimizer``. Set
+    ``TrainingArguments(optim="adalomo")`` (or ``"lomo"``),
+    ``gradient_accumulation_steps=1`` (the default); the lr scheduler
+    (``lr_scheduler_type``, ``warmup_steps``, ...) works as usual. After
+    :meth:`train`, :attr:`lomo_optimizer` is the lomo_torch optimizer; its
     ``state_dict()`` is what the Trainer's checkpoints save and restore.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._check_setup()
+        if self.optimizer is not None:
+            self._adopt(self.optimizer)
+        else:
+            _parse_optim_args(_optim_name(self.args), self.args.optim_args)  # fail early
+        self._lomo_grad_norm = None
+
+    def _check_setup(self):
         a = self.args
         if a.gradient_accumulation_steps != 1:
             raise ValueError(
-                f"LomoTrainer needs gradient_accumulation_steps=1 (got "
+                f"{type(self).__name__} needs gradient_accumulation_steps=1 (got "
                 f"{a.gradient_accumulation_steps}): LOMO/AdaLomo update each parameter inside "
                 f"backward and free its gradient at once, so gradients cannot be accumulated over "
                 f"micro-batches. Instead raise per_device_train_batch_size and call "
@@ -173,40 +204,84 @@ class LomoTrainer(_Trainer):
             )
         if a.fp16:
             raise ValueError(
-                "LomoTrainer does not support fp16=True (autocast with a GradScaler, which needs "
-                "the gradients that LOMO frees): load the model in float16 instead "
-                "(e.g. model.half()); lomo_torch then does dynamic loss scaling itself"
+                f"{type(self).__name__} does not support fp16=True (autocast with a GradScaler, "
+                f"which needs the gradients that LOMO frees): load the model in float16 instead "
+                f"(e.g. model.half()); lomo_torch then does dynamic loss scaling itself"
             )
-        if a.world_size > 1 or a.n_gpu > 1:
+        engine = ("DeepSpeed" if self.is_deepspeed_enabled else "FSDP" if self.is_fsdp_enabled
+                  else f"DataParallel over n_gpu={a.n_gpu} GPUs" if a.n_gpu > 1 else None)
+        if engine is not None:
             raise ValueError(
-                f"LomoTrainer runs in one process on one device (world_size={a.world_size}, "
-                f"n_gpu={a.n_gpu}): the update happens before any gradient all-reduce. "
-                f"Make one GPU visible, e.g. CUDA_VISIBLE_DEVICES=0"
+                f"{type(self).__name__} does not run under {engine}: lomo_torch updates each "
+                f"parameter in its backward hook, which the Trainer's {engine} wrapping does not "
+                f"call with the reduced gradient. Use one process per GPU with DDP "
+                f"(torchrun / accelerate launch without FSDP or DeepSpeed; one visible GPU per "
+                f"process), or FSDP2 in your own loop (lomo_torch supports fully_shard)"
             )
-        if self.optimizer is not None:
-            self._adopt(self.optimizer)
-        else:
-            _parse_optim_args(_optim_name(a), a.optim_args)  # fail early on a bad optim/optim_args
-        self._lomo_grad_norm = None
 
     # ----------------------------------------------------------- the optimizer
-    @staticmethod
-    def _adopt(opt):
+    @property
+    def _data_parallel(self) -> bool:
+        return self.args.parallel_mode == ParallelMode.DISTRIBUTED and self.args.world_size > 1
+
+    def _adopt(self, opt):
         if not isinstance(opt, FusedOptimizer):
             raise TypeError(
-                f"LomoTrainer needs a lomo_torch optimizer (Lomo or AdaLomo), got {type(opt).__name__}"
+                f"{type(self).__name__} needs a lomo_torch optimizer (Lomo or AdaLomo), "
+                f"got {type(opt).__name__}"
+            )
+        if self._data_parallel and not isinstance(opt.model, DistributedDataParallel):
+            raise ValueError(
+                f"{type(self).__name__} runs {self.args.world_size} processes, but the given "
+                f"{type(opt).__name__} was built on the bare model, so it would not average the "
+                f"gradients over the ranks: leave optimizers=(None, ...) and set optim= and "
+                f"optim_args= in TrainingArguments; the trainer builds it on the "
+                f"DistributedDataParallel wrapper"
             )
         # Trainer calls optimizer.step() after every training_step; lomo_torch's
         # step() raises (the update belongs in fused_backward), so make it a no-op
         # on this instance (a bound method, so torch LR schedulers can wrap it).
         if not getattr(opt.step, "_lomo_trainer_noop", False):
             opt.step = types.MethodType(_noop_step, opt)
+        self._say_two_passes(opt)
         return opt
 
+    def _say_two_passes(self, opt):
+        """Once per trainer: clipping by norm is a second backward pass every step."""
+        if opt.clip_grad_norm is None or getattr(self, "_said_two_passes", False):
+            return
+        self._said_two_passes = True
+        if self.args.should_log:
+            logger.warning(
+                "%s: clip_grad_norm=%s (max_grad_norm > 0) runs two backward passes per step, "
+                "grad_norm(loss) and then fused_backward(loss, lr): LOMO needs the global norm "
+                "before its first update and keeps no gradient. Set max_grad_norm=0 for one pass.",
+                type(self).__name__, opt.clip_grad_norm)
+
+    def _ddp_model(self):
+        """Under several processes, accelerate's ``DistributedDataParallel`` wrapper
+        (made now, before the optimizer, which must be built on it); else the model.
+
+        The Trainer then finds ``model_wrapped`` already wrapped and prepares only the
+        optimizer.
+        """
+        if not self._data_parallel:
+            return self.model
+        if self.model_wrapped is self.model:
+            self.model_wrapped = self.accelerator.prepare_model(self.model)
+        if not isinstance(self.model_wrapped, DistributedDataParallel):
+            raise TypeError(
+                f"{type(self).__name__}: expected accelerate to wrap the model in "
+                f"DistributedDataParallel for {self.args.world_size} processes, got "
+                f"{type(self.model_wrapped).__name__}"
+            )
+        return self.model_wrapped
+
     def create_optimizer(self, model=None):
-        """Build the lomo_torch optimizer from ``self.args`` (once)."""
+        """Build the lomo_torch optimizer from ``self.args`` (once; on the DDP wrapper
+        when there are several processes)."""
         if self.optimizer is None:
-            self.optimizer = create_lomo_optimizer(self.model, self.args)
+            self.optimizer = create_lomo_optimizer(self._ddp_model(), self.args)
         self._adopt(self.optimizer)
         return self.optimizer
 
@@ -260,3 +335,26 @@ class LomoTrainer(_Trainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         return self._lomo_grad_norm if grad_norm is None else grad_norm
+
+
+class LomoTrainer(LomoTrainerMixin, _Trainer):
+    """``transformers.Trainer`` with lomo_torch's fused update: :class:`LomoTrainerMixin`
+    on ``Trainer``. Takes exactly ``Trainer``'s arguments."""
+
+
+@functools.cache
+def lomo_trainer(base: type) -> type:
+    """``base`` (a ``transformers.Trainer`` subclass) with lomo_torch's fused update.
+
+    ``lomo_trainer(SFTTrainer)`` is ``class LomoSFTTrainer(LomoTrainerMixin, SFTTrainer)``,
+    made once per ``base``; ``lomo_trainer(Trainer)`` is :class:`LomoTrainer`.
+    """
+    if not (isinstance(base, type) and issubclass(base, _Trainer)):
+        raise TypeError(f"lomo_trainer takes a transformers.Trainer subclass, got {base!r}")
+    if base is _Trainer:
+        return LomoTrainer
+    if issubclass(base, LomoTrainerMixin):
+        return base
+    return type(f"Lomo{base.__name__}", (LomoTrainerMixin, base),
+                {"__doc__": f"{base.__name__} with lomo_torch's fused update (LomoTrainerMixin).",
+                 "__module__": __name__})

@@ -1,11 +1,13 @@
 """The benchmark scripts run, at toy sizes, so the figures in the README can be
-re-made by anyone. Nothing here looks at a time: only that each script runs and
-prints its comparison (speed belongs in the benchmarks, not in tests)."""
+re-made by anyone. Nothing here asserts a speed (speed belongs in the benchmarks,
+not in tests): each script runs and prints its comparison, every row is present,
+and each printed ratio is the quotient of the quantities it claims to compare."""
 
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
-    "torch_step": ["torch_step.py", "--blocks", "3", "--warmup", "1", "--repeats", "1"],
+    "torch_step": ["torch_step.py", "--blocks", "3", "--warmup", "1", "--repeats", "2"],
+    "torch_step_llama": ["torch_step.py", "--model", "llama", "--layers", "1", "--hidden", "32",
+                         "--intermediate", "64", "--heads", "2", "--vocab", "64", "--seq", "8",
+                         "--batch", "2", "--warmup", "1", "--repeats", "2", "--threads", "1"],
     "memory": ["memory.py", "--settings", "tiny", "--unit", "MiB", "--microbatches", "1", "2"],
     "precision": ["precision.py", "--frameworks", "jax", "--steps", "4", "--pretrain-steps", "6",
                   "--seq", "64"],
@@ -25,18 +30,49 @@ RUNS = {
 
 
 def run(args):
+    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]],
                           cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
                           timeout=600)
+    run.seconds = time.perf_counter() - t0
     assert proc.returncode == 0, f"{args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-def test_torch_step_benchmark_runs():
-    out = run(RUNS["torch_step"])
-    rows = re.findall(r"^(Lomo|AdaLomo)\s+fwd.*?([\d.]+)x\s+([\d.e+-]+)$", out, re.M)
-    assert len(rows) == 4, out
-    assert all(float(diff) < 1e-5 for _, _, diff in rows), out  # same parameters as lomo-optim
+TORCH_STEP_ROW = re.compile(r"^(Lomo|AdaLomo)\s+(fwd \+ (?:grad_norm \+ )?fused_backward)\s+"
+                            r"([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.e+-]+|nan)$", re.M)
+TORCH_STEP_PLAIN = re.compile(r"SGD\.step ([\d.]+) ms; lomo_torch Lomo ([\d.]+) ms = ([\d.]+)x "
+                              r"the plain step; lomo-optim Lomo ([\d.]+) ms = ([\d.]+)x")
+
+
+@pytest.mark.parametrize("model", ["stack", "llama"])
+def test_torch_step_benchmark_runs(model):
+    """Every row is there, each ratio is the quotient of the two times it claims to
+    compare (the plain-step line repeats the Lomo row's own measurements), the lomo-optim
+    and lomo_torch models end equal, the model is the one asked for, and no step took
+    longer than the whole run (steps x their time fit in the process's wall time)."""
+    out = run(RUNS["torch_step" if model == "stack" else "torch_step_llama"])
+    seconds = run.seconds
+    if model == "llama":  # 1 layer, d=32, ffn 64, vocab 64, untied: 14,432 parameters
+        assert "transformers LlamaForCausalLM" in out and " 14,432 parameters" in out, out
+    else:
+        assert "12 parameter tensors, 12,864 parameters" in out, out
+    rows = {(m[0], m[1]): [float(v) for v in m[2:]] for m in TORCH_STEP_ROW.findall(out)}
+    assert set(rows) == {(o, s) for o in ("Lomo", "AdaLomo")
+                         for s in ("fwd + fused_backward", "fwd + grad_norm + fused_backward")}, out
+    steps_per_row = 3 * (1 + 2)  # warm-up + repeats, the row's steps and its alternates
+    for (opt, step), (ref_ms, ours_ms, speedup, diff) in rows.items():
+        assert_ratio_of_printed_times(ref_ms, ours_ms, speedup, (opt, step), ratio_digits=2)
+        assert (ref_ms + ours_ms) * steps_per_row / 3 < 1e3 * seconds, (opt, step, seconds)
+        # same parameters as lomo-optim: their difference over the update (bit-identical
+        # here; a different lr or a skipped step gives 0.3 or more, an unmoved model NaN)
+        assert diff < 1e-3, (opt, step, diff)
+    sgd, ours, ratio, ref, ref_ratio = (float(v) for v in TORCH_STEP_PLAIN.search(out).groups())
+    lomo_ref, lomo_ours = rows["Lomo", "fwd + fused_backward"][:2]
+    assert (ours, ref) == (lomo_ours, lomo_ref), out
+    assert sgd * steps_per_row / 3 < 1e3 * seconds, (sgd, seconds)
+    assert_ratio_of_printed_times(ours, sgd, ratio, "lomo_torch / plain", ratio_digits=2)
+    assert_ratio_of_printed_times(ref, sgd, ref_ratio, "lomo-optim / plain", ratio_digits=2)
 
 
 def table_rows(text):
@@ -45,11 +81,13 @@ def table_rows(text):
             if line.startswith("| ") and "ms" not in line and "---" not in line]
 
 
-def assert_ratio_of_printed_times(a, b, ratio, line):
-    """The printed ratio is the two printed times' (each rounded to 0.1 ms)."""
+def assert_ratio_of_printed_times(a, b, ratio, line, ratio_digits=None):
+    """The printed ratio is the two printed times' (each rounded to 0.1 ms; the ratio
+    itself to ``ratio_digits`` decimals, or not rounded)."""
     assert a > 0 and b > 0, line
+    slack = 1e-3 if ratio_digits is None else 0.5 * 10.0**-ratio_digits + 1e-9
     lo, hi = (a - 0.05) / (b + 0.05), (a + 0.05) / (b - 0.05)
-    assert lo - 1e-3 <= ratio <= hi + 1e-3, line
+    assert lo - slack <= ratio <= hi + slack, line
 
 
 def test_speed_benchmark_runs():

@@ -315,3 +315,32 @@ def test_adalomo_update_needs_params():
     p = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match="needs `params`"):
         tx.update(p, tx.init(p))
+
+
+# ------------------------- empty trees, decay_rate ---------------------------
+
+EVERY_TX = {
+    "lomo": lambda: lomo_jax.lomo(1e-3),
+    "lomo_wd": lambda: lomo_jax.lomo(1e-3, weight_decay=0.1, clip_grad_value=1.0),
+    "adalomo": lambda: lomo_jax.adalomo(1e-3, weight_decay=0.1),
+    "scale_by_lomo": lambda: lomo_jax.scale_by_lomo(weight_decay=0.1),
+    "scale_by_adalomo": lambda: lomo_jax.scale_by_adalomo(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_TX))
+@pytest.mark.parametrize("tree", [{}, {"embed": {}, "head": ()}], ids=["empty", "nested_empty"])
+def test_update_of_an_empty_tree(name, tree):
+    """A unit with no trainable leaves (as optax.adafactor allows): empty updates."""
+    tx = EVERY_TX[name]()
+    state = tx.init(tree)
+    updates, state = jax.jit(tx.update)(tree, state, tree)
+    assert updates == tree
+    assert jax.tree.structure(tx.update(tree, state, tree)[1]) == jax.tree.structure(state)
+
+
+def test_adalomo_rejects_a_positive_decay_rate():
+    for factory in (lomo_jax.scale_by_adalomo, lambda **kw: lomo_jax.adalomo(1e-3, **kw)):
+        with pytest.raises(ValueError, match=r"decay_rate must be <= 0 .*got 0\.5"):
+            factory(decay_rate=0.5)
+        factory(decay_rate=0.0)  # beta_t = 0: only the current gradient, allowed as in torch

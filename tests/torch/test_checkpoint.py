@@ -102,7 +102,9 @@ def test_resume_is_bit_exact(tmp_path, opt_name):
 def test_fp16_resume_keeps_loss_scaler_bit_exact(tmp_path, opt_name):
     """fp16 parameters: dynamic loss scaling with a short window; the scale
     grows to 2**16, where the fp16 loss times the scale overflows, so steps are
-    skipped and the scale halves again - and the run is saved mid-window."""
+    skipped and the scale halves again - and the run is saved mid-window. (The
+    loss leaves the fp16 graph through a cast, whose gradient is the scale in fp16;
+    an fp16 loss itself is seeded with at most 2**15 and would never overflow.)"""
     n, k = 8, 4
     batches = mlp_batches(n, dtype=torch.float16)
     kw = dict(lr=0.05, loss_scale_args={"init_scale": 2.0**15, "scale_window": 3},
@@ -118,7 +120,7 @@ def test_fp16_resume_keeps_loss_scaler_bit_exact(tmp_path, opt_name):
 
     def go(model, opt, lo, hi, updated):
         for i in range(lo, hi):
-            loss = model(*batches[i])
+            loss = model(*batches[i]).float()
             opt.grad_norm(loss)
             updated.append(opt.fused_backward(loss, 0.05))
 

@@ -225,7 +225,9 @@ def test_complex_and_integer_parameters_are_refused(cls):
 @pytest.mark.parametrize("name", ["Lomo", "AdaLomo"])
 def test_same_constructor_signature_as_lomo_optim(name, lomo_optim):
     """A lomo-optim user switches by changing the import: every lomo-optim argument
-    exists with the same position and default (ours may add keyword-only extras)."""
+    exists with the same position and default (ours may add keyword-only extras),
+    except AdaLomo's loss_scale: None, for the fp16 policy shared with lomo_jax
+    (lomo-optim's 2**10 is lomo_torch.LOMO_OPTIM_LOSS_SCALE["AdaLomo"])."""
     import inspect
 
     theirs = inspect.signature(getattr(lomo_optim, name).__init__).parameters
@@ -235,6 +237,9 @@ def test_same_constructor_signature_as_lomo_optim(name, lomo_optim):
     for p in theirs.values():
         if p.default == {}:  # lomo-optim's mutable `loss_scale_args={}`: ours is None, the same
             assert ours[p.name].default is None, p.name
+        elif (name, p.name) == ("AdaLomo", "loss_scale"):
+            assert ours[p.name].default is None
+            assert lomo_torch.LOMO_OPTIM_LOSS_SCALE[name] == {p.name: p.default}
         else:
             assert ours[p.name].default == p.default, p.name
     assert all(p.kind is p.KEYWORD_ONLY for p in ours.values() if p.name not in theirs)

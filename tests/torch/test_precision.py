@@ -206,11 +206,16 @@ def test_skip_nonfinite_needs_grad_norm():
 
 
 def test_fp16_lomo_defaults_like_lomo_optim():
-    """Default init_scale 2**32 overflows fp16 at once and is halved until it fits;
-    clip_grad_norm None becomes 1.0 with a warning."""
+    """lomo-optim's init_scale 2**32 (LOMO_OPTIM_LOSS_SCALE) overflows fp16 at once
+    (the fp32 loss's gradient, cast into the fp16 graph) and is halved until it
+    fits; clip_grad_norm None becomes 1.0 with a warning."""
     torch.manual_seed(0)
-    model = MLP().half()
-    opt = lomo_torch.Lomo(model, lr=0.05)
+    mlp = MLP().half()
+    opt = lomo_torch.Lomo(mlp, lr=0.05, **lomo_torch.LOMO_OPTIM_LOSS_SCALE["Lomo"])
+
+    def model(*batch):
+        return mlp(*batch).float()
+
     batches = mlp_batches(30, dtype=torch.float16)
     with pytest.warns(UserWarning, match="clip_grad_norm=1.0"):
         loss = model(*batches[0])
@@ -226,7 +231,7 @@ def test_fp16_lomo_defaults_like_lomo_optim():
 def test_fp16_params_with_fp32_loss_enable_scaling():
     torch.manual_seed(0)
     model = MLP().half()
-    opt = lomo_torch.AdaLomo(model, lr=0.01)
+    opt = lomo_torch.AdaLomo(model, lr=0.01, **lomo_torch.LOMO_OPTIM_LOSS_SCALE["AdaLomo"])
     x, y = mlp_batches(1, dtype=torch.float16)[0]
     loss = model(x, y).float()
     opt.grad_norm(loss)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ pytest.importorskip("accelerate")  # transformers.Trainer needs it; a missing on
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, get_scheduler  # noqa: E402
 
 import lomo_torch  # noqa: E402
-from lomo_torch.trainer import LomoTrainer, create_lomo_optimizer  # noqa: E402
+from lomo_torch.trainer import LomoTrainer, create_lomo_optimizer, lomo_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, SEQ, BATCH = 48, 16, 4
@@ -266,3 +268,125 @@ def test_example_trainer_mode_runs_tiny(capsys):
     before, after = example.main(["--tiny", "--trainer"])
     assert after < before
     assert "held-out loss" in capsys.readouterr().out
+
+
+class CountingTrainer(transformers.Trainer):
+    """A Trainer subclass with its own compute_loss (as trl's SFTTrainer has)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_calls = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.loss_calls += 1
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def test_lomo_trainer_of_a_trainer_subclass(tmp_path):
+    """The explicit opt-in for any Trainer subclass: its compute_loss, lomo_torch's update."""
+    cls = lomo_trainer(CountingTrainer)
+    assert cls is lomo_trainer(CountingTrainer) and cls.__name__ == "LomoCountingTrainer"
+    assert issubclass(cls, CountingTrainer) and lomo_trainer(transformers.Trainer) is LomoTrainer
+    assert lomo_trainer(cls) is cls
+    with pytest.raises(TypeError, match="takes a transformers.Trainer subclass"):
+        lomo_trainer(torch.optim.SGD)
+
+    ids = sequences(6 * BATCH)
+    model, ref = tiny_llama(), tiny_llama()
+    trainer = cls(model=model, args=training_args(tmp_path), train_dataset=dataset(ids))
+    trainer.train()
+    assert trainer.loss_calls == 6 and isinstance(trainer.lomo_optimizer, lomo_torch.AdaLomo)
+    reference_loop(ref, ids, "adalomo", 0.05, 0.01, 1.0, steps=6, warmup=2)
+    assert max_rel_diff(model, ref) <= 1e-6  # as LomoTrainer: weight decay and clipping applied
+
+
+def two_pass_notes(caplog):
+    return [r for r in caplog.records
+            if r.name == "lomo_torch.trainer" and "two backward passes" in r.getMessage()]
+
+
+def test_two_backward_passes_are_said_once(tmp_path, caplog):
+    """max_grad_norm > 0 costs a second backward pass per step: the log says so once per
+    trainer (also for a given optimizer, adopted at __init__ and again by train()),
+    and not at all without clipping."""
+    ds = dataset(sequences(2 * BATCH))
+    with caplog.at_level(logging.WARNING, logger="lomo_torch.trainer"):
+        LomoTrainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=2),
+                    train_dataset=ds).train()
+        notes = two_pass_notes(caplog)
+        assert len(notes) == 1, notes
+        assert "clip_grad_norm=1.0" in notes[0].getMessage()
+        assert "Set max_grad_norm=0 for one pass" in notes[0].getMessage()
+
+        caplog.clear()
+        model = tiny_llama()
+        opt = lomo_torch.Lomo(model, lr=0.05, clip_grad_norm=0.5)
+        LomoTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=ds,
+                    optimizers=(opt, None)).train()
+        notes = two_pass_notes(caplog)
+        assert len(notes) == 1 and "clip_grad_norm=0.5" in notes[0].getMessage(), notes
+
+        caplog.clear()
+        LomoTrainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=2, max_grad_norm=0.0),
+                    train_dataset=ds).train()
+        assert two_pass_notes(caplog) == []
+
+
+DDP_STEPS, DDP_CLIP = 3, 0.5  # the gradient norm is 0.76-0.87: clipping acts
+
+
+def ddp_worker(out_dir):
+    """One rank of test_ddp_two_processes_equal_one_process (run under torchrun)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out_dir = Path(out_dir)
+    model = tiny_llama()
+    args = training_args(out_dir, max_steps=DDP_STEPS, max_grad_norm=DDP_CLIP,
+                         per_device_train_batch_size=BATCH // 2)
+    trainer = LomoTrainer(model=model, args=args, train_dataset=dataset(sequences(DDP_STEPS * BATCH)))
+    trainer.train()
+    opt = trainer.lomo_optimizer
+    torch.save({"world": dist.get_world_size(),
+                "ddp": isinstance(opt.model, torch.nn.parallel.DistributedDataParallel),
+                "step": opt.step_num,
+                "norms": [h["grad_norm"] for h in trainer.state.log_history if "loss" in h],
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
+               out_dir / f"{trainer.args.process_index}.pt")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    """torchrun, 2 CPU processes (gloo), each half of every batch == one process on the
+    whole batch: AdaLomo with clipping and weight decay, 3 steps. The optimizer is built on
+    accelerate's DDP wrapper, so it averages every gradient over the ranks (on a bare
+    model each rank would step on its own half and the replicas would part)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", __file__, str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    ids = sequences(DDP_STEPS * BATCH)
+    ref, start = tiny_llama(), tiny_llama()
+    _, ref_norms, _ = reference_loop(ref, ids, "adalomo", 0.05, 0.01, DDP_CLIP, steps=DDP_STEPS,
+                                  warmup=2)
+    assert min(ref_norms) > DDP_CLIP  # the clip coefficient is < 1: clipping is exercised
+    for r in ranks:
+        assert r["world"] == 2 and r["ddp"] and r["step"] == DDP_STEPS
+        # The norm is the rank-averaged gradient's: the full batch's, up to fp32 summation order.
+        assert r["norms"] == pytest.approx(ref_norms, rel=1e-5)
+    for name, expected in ref.named_parameters():
+        got = ranks[0]["params"][name]
+        assert torch.equal(got, ranks[1]["params"][name]), name  # replicas stay identical
+        # The two halves' mean gradient equals the full batch's up to fp32 summation
+        # order (~1e-7); a half-batch step or a missing average is off by > 1e-2.
+        diff = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert diff <= 1e-5, (name, diff)
+    assert max_rel_diff(ref, start) > 1e-3
+
+
+if __name__ == "__main__":  # a rank of test_ddp_two_processes_equal_one_process
+    ddp_worker(sys.argv[1])
