@@ -28,7 +28,9 @@ DDP_CASES = {
     "lomo_clip": ("Lomo", dict(clip_grad_norm=0.05, weight_decay=0.01), True),
     "adalomo_clip": ("AdaLomo", dict(clip_grad_norm=0.05, weight_decay=0.01), True),
     "adalomo": ("AdaLomo", dict(), False),
-    # fp16 parameters: dynamic loss scaling; with this scale step 1 overflows (skipped)
+    # fp16 parameters: dynamic loss scaling; with this scale step 1 overflows (skipped):
+    # the loss leaves the fp16 graph through a cast (train), whose gradient is the
+    # scale in fp16 (an fp16 loss itself is seeded with at most 2**15)
     "lomo_fp16": ("Lomo", dict(clip_grad_norm=1.0, loss_scale_args={"init_scale": 2**16}), True),
     # stochastic rounding into the fp16 parameters, its seed drawn (per rank, from
     # differently seeded default generators: SEEDED_BY_RANK) and agreed on by rank 0
@@ -65,7 +67,7 @@ def train(model, opt, batches, two_pass, rank=0, world=1):
     """Rank ``rank`` of ``world`` feeds its contiguous slice of every batch."""
     norms, taken = [], []
     for (x, y), lr in zip(batches, LRS):
-        loss = model(x.chunk(world)[rank], y.chunk(world)[rank])
+        loss = model(x.chunk(world)[rank], y.chunk(world)[rank]).float()
         if two_pass:
             norms.append(opt.grad_norm(loss).item())
         taken.append(opt.fused_backward(loss, lr))
