@@ -881,9 +881,10 @@ def _deleted_arg_error(name: str, tree) -> Exception:
         if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
     ]
     shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    shown += " has been deleted" if len(paths) == 1 else " have been deleted"
     if name in ("params", "opt_state"):
         return RuntimeError(
-            f"fused step: {shown} has been deleted: params/opt_state were donated to "
+            f"fused step: {shown}: params/opt_state were donated to "
             "the previous step (their buffers now hold its outputs), so the arrays "
             "passed to it cannot be used again. Use the returned values "
             "(params, opt_state, metrics = step(params, opt_state, batch)); to keep "
@@ -891,7 +892,7 @@ def _deleted_arg_error(name: str, tree) -> Exception:
             "jax.tree.map(jnp.copy, params)."
         )
     return RuntimeError(
-        f"fused step: {shown} has been deleted (donated to another jitted function "
+        f"fused step: {shown} (donated to another jitted function "
         "or .delete()d); pass live arrays in batch."
     )
 

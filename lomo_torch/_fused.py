@@ -285,6 +285,7 @@ class FusedOptimizer(Optimizer):
         self._norms = []
         self._coef_by_device = {}
         self._norm_ready = False   # grad_norm() ran since the last fused_backward()
+        self._norm_loss = None     # a weak reference to the loss grad_norm() was given
         self._skip_step = False    # grad_norm() found an fp16 overflow
         self._scale = None         # loss scale of the running pass (None: unscaled)
         self._step_lr = lr
@@ -538,6 +539,7 @@ class FusedOptimizer(Optimizer):
         self._backward(loss, _Pass.NORM, scale, retain_graph=True)
         total = self._total_norm(loss.device)
         self._norm_ready = True
+        self._norm_loss = weakref.ref(loss)  # fused_backward must get this same tensor
         if self.loss_scaler is not None:
             overflow = not bool(torch.isfinite(total))
             self.loss_scaler.has_overflow_serial = overflow
@@ -578,6 +580,12 @@ class FusedOptimizer(Optimizer):
         self._check_loss(loss, "fused_backward")
         if not self._norm_ready:  # else grad_norm() checked this step's graph
             _check_graph(type(self).__name__, loss, self._name_by_id)
+        elif self._norm_loss() is not loss:
+            raise RuntimeError(
+                "fused_backward(loss) got another tensor than the loss given to grad_norm(loss) "
+                "this step: the norm (clipping, the fp16 overflow check) was computed for that "
+                "one. Pass the same tensor to both (loss = model(batch); opt.grad_norm(loss); "
+                "opt.fused_backward(loss, lr)); nothing has been updated")
         if lr is None:
             lr = _check_number("lr (param_groups[0]['lr'], as an LR scheduler sets it)",
                                self.param_groups[0]["lr"], non_negative=True)

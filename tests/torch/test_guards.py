@@ -1,6 +1,6 @@
 """Graphs the fused update cannot serve are refused before any parameter changes
 (torch.compile, reentrant activation checkpointing); non-reentrant checkpointing
-trains exactly as without it."""
+trains exactly as without it; grad_norm and fused_backward must get the same loss."""
 
 import pytest
 import torch
@@ -124,3 +124,23 @@ def test_torch_compile_refused_before_any_change(opt_name, how):
     if how == "torch.compile":  # the uncompiled module itself trains
         opt.remove_hooks()
         assert lomo_torch.Lomo(model, lr=0.1).fused_backward(model(x, y))
+
+
+@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+def test_fused_backward_needs_the_loss_given_to_grad_norm(opt_name):
+    """The norm (clipping, the fp16 overflow check) belongs to grad_norm's loss: another
+    tensor in fused_backward is refused with nothing changed, and the step can then be
+    finished with the right one."""
+    torch.manual_seed(0)
+    model = MLP()
+    opt = getattr(lomo_torch, opt_name)(model, lr=0.01, clip_grad_norm=1.0)
+    (x1, y1), (x2, y2) = mlp_batches(2)
+    loss1, loss2 = model(x1, y1), model(x2, y2)
+    before = snapshot(model)
+    opt.grad_norm(loss1)
+    with pytest.raises(RuntimeError, match="another tensor than the loss given to grad_norm"):
+        opt.fused_backward(loss2, 0.01)
+    assert_unchanged(model, before)
+    assert opt.step_num == 0
+    assert opt.fused_backward(loss1, 0.01) is True
+    assert opt.step_num == 1
