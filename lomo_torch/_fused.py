@@ -72,7 +72,8 @@ def _check_number(name, value, *, positive=False, non_negative=False, optional=F
     return value
 
 
-_FP16_SEED_CAP = 2.0**15  # the largest power of two an fp16 loss's gradient holds
+# The largest power of two an fp16 loss's gradient holds (2**15), as lomo_jax derives it
+_FP16_SEED_CAP = 2.0 ** math.floor(math.log2(torch.finfo(torch.float16).max))
 
 # Autograd nodes that break "one parameter's gradient at a time" (torch 2.13 names).
 _REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"  # torch.utils.checkpoint(use_reentrant=True)

@@ -59,14 +59,21 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor) -
     if not is_low_precision(dtype):
         return x.to(dtype)
     x = x.float()
+    return _round(x, dtype, noise, _all_finite_in(x, dtype))
+
+
+def _round(x, dtype, noise, finite: bool):
+    """:func:`stochastic_round` of fp32 ``x`` into bf16/fp16, ``finite``: whether
+    :func:`_all_finite_in` holds (then the round-to-nearest pass is skipped)."""
     if dtype == torch.bfloat16:
-        rounded = _bf16_by_carry(x, _int16_form(noise))
+        rounded = _bf16_carry_(x.view(torch.int32).clone(), _int16_form(noise))
+        rounded = rounded.to(torch.int16).view(torch.bfloat16)
     elif noise.dtype == torch.int16:
         raise ValueError(f"int16 noise carries 16 bits, enough for bfloat16 only; {dtype} "
                          f"needs int32 noise in [0, 2^{NOISE_BITS})")
     else:
         rounded = _fp16_by_value(x, noise.to(torch.int32))
-    return _nearest_beyond_max(x, rounded, dtype)
+    return rounded if finite else _nearest_beyond_max(x, rounded, dtype)
 
 
 def _int16_form(noise):
@@ -83,20 +90,22 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
     ``int16`` noise on the CPU (where each elementwise pass is the cost) it
     works in ``x``'s own storage, three integer passes and the store, where
     :func:`stochastic_round` allocates; otherwise it is that function."""
-    if (out.dtype == torch.bfloat16 and noise.dtype == torch.int16 and x.dtype == torch.float32
-            and x.is_contiguous() and _all_finite_in(x, out.dtype)):
-        # x_bits + 2^16 - 1 - r16 carries into the high half (the magnitude's next
-        # pattern) exactly when the low 16 bits exceed r16 = s16 + 2^15: probability p
-        bits = x.view(torch.int32).sub_(noise).add_(2**15 - 1).bitwise_right_shift_(16)
-        out.view(torch.int16).copy_(bits)  # the high half: exact in int16
+    if not is_low_precision(out.dtype):
+        return out.copy_(x)
+    finite = _all_finite_in(x, out.dtype)
+    if (finite and out.dtype == torch.bfloat16 and noise.dtype == torch.int16
+            and x.dtype == torch.float32 and x.is_contiguous()):
+        out.view(torch.int16).copy_(_bf16_carry_(x.view(torch.int32), noise))
         return out
-    return out.copy_(stochastic_round(x, out.dtype, noise))
+    return out.copy_(_round(x.float(), out.dtype, noise, finite))
 
 
-def _bf16_by_carry(x, s16):
-    # The same carry as stochastic_round_into's, on a fresh int32 buffer.
-    bits = torch.sub(x.view(torch.int32), s16).add_(2**15 - 1).bitwise_right_shift_(16)
-    return bits.to(torch.int16).view(torch.bfloat16)
+def _bf16_carry_(bits, s16):
+    """bf16's rule on fp32 bit patterns ``bits`` (int32, overwritten): returns the
+    rounded patterns in the high half, shifted down (exact in int16). ``bits + 2^16
+    - 1 - r16`` carries into the high half (the magnitude's next pattern) exactly
+    when the low 16 bits exceed ``r16 = s16 + 2^15``: with probability ``p``."""
+    return bits.sub_(s16).add_(2**15 - 1).bitwise_right_shift_(16)
 
 
 def _fp16_by_value(x, r):
@@ -110,10 +119,7 @@ def _fp16_by_value(x, r):
 
 def _nearest_beyond_max(x, rounded, dtype):
     """Magnitudes above ``dtype``'s largest finite value, infinities and NaN: to
-    nearest. On the CPU only when ``x`` holds one (one min/max pass); on an
-    accelerator always (no host sync)."""
-    if _all_finite_in(x, dtype):
-        return rounded
+    nearest (called only when :func:`_all_finite_in` cannot rule them out)."""
     big = torch.finfo(dtype).max
     return torch.where(x.abs() <= big, rounded, x.to(dtype))
 

@@ -144,6 +144,27 @@ def test_round_into_equals_round(name):
             assert torch.equal(out.view(torch.int16), want.view(torch.int16)), (name, form)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bf16_rule_is_exact_over_every_noise_value(inplace):
+    """Exhaustively, over all 2**16 int16 noise values: a value whose low 16 bits
+    are ``k`` rounds up for exactly ``k`` of them (``u < p`` with ``p = k / 2**16``,
+    strict), so exact bf16 values (``k = 0``) never move; an off-by-one in the
+    carry moves them for one noise value in 65536 and fails here."""
+    noise = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for base in (1.0, -3.0, 2.0**-100):
+        hi = torch.tensor(base, dtype=torch.bfloat16).view(torch.int16).to(torch.int32)
+        for k in (0, 1, 2**15, 2**16 - 1):
+            x = torch.full(noise.shape, 0, dtype=torch.int32).add_((hi << 16) | k)
+            x = x.view(torch.float32)
+            if inplace:
+                out = stochastic_round_into(torch.empty(x.shape, dtype=torch.bfloat16),
+                                            x.clone(), noise)
+            else:
+                out = stochastic_round(x, torch.bfloat16, noise)
+            ups = int((out.view(torch.int16).to(torch.int32) != hi).sum())
+            assert ups == k, (base, k, ups)
+
+
 def test_int16_noise_is_bf16_only():
     with pytest.raises(ValueError, match="int16 noise.*bfloat16"):
         stochastic_round(torch.ones(3), torch.float16, torch.zeros(3, dtype=torch.int16))
