@@ -1,9 +1,9 @@
 """bf16 parameters that learn: fp32 vs bf16 round-to-nearest vs bf16 stochastic rounding.
 
-A fine-tuning run on the main job's model (the 4-layer LLaMA of
-``examples/finetune_llama.py``: d=256, 8 heads / 4 key-value heads, tied
-embeddings; byte-level vocabulary here, so both frameworks share it with no
-tokenizer): the script first pretrains it in fp32 (AdamW) on the stories and
+A fine-tuning run on a 4-layer LLaMA (d=256, 8 heads / 4 key-value heads,
+tied embeddings; byte-level vocabulary, so both frameworks share it with no
+tokenizer), on the same split of the corpus as the main job's shipped
+checkpoint (``examples/data/make_pretrained.py``): the script first pretrains it in fp32 (AdamW) on the stories and
 notes of ``examples/data/corpus.txt``, then fine-tunes that checkpoint on text
 it was not trained on (the corpus's arithmetic sentences) at a fine-tuning
 learning rate, and reports the held-out loss on that text before and after.

@@ -1,140 +1,163 @@
-"""Per-device memory of the fused AdaLomo step sharded FSDP-style over 1-8 devices.
+"""The LOMO paper's multi-GPU table, compiled: memory, FLOPs and collectives per device.
 
-Everything is compiled ahead of time on abstract ``jax.ShapeDtypeStruct``
-inputs that carry their ``NamedSharding`` (nothing is allocated), on 8
-host-platform CPU devices (``--xla_force_host_platform_device_count=8``, set
-here before JAX starts), with the shardings of
-:func:`lomo_jax.sharding.llama_shardings`: parameters and AdaLomo state split
-over an ``fsdp`` mesh axis of 1, 2, 4, 8 devices, the batch split over the same
-devices. The per-device batch is fixed (``--batch`` sequences of ``--seq``
-tokens per device), so the global batch grows with the device count (weak
-scaling): the parameter + state share of the memory should fall as ``1/n``
-while the activation share stays put.
+The LOMO paper (Lv et al. 2023, arXiv 2306.09782, Table 2) fine-tunes LLaMA-7B
+on 1 GPU, 13B on 2, 30B on 4 and 65B on 8 (RTX 3090, 24 GB, one 1024-token
+sequence per GPU) and reports memory per GPU and TGS (tokens per GPU per
+second). Here the same models (``lomo_jax.models.llama``, bf16) are compiled
+for the same device counts, FSDP over an ``fsdp`` mesh axis
+(:func:`lomo_jax.sharding.llama_shardings`), one sequence per device, on
+abstract inputs (nothing is allocated), plus Llama-3-70B (vocabulary 128256,
+GQA) on 8 devices at 1024 and 4096 tokens per device.
 
-Columns are XLA's own per-device ``compiled.memory_analysis()`` (the SPMD
-module is the per-device program):
+Per device, for the fused step with LOMO and with AdaLomo + ``clip_grad_norm=1``:
 
-* ``args``  = argument_size_in_bytes (this device's shards of params + state
-  + its rows of the batch),
-* ``temp``  = temp_size_in_bytes (activations, the saved layer inputs, the
-  all-gathered layer being computed, collective buffers, ...),
-* ``out``   = output_size_in_bytes, ``alias`` = alias_size_in_bytes (outputs
-  written into the donated params/state),
-* ``total`` = args + out + temp - alias.
+* ``memory``: arguments + outputs + temporaries - aliased, GiB, from
+  ``compiled.memory_analysis()`` (buffers only; a real card adds the CUDA
+  context, library workspaces and allocator slack: keep >= 2 GiB free);
+* ``TFLOP``: matrix-product FLOPs of one step, counted in the compiled HLO
+  through the loops (:func:`lomo_jax.hlo_cost.matmul_flops`; XLA's own
+  ``cost_analysis()`` counts each loop body once);
+* ``sent``: bytes this device sends in the step's collectives, GiB
+  (:func:`lomo_jax.hlo_cost.bytes_sent`, ring algorithms);
+* ``bound TGS``: tokens per device per second that the step cannot exceed on
+  the target: ``tokens / max(FLOPs / peak, sent / link)``, with the target's
+  published dense bf16 peak and per-direction link bandwidth (below). It is a
+  bound, not a measurement: it ignores memory traffic, kernel efficiency
+  (often 40-60% of peak) and any overlap that is not perfect.
 
-The model is :mod:`lomo_jax.models.llama` itself (its ``LayeredModel``), not a
-stand-in. As in ``benchmarks/memory.py``, XLA CPU's while-loop-invariant code
-motion is disabled (it hoists an f32 upcast of every stacked bf16 weight out of
-the layer loop, which a GPU never does), and LLVM's optimisation level is 0 to
-shorten compiles (buffer assignment, hence every figure here, is decided on
-HLO before LLVM runs).
+Targets (``--target``): ``rtx4090`` (165 TFLOP/s bf16 with fp32 accumulation,
+PCIe 4.0 x16 at 32 GB/s per direction: consumer cards have no NVLink) and
+``h100`` (H100 SXM: 989 TFLOP/s, NVLink 4 at 450 GB/s per direction) compile
+for that GPU without one (needs the CUDA plugin, ``pip install
+"lomo-jax[gpu-aot]"``); ``cpu`` compiles for 8 host devices of this machine
+(XLA:CPU's bf16 figures include f32 weight copies no GPU makes; no bound).
 
-Run:  python benchmarks/scaling.py            (prints a Markdown table)
-      python benchmarks/scaling.py --sizes 1B 7B --dtypes float32 bfloat16
+Run:  python benchmarks/scaling.py --target rtx4090        (~10 min on 2 cores)
+      python benchmarks/scaling.py --target h100 --rows 7b-1 70b-8x4096
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import time
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8"
-    + " --xla_disable_hlo_passes=while-loop-invariant-code-motion"
-    + " --xla_backend_optimization_level=0"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU runs all 8 devices' collectives on one pool; fewer threads than devices can
-# deadlock: two per device (tests/jax/cpu_devices.py has the same rule).
-os.environ["PJRT_NPROC"] = str(max(16, int(os.environ.get("PJRT_NPROC") or 0)))
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin compiles without a GPU
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "cpu" in sys.argv[1:]:  # 8 host devices, before JAX starts (tests/jax/cpu_devices.py)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8"
+                               + " --xla_disable_hlo_passes=while-loop-invariant-code-motion")
+    os.environ["PJRT_NPROC"] = str(max(16, int(os.environ.get("PJRT_NPROC") or 0)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
 
 import lomo_jax  # noqa: E402
+from lomo_jax import aot, hlo_cost  # noqa: E402
 from lomo_jax import sharding as lsh  # noqa: E402
 from lomo_jax.models import llama  # noqa: E402
 
 GIB = 1024**3
+BF16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
 
-SIZES = {
-    # LLaMA-architecture shapes: (layers, hidden, ffn, heads, kv heads, vocab)
-    "1B": (22, 2048, 5632, 32, 4, 32000),  # TinyLlama-1.1B shapes
-    "7B": (32, 4096, 11008, 32, 32, 32000),  # LLaMA-7B shapes
+
+def _llama(layers, d, ffn, heads, kv=None, vocab=32000, **kw):
+    return llama.LlamaConfig(vocab_size=vocab, num_hidden_layers=layers, hidden_size=d,
+                             intermediate_size=ffn, num_attention_heads=heads,
+                             num_key_value_heads=kv or heads, **kw, **BF16)
+
+
+MODELS = {
+    "LLaMA-7B": _llama(32, 4096, 11008, 32),
+    "LLaMA-13B": _llama(40, 5120, 13824, 40),
+    "LLaMA-30B": _llama(60, 6656, 17920, 52),
+    "LLaMA-65B": _llama(80, 8192, 22016, 64),
+    "Llama-3-70B": _llama(80, 8192, 28672, 64, kv=8, vocab=128256, rope_theta=500000.0),
+    "tiny": _llama(2, 256, 512, 4, vocab=1024),  # seconds to compile (smoke test)
 }
+# row: (model, devices, tokens per device, paper's LOMO memory GB, paper's TGS)
+ROWS = {
+    "7b-1": ("LLaMA-7B", 1, 1024, 13.61, 769.92),
+    "13b-2": ("LLaMA-13B", 2, 1024, 15.92, 66.19),
+    "30b-4": ("LLaMA-30B", 4, 1024, 19.78, 11.61),
+    "65b-8": ("LLaMA-65B", 8, 1024, 19.18, 4.93),
+    "70b-8": ("Llama-3-70B", 8, 1024, None, None),
+    "70b-8x4096": ("Llama-3-70B", 8, 4096, None, None),
+    "tiny-8": ("tiny", 8, 64, None, None),
+}
+DEFAULT_ROWS = [r for r in ROWS if r != "tiny-8"]
+METHODS = {
+    "LOMO": (lambda: lomo_jax.lomo(1e-5), None),
+    "AdaLomo, clip 1.0": (lambda: lomo_jax.adalomo(1e-5), 1.0),
+}
+# (dense bf16 FLOP/s, link bytes/s per direction) as published
+TARGETS = {"rtx4090": (165.2e12, 32e9), "h100": (989.4e12, 450e9)}
 
 
-def config(size: str, dtype) -> llama.LlamaConfig:
-    n_layers, d, f, h, kv, v = SIZES[size]
-    return llama.LlamaConfig(
-        vocab_size=v,
-        hidden_size=d,
-        intermediate_size=f,
-        num_hidden_layers=n_layers,
-        num_attention_heads=h,
-        num_key_value_heads=kv,
-        dtype=dtype,
-        param_dtype=dtype,
-    )
+def mesh_for(target: str, n: int):
+    if target == "cpu":
+        return jax.make_mesh((1, n), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2,
+                             devices=jax.devices()[:n])
+    return aot.target_mesh(target, (1, n), ("data", "fsdp"))
 
 
-def nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def analyse(cfg, n_devices: int, batch: int, seq: int):
-    mesh = jax.make_mesh(
-        (n_devices,), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n_devices]
-    )
-    tx = lomo_jax.adalomo(1e-3)
-    sh = lsh.llama_shardings(cfg, mesh, tx)
+def compile_row(row: str, method: str, target: str):
+    """The compiled fused step of ``method`` for ``row`` on ``target``."""
+    name, n, seq = ROWS[row][:3]
+    cfg, (make_tx, clip) = MODELS[name], METHODS[method]
+    tx = make_tx()
+    sh = lsh.llama_shardings(cfg, mesh_for(target, n), tx)
     params = lsh.abstract_like(sh.params, llama.param_shapes(cfg))
     state = lsh.abstract_like(
-        sh.opt_state, jax.eval_shape(lambda p: lomo_jax.fused_init(tx, p), params)
-    )
-    tokens = {"input_ids": jax.ShapeDtypeStruct((batch * n_devices, seq), jnp.int32)}
-    tokens = lsh.abstract_like(sh.batch, tokens)
-    step = lomo_jax.fused_train_step(llama.llama_layered_model(cfg), tx, shardings=sh)
-    mem = step.lower(params, state, tokens).compile().memory_analysis()
-    return nbytes(params), nbytes(state), mem
+        sh.opt_state, jax.eval_shape(lambda p: lomo_jax.fused_init(tx, p), params))
+    batch = lsh.abstract_like(sh.batch, {"input_ids": jax.ShapeDtypeStruct((n, seq), jnp.int32)})
+    step = lomo_jax.fused_train_step(llama.llama_layered_model(cfg), tx, shardings=sh,
+                                     clip_grad_norm=clip)
+    return step.lower(params, state, batch).compile()
 
 
-def main():
+def figures(compiled, tokens: int, target: str) -> dict:
+    """Memory, FLOPs, bytes sent and the step-time bound of one compiled step."""
+    flops, sent = hlo_cost.matmul_flops(compiled), hlo_cost.bytes_sent(compiled)
+    bound = None
+    if target in TARGETS:
+        peak, link = TARGETS[target]
+        bound = tokens / max(flops / peak, sent / link)
+    return {"memory": aot.MemoryFigures.of(compiled).total / GIB, "tflop": flops / 1e12,
+            "sent": sent / GIB, "bound": bound}
+
+
+def fmt(x, spec=".2f"):
+    return "–" if x is None else format(x, spec)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", nargs="*", default=["1B", "7B"], choices=list(SIZES))
-    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
-    ap.add_argument("--devices", nargs="*", type=int, default=[1, 2, 4, 8])
-    ap.add_argument("--batch", type=int, default=1, help="sequences per device")
-    ap.add_argument("--seq", type=int, default=512)
-    args = ap.parse_args()
+    ap.add_argument("--target", choices=("cpu",) + aot.GPU_TARGETS, default="rtx4090")
+    ap.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, choices=list(ROWS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    args = ap.parse_args(argv)
 
-    print("$ python " + " ".join(["benchmarks/scaling.py"] + sys.argv[1:]))
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices; "
-          f"AdaLomo, fused step, FSDP over n devices, {args.batch} x {args.seq} tokens per device\n")
-    print("| model | dtype | devices | global batch | params+state / device (ideal) "
-          "| args | temp | out | alias | total | total x devices |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("$ python " + " ".join(["benchmarks/scaling.py"] + (argv or sys.argv[1:])))
+    print(f"target {args.target}, jax {jax.__version__}; fused step, bf16, FSDP over the "
+          "devices, one sequence per device; per device. Compile only.\n")
+    print("| model | devices | tokens / device | method | memory GiB | paper GB (LOMO) "
+          "| TFLOP / step | sent GiB / step | bound TGS | paper TGS |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     t0 = time.time()
-    for size in args.sizes:
-        for dtype_name in args.dtypes:
-            cfg = config(size, jnp.dtype(dtype_name))
-            for n in args.devices:
-                p_bytes, s_bytes, m = analyse(cfg, n, args.batch, args.seq)
-                total = (m.argument_size_in_bytes + m.output_size_in_bytes
-                         + m.temp_size_in_bytes - m.alias_size_in_bytes)
-                g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
-                print(f"| LLaMA-{size} | {dtype_name} | {n} | {args.batch * n} "
-                      f"| {g((p_bytes + s_bytes) / n)} | {g(m.argument_size_in_bytes)} "
-                      f"| {g(m.temp_size_in_bytes)} | {g(m.output_size_in_bytes)} "
-                      f"| {g(m.alias_size_in_bytes)} | {g(total)} | {g(total * n)} |",
-                      flush=True)
-    print(f"\nGiB per device from compiled.memory_analysis(); compiled in {time.time() - t0:.0f} s.")
+    for row in args.rows:
+        name, n, seq, paper_gb, paper_tgs = ROWS[row]
+        for method in args.methods:
+            f = figures(compile_row(row, method, args.target), seq, args.target)
+            print(f"| {name} | {n} | {seq} | {method} | {f['memory']:.2f} | {fmt(paper_gb)} "
+                  f"| {f['tflop']:.1f} | {f['sent']:.1f} | {fmt(f['bound'], '.0f')} "
+                  f"| {fmt(paper_tgs)} |", flush=True)
+    print(f"\n(compiled in {time.time() - t0:.0f} s. Bound TGS: an upper bound from FLOPs and "
+          "collective bytes on the target's published peak and link bandwidth, not a "
+          "measurement; the paper's figures are measured on RTX 3090s.)")
 
 
 if __name__ == "__main__":

@@ -1,60 +1,89 @@
-"""The main job: fine-tune a small LLaMA with the fused AdaLomo step, on the CPU.
+"""The main job: fine-tune a small pretrained LLaMA with the fused AdaLomo step, on the CPU.
 
-    python examples/finetune_llama.py                      # ~2 min on 2 CPU cores
-    python examples/finetune_llama.py --model DIR          # a local transformers checkpoint
+    python examples/finetune_llama.py                      # ~1.5 min on 2 CPU cores
+    python examples/finetune_llama.py --model DIR          # your local transformers checkpoint
     python examples/finetune_llama.py --optimizer adamw    # the baseline, for comparison
     python examples/finetune_llama.py --tiny               # a few seconds (what CI runs)
 
 What it does:
 
-1. reads ``examples/data/corpus.txt`` (300 KB of self-written text that ships
-   with the project) and trains a byte-level BPE tokenizer on it offline (or
-   uses the tokenizer saved in ``--model DIR``);
-2. builds a small LLaMA (``lomo_jax.models.llama``) from a config, or loads
-   ``--model DIR`` (a ``save_pretrained`` directory of safetensors files);
-3. fine-tunes it with ``lomo_jax.fused_train_step``: layers run in a
-   ``lax.scan``, and the backward scan updates each layer the moment its
-   gradient is known, so only one layer's gradient is ever alive. A tqdm bar
-   shows the loss and tokens/s;
-4. reports the held-out loss before and after, and the step's memory from
-   XLA's compiled ``memory_analysis()`` beside ``jax.value_and_grad`` with
-   plain gradients (SGD) and with ``optax.adamw``;
-5. writes ``OUT/loss_and_memory.png`` and a transformers checkpoint in ``OUT``
-   (``--out``, default ``runs/finetune_llama``) that
-   ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads.
+1. loads ``--model DIR`` (default ``examples/data/pretrained``, a 0.9M-parameter
+   LLaMA that ships with the project, made by ``examples/data/make_pretrained.py``
+   from the *pretraining part* of ``examples/data/corpus.txt``: its stories and
+   notes) and its tokenizer (or ``--tokenizer DIR2``);
+2. fine-tunes it on the corpus's *target slice*, the arithmetic sentences
+   ("Seven plus five is twelve."), which the checkpoint never saw, with
+   ``lomo_jax.fused_train_step``: layers run in a ``lax.scan``, and the
+   backward scan updates each layer the moment its gradient is known, so only
+   one layer's gradient is ever alive. A tqdm bar shows the loss and tokens/s;
+3. reports the loss on held-out target sentences (one in eight distinct
+   sentences, never trained on) before and after, throughput and wall time,
+   and the step's memory from XLA's compiled ``memory_analysis()`` beside
+   ``jax.value_and_grad`` with plain gradients (SGD) and with ``optax.adamw``;
+4. writes ``OUT/loss_and_memory.png``, ``OUT/finetune_report.json`` and a
+   transformers checkpoint in ``OUT`` (``--out``, default
+   ``runs/finetune_llama``) with the tokenizer and ``generation_config.json``,
+   that ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 
-import lomo_jax
-from lomo_jax import aot
-from lomo_jax.models import convert, llama
+class _NoTorchNotice(logging.Filter):
+    """Drop transformers' "PyTorch was not found" notice (this job never needs torch);
+    every other transformers message passes."""
 
-CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
+    def filter(self, record):
+        msg = record.getMessage()
+        return not ("PyTorch was not found" in msg or msg.startswith("None of PyTorch"))
+
+
+logging.getLogger("transformers").addFilter(_NoTorchNotice())  # before transformers is imported
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import lomo_jax  # noqa: E402
+from lomo_jax import aot  # noqa: E402
+from lomo_jax.models import convert, llama  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data"
+CORPUS = DATA / "corpus.txt"
+PRETRAINED = DATA / "pretrained"
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 MIB = 1024**2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TARGET_LINE = re.compile(r"[A-Z][a-z]+ (plus|minus) [a-z]+ is [a-z]+\.")
+CAVEAT = ("At this toy size, and in bf16 on a CPU, these compiled-memory figures say little: "
+          "activations dominate, and XLA:CPU makes f32 copies of bf16 weights around matmuls "
+          "(GPUs don't). For real figures: python benchmarks/memory.py --target rtx4090 "
+          "(compiles for a GPU target; no GPU needed).")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="DIR", help="local transformers checkpoint to fine-tune "
-                   "(default: a small LLaMA built from a config, randomly initialised)")
+    p.add_argument("--model", metavar="DIR", default=str(PRETRAINED),
+                   help="local transformers checkpoint to fine-tune: config.json + safetensors "
+                   "(default: the shipped examples/data/pretrained)")
+    p.add_argument("--tokenizer", metavar="DIR2", default=None,
+                   help="where the model's tokenizer is, if not in --model DIR")
     p.add_argument("--optimizer", choices=["adalomo", "lomo", "adamw"], default="adalomo",
                    help="adalomo/lomo: the fused step; adamw: jax.value_and_grad + optax.adamw")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 150; 6 with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 100; 6 with --tiny)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 3e-2 adalomo, 3e-2 lomo, 3e-3 adamw)")
     p.add_argument("--clip-grad-norm", type=float, default=1.0,
@@ -70,7 +99,6 @@ def parse_args(argv=None):
                    help="gradient accumulation inside the fused step: each layer runs on "
                    "batch-size / M rows at a time, one update per step (adalomo/lomo)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (new tokenizer)")
     p.add_argument("--out", default="runs/finetune_llama", help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "gpu", "tpu", "auto"], default="cpu",
@@ -79,14 +107,19 @@ def parse_args(argv=None):
     p.add_argument("--no-memory-report", action="store_true",
                    help="skip compiling the SGD/AdamW baselines for the memory comparison")
     p.add_argument("--tiny", action="store_true", default=bool(os.environ.get("LOMO_EXAMPLES_TINY")),
-                   help="a few steps of a tiny model (also: LOMO_EXAMPLES_TINY=1)")
+                   help="a few short steps (also: LOMO_EXAMPLES_TINY=1)")
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
     if args.lr is None:
         args.lr = 3e-3 if args.optimizer == "adamw" else 3e-2
     if args.tiny:
-        args.batch_size, args.seq_len, args.vocab_size = 4, 32, 300
+        args.batch_size, args.seq_len = 4, 32
     if args.steps is None:
-        args.steps = 6 if args.tiny else 150
+        args.steps = 6 if args.tiny else 100
     if args.steps < 1 or args.batch_size < 1 or args.seq_len < 2:
         p.error("--steps, --batch-size must be >= 1 and --seq-len >= 2")
     if args.microbatches < 1 or args.batch_size % args.microbatches:
@@ -103,44 +136,85 @@ def parse_args(argv=None):
         args.rounding = "stochastic" if fused_low else "nearest"
     if args.rounding == "stochastic" and args.optimizer == "adamw":
         p.error("--rounding stochastic is the fused step's; use --optimizer adalomo or lomo")
-    return args
+    problem = model_dir_problem(args.model, args.tokenizer)
+    if problem:
+        p.error(problem)
+
+
+def has_tokenizer(path):
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def model_dir_problem(model, tokenizer):
+    """Why ``--model``/``--tokenizer`` cannot be used (checked before anything is loaded), or None."""
+    d = Path(model)
+    if not d.is_dir():
+        return f"--model {model}: no such directory"
+    if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+        return f"--model {model}: needs config.json and *.safetensors weights (a save_pretrained directory)"
+    if tokenizer is not None and not has_tokenizer(tokenizer):
+        return f"--tokenizer {tokenizer}: no {' or '.join(TOKENIZER_FILES)} there"
+    if tokenizer is None and not has_tokenizer(d):
+        return (f"--model {model} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); pass the "
+                "one the model was trained with as --tokenizer DIR2 (a new tokenizer would not "
+                "match its embeddings)")
+    return None
 
 
 # ---------------------------------------------------------------- data -----
 
-def load_tokenizer(args):
-    """The checkpoint's tokenizer, or a byte-level BPE trained on the corpus."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+def corpus_parts(text=None):
+    """The corpus split by kind of line: ``pretrain`` (stories and notes: what the shipped
+    checkpoint learned from), ``target`` (the arithmetic sentences the job fine-tunes on)
+    and ``held_out`` (every occurrence of one in eight distinct arithmetic sentences:
+    trained on by neither)."""
+    lines = (CORPUS.read_text() if text is None else text).splitlines(keepends=True)
+    target = [s for s in lines if TARGET_LINE.fullmatch(s.strip())]
+    held = set(sorted(set(target))[::8])
+    return {"pretrain": "".join(s for s in lines if not TARGET_LINE.fullmatch(s.strip())),
+            "target": "".join(s for s in target if s not in held),
+            "held_out": "".join(s for s in target if s in held)}
 
-    if args.model and any((Path(args.model) / f).exists()
-                          for f in ("tokenizer.json", "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(args.model)
+
+def train_tokenizer(text, vocab_size):
+    """A byte-level BPE trained on ``text`` (what the shipped checkpoint's tokenizer is)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train([str(CORPUS)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
 
 
-def make_windows(tokenizer, seq_len, vocab_size):
-    """Token windows of ``seq_len`` from the corpus: 95% train, 5% held out."""
-    ids = np.asarray(tokenizer(CORPUS.read_text())["input_ids"], np.int32)
+def load_tokenizer(args):
+    """The tokenizer the model was trained with: ``--tokenizer`` or the one in ``--model``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+
+
+def make_windows(tokenizer, text, seq_len, vocab_size):
+    """``text`` as token windows ``[n, seq_len]`` (the tail that does not fill one is dropped)."""
+    ids = np.asarray(tokenizer(text)["input_ids"], np.int32)
     if ids.max() >= vocab_size:
         raise ValueError(f"tokenizer produces id {ids.max()} but the model's vocab_size is "
-                         f"{vocab_size}; pass a matching --model tokenizer")
+                         f"{vocab_size}; pass the model's own tokenizer (--tokenizer)")
     n = len(ids) // seq_len
-    windows = ids[: n * seq_len].reshape(n, seq_len)
-    n_eval = max(1, n // 20)
-    return windows[:-n_eval], windows[-n_eval:]
+    if n < 1:
+        raise ValueError(f"{len(ids)} tokens do not fill one window of --seq-len {seq_len}")
+    return ids[: n * seq_len].reshape(n, seq_len)
 
 
 def batches(train, batch_size, seed):
     """Endless shuffled batches ``{"input_ids": [B, T]}`` (labels = inputs, shifted inside)."""
+    if len(train) < batch_size:
+        raise ValueError(f"{len(train)} training windows do not fill a batch of {batch_size}")
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(train))
@@ -150,18 +224,9 @@ def batches(train, batch_size, seed):
 
 # --------------------------------------------------------------- model -----
 
-def load_model(args, vocab_size):
+def load_model(args):
     dtype = DTYPES[args.dtype]
-    if args.model:
-        cfg, params = convert.load_pretrained(args.model, dtype=dtype, config_dtype=dtype)
-        return cfg, params
-    size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2) if args.tiny else
-            dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=4))
-    cfg = llama.LlamaConfig(vocab_size=vocab_size, max_position_embeddings=args.seq_len,
-                            tie_word_embeddings=True, dtype=dtype, param_dtype=dtype, **size)
-    return cfg, llama.init_params(cfg, args.seed)
+    return convert.load_pretrained(args.model, dtype=dtype, config_dtype=dtype)
 
 
 def n_params(params):
@@ -260,67 +325,62 @@ def describe_batch(args):
     return text
 
 
-def plot(path, losses, memory, title):
+def plot(path, losses, memory, title, held_out):
+    """Training loss with the held-out ``(before, after)`` losses as lines; the memory bars
+    labelled with their MiB."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(11 if memory else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(12 if memory else 6, 4), squeeze=False)
     a = axes[0, 0]
-    a.plot(np.arange(1, len(losses) + 1), losses, lw=1)
-    a.set(xlabel="step", ylabel="training loss", title=title)
+    a.plot(np.arange(1, len(losses) + 1), losses, lw=1, label="training loss")
+    for value, when, color in zip(held_out, ("before", "after"), ("C3", "C2")):
+        a.axhline(value, ls="--", lw=1, color=color, label=f"held-out loss {when}: {value:.3f}")
+    a.set(xlabel="step", ylabel="loss", title=title)
+    a.legend()
     if memory:
         b, names = axes[0, 1], list(memory)
-        b.barh(names, [memory[n][0] / MIB for n in names],
-               color=["C2" if n.startswith("fused") else "C7" for n in names])
+        mib = [memory[n][0] / MIB for n in names]
+        bars = b.barh(names, mib, color=["C2" if n.startswith("fused") else "C7" for n in names])
+        b.bar_label(bars, labels=[f"{v:.2f} MiB" for v in mib], padding=3)
+        b.set_xlim(0, 1.3 * max(mib))
         b.set(xlabel="MiB (XLA memory_analysis: args + out + temp - alias)",
-              title="memory of one training step")
+              title="memory of one training step (see the caveat printed)")
         b.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv=None):
-    from tqdm import tqdm
-
-    args = parse_args(argv)
+def select_device(args):
     if args.device == "auto":
-        where = jax.default_backend().upper()
-    else:
-        device = jax.devices(args.device)[0]
-        jax.config.update("jax_default_device", device)
-        where = str(device).upper()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        return jax.default_backend().upper()
+    device = jax.devices(args.device)[0]
+    jax.config.update("jax_default_device", device)
+    return str(device).upper()
 
+
+def load_all(args):
+    """Tokenizer, model and the target slice as ``(train, held_out)`` token windows."""
     tokenizer = load_tokenizer(args)
-    cfg, params = load_model(args, vocab_size=len(tokenizer))
-    train, held_out = make_windows(tokenizer, args.seq_len, cfg.vocab_size)
-    lm = llama.llama_layered_model(cfg)
-    print(f"model: {n_params(params) / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
-          f"{args.dtype} ({args.rounding} rounding); data: {train.size:,} training tokens, "
-          f"vocab {len(tokenizer)}; optimizer: {args.optimizer}, {where}; "
-          f"{describe_batch(args)}")
+    cfg, params = load_model(args)
+    parts = corpus_parts()
+    train, held_out = (make_windows(tokenizer, parts[k], args.seq_len, cfg.vocab_size)
+                       for k in ("target", "held_out"))
+    return tokenizer, cfg, params, train, held_out
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
-                                                  args.steps, end_value=args.lr / 10)
-    step, init = build_step(args, lm, schedule)
-    data = batches(train, args.batch_size, args.seed)
-    batch = next(data)
-    t_compile = time.perf_counter()
-    step = compile_step(step, init, params, batch)  # compiled once, used for training too
-    t_compile = time.perf_counter() - t_compile
-    opt_state = init(params)
 
-    loss_before = evaluate(lm, params, held_out, args.batch_size)
-    memory = {} if args.no_memory_report else memory_report(args, lm, params, batch, schedule, step)
+def train_loop(args, step, params, opt_state, data):
+    """``args.steps`` steps with a progress bar; returns the new params and the run's figures."""
+    from tqdm import tqdm
 
     losses, tokens, skipped = [], 0, 0
     bar = tqdm(range(args.steps), desc=f"{args.optimizer}", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     for _ in bar:
+        batch = next(data)
         params, opt_state, metrics = step(params, opt_state, batch)
         loss = float(metrics["loss"])  # waits for the step
         skipped += int(metrics.get("skipped", False))
@@ -328,34 +388,83 @@ def main(argv=None):
         tokens += batch["input_ids"].size
         seconds = time.perf_counter() - t0
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:,.0f}")
-        batch = next(data)
     bar.close()
     if not all(math.isfinite(x) for x in losses):
         raise SystemExit("training diverged (non-finite loss); try a lower --lr")
+    return params, {"train_losses": losses, "tokens": tokens, "train_seconds": seconds,
+                    "tokens_per_s": tokens / seconds, "skipped_steps": skipped}
+
+
+def print_memory(args, memory):
+    print("\nmemory of one training step (XLA compiled memory_analysis, "
+          f"{describe_batch(args)}, {args.dtype}):")
+    base = memory["value_and_grad + AdamW"][0]
+    for name, (total, temp) in memory.items():
+        print(f"  {name:<26} {total / MIB:9.2f} MiB total  ({temp / MIB:8.2f} MiB "
+              f"temporaries)  {total / base:5.2f}x AdamW")
+    print(CAVEAT)
+
+
+def save_outputs(args, out, params, cfg, tokenizer):
+    """A checkpoint like ``--model``'s: its config (token ids kept), the tokenizer and its
+    ``generation_config.json``, with the fine-tuned weights."""
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+    convert.save_pretrained(params, cfg, str(out), hf_config=hf_config)
+    tokenizer.save_pretrained(str(out))
+    generation = Path(args.model) / "generation_config.json"
+    if generation.is_file() and generation.resolve() != (out / generation.name).resolve():
+        shutil.copyfile(generation, out / generation.name)
+
+
+def main(argv=None):
+    t_start = time.perf_counter()
+    args = parse_args(argv)  # fails here, before loading anything, on a bad --model/--tokenizer
+    where = select_device(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, cfg, params, train, held_out = load_all(args)
+    lm = llama.llama_layered_model(cfg)
+    print(f"model: {args.model}, {n_params(params) / 1e6:.2f}M parameters, "
+          f"{cfg.num_hidden_layers} layers, {args.dtype} ({args.rounding} rounding); "
+          f"fine-tuning data: the corpus's arithmetic sentences, {train.size:,} tokens "
+          f"({held_out.size:,} held out); optimizer: {args.optimizer}, {where}; {describe_batch(args)}")
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
+                                                  args.steps, end_value=args.lr / 10)
+    step, init = build_step(args, lm, schedule)
+    data = batches(train, args.batch_size, args.seed)
+    batch = next(data)  # compiled for, then trained on first
+    t_compile = time.perf_counter()
+    step = compile_step(step, init, params, batch)  # compiled once, used for training too
+    t_compile = time.perf_counter() - t_compile
+    opt_state = init(params)
+
+    loss_before = evaluate(lm, params, held_out, args.batch_size)
+    memory = {} if args.no_memory_report else memory_report(args, lm, params, batch, schedule, step)
+    params, run = train_loop(args, step, params, opt_state, itertools.chain([batch], data))
     loss_after = evaluate(lm, params, held_out, args.batch_size)
 
+    skipped = run["skipped_steps"]
     print(f"\nheld-out loss: {loss_before:.3f} before -> {loss_after:.3f} after "
           f"{args.steps} steps" + (f" ({skipped} fp16 overflow steps skipped)" if skipped else ""))
-    print(f"throughput: {tokens / seconds:,.0f} tokens/s over {seconds:.1f} s "
+    print(f"throughput: {run['tokens_per_s']:,.0f} tokens/s over {run['train_seconds']:.1f} s "
           f"(the step was compiled ahead of time in {t_compile:.1f} s)")
     if memory:
-        print("\nmemory of one training step (XLA compiled memory_analysis, "
-              f"{describe_batch(args)}, {args.dtype}):")
-        base = memory["value_and_grad + AdamW"][0]
-        for name, (total, temp) in memory.items():
-            print(f"  {name:<26} {total / MIB:9.2f} MiB total  ({temp / MIB:8.2f} MiB "
-                  f"temporaries)  {total / base:5.2f}x AdamW")
+        print_memory(args, memory)
 
     png = out / "loss_and_memory.png"
-    plot(png, losses, memory, f"{args.optimizer}, {cfg.num_hidden_layers} layers, {args.dtype}")
-    convert.save_pretrained(params, cfg, str(out))
-    tokenizer.save_pretrained(str(out))
-    (out / "finetune_report.json").write_text(json.dumps({
-        "args": vars(args), "loss_before": loss_before, "loss_after": loss_after,
-        "train_losses": losses, "memory_bytes": {k: v[0] for k, v in memory.items()},
-    }, indent=2))
-    print(f"\nwrote {png} and a transformers checkpoint in {out}/ "
-          "(AutoModelForCausalLM.from_pretrained loads it)")
+    plot(png, run["train_losses"], memory, f"{args.optimizer}, {cfg.num_hidden_layers} layers, "
+         f"{args.dtype}", (loss_before, loss_after))
+    save_outputs(args, out, params, cfg, tokenizer)
+    report = {"args": vars(args), "loss_before": loss_before, "loss_after": loss_after, **run,
+              "compile_seconds": t_compile, "wall_seconds": time.perf_counter() - t_start,
+              "memory_bytes": {k: v[0] for k, v in memory.items()}}
+    (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {png}, {out / 'finetune_report.json'} and a transformers checkpoint in "
+          f"{out}/ (AutoModelForCausalLM.from_pretrained loads it); "
+          f"{report['wall_seconds']:.0f} s wall in all")
     return loss_before, loss_after
 
 

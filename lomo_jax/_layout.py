@@ -89,3 +89,40 @@ def split_params(params) -> tuple[int, Units]:
     if n_layers == 0:
         raise ValueError("params['layers'] has a layer axis of size 0.")
     return n_layers, Units(params["embed"], params["layers"], params["head"])
+
+
+STACKED_HINT = (
+    "Are the blocks stacked with nnx.vmap (or jax.vmap of the init) so that every "
+    "leaf of params['layers'] has a leading layer axis?"
+)
+_LAYERS = "params['layers']"
+
+
+def check_stacked(layers, n_layers: int, num_layers=None) -> None:
+    """Is the leading axis of ``params["layers"]`` (size ``n_layers``) a layer axis?
+
+    With ``num_layers`` every leaf's leading axis must equal it (the error names
+    the leaf and its shape). Without, the one cheap tell of an unstacked block is
+    refused: every leaf 1-D (``LayerNorm(d)`` alone: ``L`` would be ``d`` and each
+    "layer" a scalar, silently). A stacked model has a 2-D leaf for any vector or
+    matrix in its layers (``[L, d]`` scales, ``[L, d, d]`` kernels); a stack whose
+    layers hold only scalars passes with ``num_layers=L``. An unstacked block
+    with a matrix (``[d]`` + ``[d, d]``) passes here and is caught when its first
+    trace fails (the fused step's ``_check_activation`` names this hint then).
+
+    Example: ``{"s": [8]}`` raises; ``{"s": [8]}`` with ``num_layers=8`` passes.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(layers)[0]
+    if num_layers is not None:
+        for path, leaf in leaves:
+            if jnp.shape(leaf)[0] != num_layers:
+                raise ValueError(
+                    f"{path_str(_LAYERS, path)} has shape {list(jnp.shape(leaf))}: its "
+                    f"leading (layer) axis is not num_layers = {num_layers}. {STACKED_HINT}")
+    elif all(jnp.ndim(leaf) == 1 for _, leaf in leaves):
+        names = ", ".join(f"{path_str(_LAYERS, p)} {list(jnp.shape(x))}" for p, x in leaves[:3])
+        raise ValueError(
+            f"every leaf of params['layers'] is 1-D ({names}{', ...' if len(leaves) > 3 else ''}),"
+            f" so L would be {n_layers} and each layer would get only scalars: this looks "
+            f"like one block that was not stacked. {STACKED_HINT} (If every layer really "
+            "has only scalar parameters, pass LayeredModel(..., num_layers=L).)")

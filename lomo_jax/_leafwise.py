@@ -149,7 +149,7 @@ def _eqn(eqn, ins: List[frozenset]) -> List[frozenset]:
 
 
 def cross_leaf_dependencies(
-    tx: optax.GradientTransformation, probe_params: Any
+    tx: optax.GradientTransformation, probe_params: Any, prefix: Optional[str] = "params"
 ) -> Optional[str]:
     """Describe a cross-leaf dependency of ``tx`` on ``probe_params``, or None.
 
@@ -157,11 +157,17 @@ def cross_leaf_dependencies(
       tx: the transform to analyse.
       probe_params: a pytree of arrays or ``jax.ShapeDtypeStruct`` (only shapes
         and dtypes are used). It needs at least two leaves to find anything.
+      prefix: what the leaves are called: leaf ``['w']`` is named
+        ``prefix + "['w']"`` (e.g. ``"params['layers']"`` names
+        ``params['layers']['w']``); ``None`` for a stand-in tree the user never
+        wrote, whose leaves are then not named.
 
     Returns:
       ``None`` if every update leaf and every state leaf depends on at most one
       parameter leaf (through gradients, parameters and the state, over any
-      number of steps); otherwise a sentence naming the offending output.
+      number of steps); otherwise a sentence naming the offending output, e.g.
+      ``"the update of params['b'] depends on several parameter leaves
+      (params['a'], params['b'])"``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(probe_params)
     paths = [
@@ -200,10 +206,20 @@ def cross_leaf_dependencies(
         "state" + jax.tree_util.keystr(p)
         for p, _ in jax.tree_util.tree_flatten_with_path(state_shape)[0]
     ]
-    upd_paths = ["update" + p for p in paths]
-    for what, taints in ((upd_paths, out_t), (state_paths, state_t)):
+    return _describe_dependency(prefix, paths, state_paths, out_t, state_t)
+
+
+def _describe_dependency(prefix, paths, state_paths, out_t, state_t) -> Optional[str]:
+    """The sentence for the first update/state leaf tainted by two parameter
+    leaves (named with ``prefix``, or anonymously when it is ``None``)."""
+    upd_names = [f"the update of {prefix}{p}" for p in paths]
+    for what, taints in ((upd_names, out_t), (state_paths, state_t)):
         for name, t in zip(what, taints):
-            if len(t) > 1:
-                names = ", ".join("params" + paths[i] for i in sorted(t))
-                return f"{name} depends on several parameter leaves ({names})"
+            if len(t) < 2:
+                continue
+            if prefix is None:
+                kind = "an update leaf" if what is upd_names else "a state leaf"
+                return f"{kind} depends on {len(t)} parameter leaves"
+            names = ", ".join(prefix + paths[i] for i in sorted(t))
+            return f"{name} depends on several parameter leaves ({names})"
     return None

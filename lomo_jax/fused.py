@@ -80,6 +80,24 @@ learning rate shows) is not finite is skipped as a whole and counted in
 parameter's dtype once per step; ``rounding="stochastic"`` makes that rounding
 unbiased (:mod:`lomo_jax.rounding`), with its key in :attr:`FusedState.rng`.
 
+**Layer index and keys.** ``layer`` may take keyword arguments ``index``
+(its position :math:`i`, an ``int32`` scalar) and/or ``key`` (dropout):
+layer :math:`i` gets :math:`k_i = \mathrm{fold\_in}(k, i)` and, with
+micro-batches, micro-batch :math:`m` gets :math:`\mathrm{fold\_in}(k_i, m)`,
+in the forward and in each recompute of the backward scans (so the dropout
+masks agree). The step key :math:`k` is ``step(params, opt_state, batch,
+key=k)``, else :math:`\mathrm{fold\_in}(k', 3)` with
+:math:`(r, k') = \mathrm{split}(\text{opt\_state.rng})` (stochastic rounding
+folds 0, 1, 2 into the same :math:`k'`); ``model.loss(params, batch, key=k)``
+derives the same keys, so it is the reference. A layer without these
+parameters is called ``layer(p, h, batch)`` and the traced program is the
+same as before they existed.
+
+**Layer axis.** Every leaf of ``params["layers"]`` needs a leading layer axis
+``L`` (blocks stacked with ``nnx.vmap``, or ``jax.vmap`` of the init);
+``LayeredModel(..., num_layers=L)`` checks it, and an error in the first
+trace of ``layer`` is re-raised with the slice's shapes and that hint.
+
 **Donation.** The returned step donates ``params`` and ``opt_state``; passing
 the same arrays again raises an error that names the deleted leaf and says to
 use the returned values.
@@ -120,13 +138,14 @@ Example::
 
     def layer(p, h, batch):                   # one layer's slice of params["layers"]
         return h + jax.nn.gelu(h @ p["w1"]) @ p["w2"]
+    # or layer(p, h, batch, *, index, key) for alternating layers / dropout
 
     def head(p, h, batch, embed_params=None):  # tied: logits with the embedding
         logits = h @ embed_params["tok"].T
         return optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["labels"]).mean()
 
-    model = lomo_jax.LayeredModel(embed, layer, head, tied=True)
+    model = lomo_jax.LayeredModel(embed, layer, head, tied=True, num_layers=L)
     params = {"embed": {"tok": ...}, "layers": {"w1": [L, D, F], "w2": [L, F, D]},
               "head": {}}
     tx = lomo_jax.adalomo(1e-3)
@@ -134,11 +153,13 @@ Example::
     step = lomo_jax.fused_train_step(model, tx, clip_grad_norm=1.0)
     params, opt_state, metrics = step(params, opt_state, batch)   # donates both
     print(metrics["loss"], metrics["grad_norm"])
+    # a layer taking key=: step(params, opt_state, batch, key=jax.random.key(n))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -146,8 +167,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from lomo_jax import _loss_scale
+from lomo_jax import _loss_scale, _placement
 from lomo_jax._layout import Units, abstract as _abstract, describe as _describe
+from lomo_jax._layout import STACKED_HINT, check_stacked as _check_stacked
 from lomo_jax._layout import path_str as _path, split_params as _split_params
 from lomo_jax._leafwise import cross_leaf_dependencies
 from lomo_jax._loss_scale import LossScaleState
@@ -160,6 +182,7 @@ __all__ = [
     "LossScaleState",
     "fused_init",
     "fused_train_step",
+    "layer_key",
 ]
 
 _NORM_EPS = 1e-6  # lomo-optim: clip_coef = max_norm / (total_norm + 1e-6)
@@ -168,6 +191,32 @@ _NORM_EPS = 1e-6  # lomo-optim: clip_coef = max_norm / (total_norm + 1e-6)
 # --------------------------------------------------------------------------
 # The model interface
 # --------------------------------------------------------------------------
+
+
+_LAYER_KWARGS = ("index", "key")
+
+
+def _layer_kwargs(fn) -> frozenset:
+    """Which of ``index``/``key`` ``fn`` accepts as keywords (``**kwargs``: both)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature (a C callable): three arguments
+        return frozenset()
+    if any(q.kind is q.VAR_KEYWORD for q in params):
+        return frozenset(_LAYER_KWARGS)
+    keyword = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return frozenset(q.name for q in params if q.name in _LAYER_KWARGS and q.kind in keyword)
+
+
+def layer_key(step_key, index, micro=None):
+    r"""The key layer ``index`` gets: :math:`k_i = \mathrm{fold\_in}(k, i)`, and with
+    micro-batches :math:`\mathrm{fold\_in}(k_i, m)` for micro-batch ``m``.
+
+    Example: ``layer_key(jax.random.key(0), 2)`` is what layer 2 of
+    ``model.loss(params, batch, key=jax.random.key(0))`` receives.
+    """
+    key = jax.random.fold_in(step_key, index)
+    return key if micro is None else jax.random.fold_in(key, micro)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +228,21 @@ class LayeredModel:
       slice ``tree.map(lambda x: x[i], params["layers"])`` (every leaf of
       ``params["layers"]`` has a leading layer axis ``L``). It must return an
       activation with the same tree structure, shapes and dtypes as ``h``
-      (``h`` may be any pytree of arrays).
+      (``h`` may be any pytree of arrays). It may also take keyword arguments
+      ``index`` and/or ``key`` (``layer(p, h, batch, *, index, key)``, or
+      ``**kwargs`` for both; found once with ``inspect.signature``, and only
+      those it takes are passed):
+
+      - ``index``: the layer's position ``i``, an ``int32`` scalar (traced),
+        e.g. for Gemma-2-style alternating layers (``lax.cond``/``jnp.where``
+        on ``index % 2``);
+      - ``key``: layer ``i``'s PRNG key for this step,
+        ``jax.random.fold_in(step_key, i)`` (:func:`layer_key`), e.g. for
+        dropout. The fused step recomputes a layer in its backward scans with
+        the same key as its forward, so the masks agree. ``step_key`` is the
+        ``key=`` given to :meth:`loss` or to the fused step (see
+        :func:`fused_train_step` for where it comes from otherwise).
+
     * ``head(params["head"], h, batch) -> loss`` (a real scalar; for fp16
       models better computed in fp32, though an fp16 loss works: its
       loss-scale seed is capped at ``2**15`` and the rest applied in fp32). With
@@ -187,19 +250,32 @@ class LayeredModel:
       embed_params=params["embed"])`` and may reuse the embedding; the
       embedding then gets one update with the summed gradient.
 
+    ``num_layers``: if given, the leading axis of every ``params["layers"]``
+    leaf must equal it (a block that was not stacked fails early, naming the
+    leaf); if not, a ``params["layers"]`` whose leaves are all 1-D is refused
+    as almost surely unstacked (pass ``num_layers`` to allow it).
+
     :meth:`loss` is the plain (unfused) composition, for inference/evaluation
     and as the reference the fused step is tested against.
 
     Example::
 
-        model = lomo_jax.LayeredModel(embed, layer, head, tied=True)
-        loss = model.loss(params, batch)
+        def layer(p, h, batch, *, index, key):       # dropout, odd layers differ
+            keep = jax.random.bernoulli(key, 0.9, h.shape)
+            h = jnp.where(keep, h / 0.9, 0.0)
+            return jnp.where(index % 2 == 0, h @ p["w"], h)
+
+        model = lomo_jax.LayeredModel(embed, layer, head, tied=True, num_layers=L)
+        loss = model.loss(params, batch, key=jax.random.key(0))
     """
 
     embed: Callable[..., Any]
     layer: Callable[..., Any]
     head: Callable[..., Any]
     tied: bool = False
+    num_layers: Optional[int] = None
+    _layer_kw: frozenset = dataclasses.field(
+        default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("embed", "layer", "head"):
@@ -210,6 +286,33 @@ class LayeredModel:
                 )
         if not isinstance(self.tied, bool):
             raise TypeError(f"LayeredModel.tied must be a bool, got {self.tied!r}.")
+        n = self.num_layers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"LayeredModel.num_layers must be a positive int or None, got {n!r}.")
+        object.__setattr__(self, "_layer_kw", _layer_kwargs(self.layer))
+
+    @property
+    def takes_key(self) -> bool:
+        """``layer`` accepts ``key=`` (it needs one PRNG key per layer and step)."""
+        return "key" in self._layer_kw
+
+    @property
+    def takes_index(self) -> bool:
+        """``layer`` accepts ``index=`` (its position in the stack)."""
+        return "index" in self._layer_kw
+
+    def call_layer(self, p_i, h, batch, index=None, key=None):
+        """``layer(p_i, h, batch)`` plus the ``index``/``key`` it takes (the
+        only way the fused step and :meth:`loss` call a layer)."""
+        kw = {}
+        if self.takes_index:
+            kw["index"] = index
+        if self.takes_key:
+            if key is None:
+                raise ValueError(
+                    "model.layer takes a key but none was given (call_layer(..., key=k)).")
+            kw["key"] = key
+        return self.layer(p_i, h, batch, **kw)
 
     def call_head(self, params, h, batch):
         """``head`` applied as the fused step applies it (passes the
@@ -218,24 +321,58 @@ class LayeredModel:
             return self.head(params["head"], h, batch, embed_params=params["embed"])
         return self.head(params["head"], h, batch)
 
-    def loss(self, params, batch, *, remat_policy=None, remat: bool = False):
+    def split(self, params) -> tuple[int, Units]:
+        """``(L, Units(embed, layers, head))`` after checking the layout and the
+        layer axis (``num_layers``, see the class docstring)."""
+        n_layers, units = _split_params(params)
+        _check_stacked(units.layers, n_layers, self.num_layers)
+        return n_layers, units
+
+    def check_key(self, key, where: str, fix: str) -> None:
+        """A key for a layer that takes none, or none for one that needs it, is an error."""
+        if key is not None and not self.takes_key:
+            raise ValueError(
+                f"{where} was given key=... but model.layer takes no `key` argument, so "
+                "the key would be silently ignored; drop key=..., or give the layer a "
+                "keyword argument key (layer(p, h, batch, *, key)).")
+        if key is None and self.takes_key:
+            raise ValueError(
+                f"model.layer takes a `key` argument (e.g. for dropout) but {where} has no "
+                f"key: {fix}")
+
+    def loss(self, params, batch, *, key=None, remat_policy=None, remat: bool = False):
         r"""The loss :math:`H(\theta_H, F_{L-1}(\dots F_0(E(\theta_E, x))))`.
 
-        A ``lax.scan`` over the layers. With ``remat=True`` (or a
+        A ``lax.scan`` over the layers; layer ``i`` gets ``index=i`` and
+        ``key=jax.random.fold_in(key, i)`` if it takes them (``key`` is required
+        then, and refused otherwise). With ``remat=True`` (or a
         ``remat_policy``) each layer is wrapped in ``jax.checkpoint`` so that
         ``jax.grad`` of it saves only the layer inputs (plus what the policy
         saves), which is the unfused counterpart of the fused step.
+
+        Example: ``jax.value_and_grad(model.loss)(params, batch, key=k)``
+        followed by ``tx`` gives what ``step(params, opt_state, batch, key=k)``
+        does.
         """
-        _split_params(params)
-        layer = self.layer
+        if _deleted_leaves(params):
+            raise _deleted_arg_error("params", params, where="LayeredModel.loss")
+        n_layers, _ = self.split(params)
+        self.check_key(key, "model.loss", "pass model.loss(params, batch, key=k).")
+        layer = self.call_layer
         if remat or remat_policy is not None:
             layer = jax.checkpoint(layer, policy=remat_policy)
+        numbered = self.takes_index or self.takes_key
 
-        def body(h, p):
-            return layer(p, h, batch), None
+        def body(h, xs):
+            p, i = xs if numbered else (xs, None)
+            k = None if key is None else layer_key(key, i)
+            return layer(p, h, batch, i, k), None
 
+        xs = params["layers"]
+        if numbered:
+            xs = (xs, jnp.arange(n_layers, dtype=jnp.int32))
         h = self.embed(params["embed"], batch)
-        h, _ = lax.scan(body, h, params["layers"])
+        h, _ = lax.scan(body, h, xs)
         return self.call_head(params, h, batch)
 
 
@@ -306,42 +443,47 @@ def _refusal(reason: str) -> str:
     )
 
 
-def _check_leafwise(tx, probe) -> None:
+def _check_leafwise(tx, probe, prefix: Optional[str] = "params") -> None:
     """Refuse ``tx`` if its update of one leaf can depend on another leaf.
 
     A static data-flow analysis of ``tx.init``/``tx.update`` traced with
     ``jax.make_jaxpr`` on ``probe`` (see :mod:`lomo_jax._leafwise`), plus a
     check for ``optax.MultiStepsState`` (gradient accumulation) in the state.
+    ``prefix`` names the probe's leaves in the error (``None``: the build-time
+    stand-in tree, whose leaves the user never wrote, so none are named).
     """
     state = jax.eval_shape(tx.init, probe)
     is_ms = lambda x: isinstance(x, optax.MultiStepsState)  # noqa: E731
     if any(is_ms(x) for x in jax.tree_util.tree_leaves(state, is_leaf=is_ms)):
         raise ValueError(_refusal("optax.MultiSteps accumulates whole-model gradients"))
-    why = cross_leaf_dependencies(tx, probe)
+    why = cross_leaf_dependencies(tx, probe, prefix)
     if why is not None:
+        where = " (found on a probe tree standing in for the parameters)" if prefix is None else ""
         raise ValueError(
-            _refusal(f"tx is not leaf-wise: {why} (e.g. optax.clip_by_global_norm)")
+            _refusal(f"tx is not leaf-wise: {why}{where} (e.g. optax.clip_by_global_norm)")
         )
 
 
 def _check_leafwise_on(tx, embed, layer_slice, head) -> None:
     """The leaf-wise check on the real units tx is applied to (at trace time).
 
-    Probes ``{"embed", "layer", "head"}`` together; if ``tx`` cannot take that
-    combined tree (e.g. a ``multi_transform`` keyed to one unit's structure),
-    each unit on its own; if it cannot take a unit, the real update will say so.
+    Probes ``{"embed", "layers", "head"}`` (one layer's slice) together, its
+    leaves named as the user's (``params['layers']['w1']``); if ``tx`` cannot
+    take that combined tree (e.g. a ``multi_transform`` keyed to one unit's
+    structure), each unit on its own; if it cannot take a unit, the real update
+    will say so.
     """
     try:
-        _check_leafwise(tx, {"embed": embed, "layer": layer_slice, "head": head})
+        _check_leafwise(tx, {"embed": embed, "layers": layer_slice, "head": head})
         return
     except ValueError as e:
         if "fused_train_step:" in str(e):
             raise
     except Exception:  # noqa: BLE001 - tx cannot take the combined tree
         pass
-    for unit in (embed, layer_slice, head):
+    for name, unit in (("embed", embed), ("layers", layer_slice), ("head", head)):
         try:
-            _check_leafwise(tx, unit)
+            _check_leafwise(tx, unit, f"params['{name}']")
         except ValueError as e:
             if "fused_train_step:" in str(e):
                 raise
@@ -537,8 +679,15 @@ def _write(tree, value, i, axis=lambda x: 0):
     )
 
 
-def _check_activation(model, layer_slice, h, batch):
-    out = jax.eval_shape(lambda p, hh: model.layer(p, hh, batch), layer_slice, h)
+def _check_activation(model, layer_slice, h, batch, n_layers, key=None):
+    """The first (abstract) trace of ``model.layer``, on layer 0's slice: it must
+    map ``h`` to the same structure/shapes/dtypes; if it raises, the error is
+    re-raised with the slice's shapes and the stacking hint (:func:`_layer_failed`)."""
+    fn = lambda p, hh, i, k: model.call_layer(p, hh, batch, i, k)  # noqa: E731
+    try:
+        out = jax.eval_shape(fn, layer_slice, h, jnp.zeros([], jnp.int32), key)
+    except Exception as e:  # noqa: BLE001 - re-raised, chained, with context
+        raise _layer_failed(e, layer_slice, h, n_layers) from e
     h_abs = _abstract(h)
     ok = jax.tree.structure(out) == jax.tree.structure(h_abs) and all(
         a.shape == b.shape and a.dtype == b.dtype
@@ -551,6 +700,21 @@ def _check_activation(model, layer_slice, h, batch):
             "shape and dtype as its input (it is carried through lax.scan); it "
             f"maps {fmt(h_abs)} to {fmt(out)}."
         )
+
+
+def _layer_failed(e: Exception, layer_slice, h, n_layers: int) -> Exception:
+    """``e`` (raised inside the user's layer) with the slice's shapes and the
+    stacking hint: same type when it is a builtin exception (the nearest builtin
+    base otherwise, e.g. ``TypeError`` for JAX's concretization errors)."""
+    fmt = lambda t: jax.tree.map(_describe, _abstract(t))  # noqa: E731
+    msg = (f"model.layer failed on one slice of params['layers'] (L = {n_layers}, slice "
+           f"shapes: {fmt(layer_slice)}, h: {fmt(h)}): {type(e).__name__}: {e}\n"
+           f"{STACKED_HINT} (LayeredModel(..., num_layers=L) checks the layer axis.)")
+    base = next(c for c in type(e).__mro__ if c.__module__ == "builtins")
+    try:
+        return base(msg)
+    except Exception:  # noqa: BLE001 - a builtin that takes other arguments
+        return ValueError(msg)
 
 
 def _check_loss(loss):
@@ -579,14 +743,21 @@ class _Stages:
     gradients, and the norm and update passes built from them.
 
     ``seed`` is the cotangent of the loss (the fp16 loss scale, or 1).
+    ``layer_key``: the step key the layers' keys are folded from (``None`` when
+    the layer takes no key). ``layer_fn`` is ``model.call_layer``, possibly
+    under ``jax.checkpoint``, for the backward scans' recompute.
     """
 
     def __init__(self, model: LayeredModel, layer_fn, tx, batch, n_layers: int,
-                 microbatches: int = 1):
+                 microbatches: int = 1, layer_key=None, placement=None):
         self.model, self.layer_fn, self.tx = model, layer_fn, tx
+        self.placement = placement  # _placement.LayerPlacement on a mesh, else None
         self.batch, self.n_layers = batch, n_layers
-        self.idx = jnp.arange(n_layers)
+        self.idx = jnp.arange(n_layers, dtype=jnp.int32)
         self.m = microbatches
+        self.layer_key = layer_key
+        # the forward scan needs the layer index only if the layer uses it
+        self.numbered = model.takes_index or model.takes_key
         # the layers' view of the batch: [B/M, M, ...], micro-batch k = rows k, k+M, ...
         self.micro = _to_micro(batch, microbatches) if microbatches > 1 else None
 
@@ -613,32 +784,65 @@ class _Stages:
         like = jax.eval_shape(self.from_layers, dh)
         return jax.linear_transpose(self.to_layers, like)(dh)[0]
 
+    def key(self, i, k=None):
+        """Layer ``i``'s key (micro-batch ``k``'s with micro-batches), or None."""
+        if self.layer_key is None:
+            return None
+        return layer_key(self.layer_key, i, None if self.m == 1 else k)
+
+    def call(self, p_i, h, batch, i, k=None, fn=None, gather=True):
+        """Layer ``i`` (on micro-batch ``k``) with its index and key; ``fn``
+        defaults to the un-rematerialised ``model.call_layer``."""
+        index = i if self.model.takes_index else None  # no unused input to a checkpoint
+        place = self.placement
+        if gather:
+            p_i = self.gathered(p_i)
+        h = _placement.constrain_activation(h, place)
+        out = (fn or self.model.call_layer)(p_i, h, batch, index, self.key(i, k))
+        return _placement.constrain_activation(out, place)
+
+    def gathered(self, p_i):
+        """A layer's slice all-gathered for computing (FSDP), as placed on a mesh."""
+        return _placement.constrain(p_i, None if self.placement is None else self.placement.gathered)
+
+    def unit_grads(self, g, unit: str):
+        """The embedding's or head's gradient constrained to that unit's stored
+        sharding (built in this device's shard on a mesh)."""
+        place = self.placement
+        return _placement.constrain(g, None if place is None else getattr(place, unit))
+
+    def split_grads(self, g):
+        """A layer's gradient constrained to the layer's stored sharding (so it is
+        reduce-scattered and ``tx`` runs on this device's shard)."""
+        return _placement.constrain(g, None if self.placement is None else self.placement.split)
+
     # ---- forward ---------------------------------------------------------
 
     def forward(self, p: Units):
         """``h_L`` (whole batch) and the stacked layer inputs ``h_0..h_{L-1}``
         (in the layers' layout; nothing else is kept)."""
         h0 = self.to_layers(self.model.embed(p.embed, self.batch))
-        if self.m == 1:
-            _check_activation(self.model, _index(p.layers, 0), h0, self.batch)
-        else:
-            _check_activation(self.model, _index(p.layers, 0), _pick(h0, 0), _pick(self.micro, 0))
+        zero, slice0 = jnp.zeros([], jnp.int32), _index(p.layers, 0)
+        first = (h0, self.batch) if self.m == 1 else (_pick(h0, 0), _pick(self.micro, 0))
+        _check_activation(self.model, slice0, *first, self.n_layers, self.key(zero, zero))
 
-        def body(h, p_i):
-            return self._layer_on_each(p_i, h), h
+        def body(h, xs):
+            p_i, i = xs if self.numbered else (xs, None)
+            return self._layer_on_each(p_i, h, i), h
 
-        h_last, hs = lax.scan(body, h0, p.layers)
+        xs = (p.layers, self.idx) if self.numbered else p.layers
+        h_last, hs = lax.scan(body, h0, xs)
         return self.from_layers(h_last), hs
 
-    def _layer_on_each(self, p_i, h):
+    def _layer_on_each(self, p_i, h, i):
         """One layer on the whole batch: on each micro-batch in turn, in place."""
         if self.m == 1:
-            return self.model.layer(p_i, h, self.batch)
+            return self.call(p_i, h, self.batch, i)
 
         def micro(h, k):
-            return _put(h, self.model.layer(p_i, _pick(h, k), _pick(self.micro, k)), k), None
+            return _put(h, self.call(p_i, _pick(h, k), _pick(self.micro, k), i, k), k), None
 
-        return lax.scan(micro, h, jnp.arange(self.m))[0]
+        return lax.scan(micro, h, jnp.arange(self.m, dtype=jnp.int32))[0]
 
     # ---- gradients of the three units --------------------------------------
 
@@ -654,36 +858,43 @@ class _Stages:
         _check_loss(loss)
         seed, rest = _loss_scale.loss_seed(seed, loss.dtype)  # an fp16 loss holds < 2**16
         g_head, dh_last = _loss_scale.times(vjp(seed), rest)
-        return loss, g_head, dh_last
+        return loss, self.unit_grads(g_head, "head"), dh_last
 
-    def layer_grads(self, p_i, h_i, dh):
-        """``(g_i, dh_i)``: recompute layer ``i`` at its saved input, pull ``dh_{i+1}`` back.
+    def layer_grads(self, p_i, h_i, dh, i):
+        """``(g_i, dh_i)``: recompute layer ``i`` at its saved input (with the
+        forward's index and key), pull ``dh_{i+1}`` back.
 
         With micro-batches, one micro-batch at a time, the parameter gradient
         summed over them in an fp32 accumulator of the layer's size (so the
         layer's working set is one micro-batch's).
         """
         if self.m == 1:
-            _, vjp = jax.vjp(lambda pp, hh: self.layer_fn(pp, hh, self.batch), p_i, h_i)
-            return vjp(dh)
+            # gathered outside the VJP, so the gradient is not constrained to the
+            # gathered layout on its way out (and can be reduce-scattered)
+            _, vjp = jax.vjp(lambda pp, hh: self.call(pp, hh, self.batch, i, fn=self.layer_fn,
+                                                      gather=False), self.gathered(p_i), h_i)
+            g, dh_prev = vjp(dh)
+            return self.split_grads(g), dh_prev
 
         def micro(carry, k):
             acc, dh = carry
             batch_k = _pick(self.micro, k)
-            _, vjp = jax.vjp(lambda pp, hh: self.layer_fn(pp, hh, batch_k), p_i, _pick(h_i, k))
+            _, vjp = jax.vjp(lambda pp, hh: self.call(pp, hh, batch_k, i, k, self.layer_fn, False),
+                             p_full, _pick(h_i, k))
             g_k, dh_prev = vjp(_pick(dh, k))
-            acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, g_k)
+            acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, self.split_grads(g_k))
             return (acc, _put(dh, dh_prev, k)), None
 
-        acc = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), p_i)
-        return lax.scan(micro, (acc, dh), jnp.arange(self.m))[0]
+        p_full = self.gathered(p_i)
+        acc = self.split_grads(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), p_i))
+        return lax.scan(micro, (acc, dh), jnp.arange(self.m, dtype=jnp.int32))[0]
 
     def embed_grads(self, p: Units, h_last, dh0, seed):
         """The embedding's gradient from ``dh_0``; with tied weights plus the
         head's share, recomputed here at ``h_L`` so that the summed gradient
         exists once, only when it is used."""
         _, vjp = jax.vjp(lambda pe: self.model.embed(pe, self.batch), p.embed)
-        (g,) = vjp(dh0)
+        (g,) = vjp(_placement.constrain_activation(dh0, self.placement))
         if self.model.tied:
             loss, vjp_h = jax.vjp(
                 lambda pe: self.model.head(p.head, h_last, self.batch, embed_params=pe), p.embed
@@ -691,7 +902,7 @@ class _Stages:
             seed, rest = _loss_scale.loss_seed(seed, loss.dtype)
             (g_h,) = _loss_scale.times(vjp_h(seed), rest)
             g = jax.tree.map(jnp.add, g, g_h)
-        return g
+        return self.unit_grads(g, "embed")
 
     # ---- pass 1: the global norm, nothing updated ------------------------
 
@@ -703,7 +914,7 @@ class _Stages:
         def body(carry, xs):
             dh, sq = carry
             h_i, i = xs
-            g_i, dh_prev = self.layer_grads(_index(p.layers, i), h_i, dh)
+            g_i, dh_prev = self.layer_grads(_index(p.layers, i), h_i, dh, i)
             return (dh_prev, sq + _sq_norm(g_i, inv_scale)), None
 
         dh = self.cotangent_to_layers(dh)
@@ -754,7 +965,7 @@ class _Stages:
             h_i, i = xs
             pl, sl = _write(pl, pend_p, pend_i), _write(sl, pend_s, pend_i)
             p_i, s_i = _index(pl, i), _index(sl, i)
-            g_i, dh_prev = self.layer_grads(p_i, h_i, dh)
+            g_i, dh_prev = self.layer_grads(p_i, h_i, dh, i)
             key_i = None if key is None else jax.random.fold_in(key, i)
             new = _apply(self.tx, _scale(g_i, factor), s_i, p_i, key_i)
             p_new, s_new = _keep_if_not(ok, new, (p_i, s_i))
@@ -775,11 +986,33 @@ def _keep_if_not(ok, new, old):
     return jax.tree.map(lambda n, o: lax.select(ok, n, o), new, old)
 
 
-def _train_step(stages: _Stages, config: _StepConfig, p: Units, s: Units, opt_state):
+def _step_keys(rounding: str, rng, key, takes_key: bool):
+    r"""``(new rng, rounding keys, layers' step key)`` for one step.
+
+    ``opt_state.rng`` is split when something draws from it:
+    :math:`(r', k) = \mathrm{split}(r)`; stochastic rounding of unit ``u``
+    (embed, layers, head) uses :math:`\mathrm{fold\_in}(k, u)`, ``u = 0, 1, 2``;
+    a layer taking ``key`` without ``key=`` given uses :math:`\mathrm{fold\_in}(k, 3)`
+    as its step key (so the rounding streams are those of a keyless layer).
+    A given ``key`` is the layers' step key itself. ``None`` for what is unused.
+    """
+    draw = takes_key and key is None
+    if rounding != "stochastic" and not draw:
+        return None, None, key
+    rng, step_key = jax.random.split(rng)
+    keys = None
+    if rounding == "stochastic":
+        keys = Units(*(jax.random.fold_in(step_key, u) for u in range(3)))
+    return rng, keys, jax.random.fold_in(step_key, 3) if draw else key
+
+
+def _train_step(stages: _Stages, config: _StepConfig, p: Units, s: Units, opt_state,
+                draws=None):
     """Forward, the norm pass when needed, the update pass:
     ``(p, s, metrics, ok, finite, rng)`` (``ok``: the step was applied;
     ``finite``: the gradient norm was; ``None`` where not computed; ``rng``:
-    the advanced stochastic-rounding key, or ``None``)."""
+    the advanced key, or ``None``). ``draws``: :func:`_step_keys`' result if
+    already drawn (for a key-taking layer), else drawn here for rounding."""
     scaling = opt_state.loss_scale is not None
     scale = opt_state.loss_scale.scale if scaling else None
     seed = scale if scaling else jnp.ones([], jnp.float32)
@@ -803,10 +1036,7 @@ def _train_step(stages: _Stages, config: _StepConfig, p: Units, s: Units, opt_st
         finite = jnp.isfinite(sq)
         if scaling or config.skip_nonfinite:  # else clipping alone: never skipped
             ok = finite
-    keys = rng = None
-    if config.rounding == "stochastic":
-        rng, step_key = jax.random.split(opt_state.rng)
-        keys = Units(*(jax.random.fold_in(step_key, u) for u in range(3)))
+    rng, keys, _ = draws or _step_keys(config.rounding, opt_state.rng, None, False)
     p, s, loss, ok = stages.update_pass(
         p, s, h_last, hs, seed, factor, ok, guard=config.skip_nonfinite, keys=keys
     )
@@ -874,7 +1104,9 @@ def _deleted_leaves(tree) -> bool:
     return False
 
 
-def _deleted_arg_error(name: str, tree) -> Exception:
+def _deleted_arg_error(name: str, tree, where: str = "fused step") -> Exception:
+    """The error for donated (deleted) arrays in argument ``name``, naming up to
+    three leaves, e.g. ``params['layers']['w1'] has been deleted``."""
     paths = [
         _path(name, path)
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -882,6 +1114,12 @@ def _deleted_arg_error(name: str, tree) -> Exception:
     ]
     shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
     shown += " has been deleted" if len(paths) == 1 else " have been deleted"
+    if where != "fused step":
+        return RuntimeError(
+            f"{where}: {shown}: these params were donated to a fused step (their "
+            "buffers now hold its outputs). Use the params the step returned "
+            "(params, opt_state, metrics = step(params, opt_state, batch)), or copy "
+            "them before the step, e.g. old = jax.tree.map(jnp.copy, params).")
     if name in ("params", "opt_state"):
         return RuntimeError(
             f"fused step: {shown}: params/opt_state were donated to "
@@ -907,9 +1145,10 @@ class _DonatingStep:
     ``trace``, ``eval_shape``, ...) is the wrapped ``jax.jit`` function's.
     """
 
-    def __init__(self, jitted, watch: _loss_scale.OverflowWatch):
+    def __init__(self, jitted, watch: _loss_scale.OverflowWatch, keyed=None):
         self._jitted = jitted
         self._watch = watch
+        self._keyed = keyed  # sharded: jit refuses kwargs with in_shardings
         self.__wrapped__ = jitted
         self.__doc__ = getattr(jitted, "__doc__", None)
 
@@ -921,7 +1160,13 @@ class _DonatingStep:
             if _deleted_leaves(tree):
                 raise _deleted_arg_error(name, tree)
         self._watch.check()
-        out = self._jitted(*args, **kwargs)
+        fn = self._jitted
+        if self._keyed is not None:  # key=k (or a 4th argument) positionally
+            key = kwargs.pop("key", args[3] if len(args) > 3 else None)
+            if key is not None:
+                fn, args = self._keyed, args[:3] + (key,)
+            args = args[:4]
+        out = fn(*args, **kwargs)
         self._watch.see(out[2])
         return out
 
@@ -947,7 +1192,7 @@ def fused_train_step(
     rounding: str = "nearest",
     microbatches: int = 1,
 ):
-    r"""Build the jitted fused LOMO step ``step(params, opt_state, batch)``.
+    r"""Build the jitted fused LOMO step ``step(params, opt_state, batch, key=None)``.
 
     Per step (see the module docstring for the full derivation)::
 
@@ -974,7 +1219,8 @@ def fused_train_step(
         step.lower(param_shapes, state_shapes, batch_shapes).compile().memory_analysis()
 
     Args:
-      model: a :class:`LayeredModel`.
+      model: a :class:`LayeredModel` (its ``layer`` may take ``index`` and
+        ``key``; its ``num_layers``, if set, is checked against the params).
       tx: any leaf-wise optax transform (``lomo_jax.lomo``, ``lomo_jax.adalomo``,
         ``optax.sgd``, ``optax.adamw``, ``optax.adafactor``, chains of such).
         Transforms whose update of one leaf depends on another
@@ -1042,9 +1288,21 @@ def fused_train_step(
         place; inputs are resharded to them on the way in (e.g. a host batch
         is split over the data axes).
 
+    The step's ``key`` (a PRNG key, a new one every step) is for a
+    ``model.layer`` that takes ``key`` (dropout): layer ``i`` gets
+    ``jax.random.fold_in(key, i)``, micro-batch ``m`` of it
+    ``jax.random.fold_in(jax.random.fold_in(key, i), m)``, the same in the
+    forward and in every backward recompute. Without ``key=`` it is drawn from
+    ``opt_state.rng`` (``fused_init(..., rng=jax.random.key(seed))``), which
+    then advances every step: ``fold_in(split(rng)[1], 3)`` (rounding uses 0, 1,
+    2 of the same split). A layer taking ``key`` with neither, or ``key=`` for a
+    layer that takes none, is an error when the step is traced. So
+    ``step(params, opt_state, batch, key=k)`` equals
+    ``jax.value_and_grad(model.loss)(params, batch, key=k)`` + ``tx``.
+
     Returns:
-      ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, a
-      ``jax.jit`` function that donates ``params`` and ``opt_state`` (wrapped
+      ``step(params, opt_state, batch, key=None) -> (params, opt_state,
+      metrics)``, a ``jax.jit`` function that donates ``params`` and ``opt_state`` (wrapped
       so that passing an already-donated array again raises an error naming
       it; ``.lower``/``.trace``/``.eval_shape`` are those of the jit
       function). ``metrics["loss"]`` is the fp32 loss before the update; with
@@ -1076,9 +1334,9 @@ def fused_train_step(
     except Exception:  # tx cannot take this tree; checked on the real one later
         probe_ok = False
     if probe_ok:
-        _check_leafwise(tx, _FAKE_PROBE)
+        _check_leafwise(tx, _FAKE_PROBE, prefix=None)
 
-    layer_fn = model.layer
+    layer_fn = model.call_layer
     if remat_policy is not None:
         layer_fn = jax.checkpoint(layer_fn, policy=remat_policy)
     config = _StepConfig(
@@ -1087,19 +1345,51 @@ def fused_train_step(
         rounding=rounding, microbatches=microbatches,
     )
 
-    def step(params, opt_state, batch):
-        n_layers, p = _split_params(params)
+    def step(params, opt_state, batch, key=None):
+        n_layers, p = model.split(params)
         _check_state(opt_state, params, skip_nonfinite, rounding)
+        _check_step_key(model, key, opt_state)
         _check_leafwise_on(tx, _abstract(p.embed), _abstract(_index(p.layers, 0)),
                            _abstract(p.head))
         if microbatches > 1:
             _check_microbatches(batch, microbatches)
-        stages = _Stages(model, layer_fn, tx, batch, n_layers, microbatches)
+        # a key-taking layer needs its key before the forward; else (rounding
+        # only) the split stays after the norm pass, where it always was
+        draws = _step_keys(rounding, opt_state.rng, key, True) if model.takes_key else None
+        stages = _Stages(model, layer_fn, tx, batch, n_layers, microbatches,
+                         None if draws is None else draws[2], _layer_placement(shardings, p))
         s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)
-        p, s, metrics, ok, finite, rng = _train_step(stages, config, p, s, opt_state)
+        p, s, metrics, ok, finite, rng = _train_step(stages, config, p, s, opt_state, draws)
         return _pack(p, s, opt_state, metrics, ok, finite, rng, config)
 
-    watch = _loss_scale.OverflowWatch(min_loss_scale)
+    return _jit_step(step, shardings, _loss_scale.OverflowWatch(min_loss_scale))
+
+
+def _layer_placement(shardings, p: Units):
+    """FSDP placement of the layers' work from the step's ``shardings`` (see
+    :class:`lomo_jax.sharding.LayerPlacement`), or None without them."""
+    if shardings is None:
+        return None
+    p_sh, _, b_sh = shardings
+    return _placement.layer_placement(p_sh, b_sh, p._asdict())
+
+
+def _check_step_key(model: LayeredModel, key, opt_state) -> None:
+    """A key for a layer that takes none, or no key anywhere for one that does, is an error."""
+    if key is None and opt_state.rng is not None:
+        return  # drawn from opt_state.rng if the layer needs one
+    model.check_key(
+        key, "the fused step",
+        "pass step(params, opt_state, batch, key=k) with a new key every step (e.g. "
+        "jax.random.fold_in(base_key, step_number)), or create the state with "
+        "lomo_jax.fused_init(tx, params, rng=jax.random.key(seed)) so that every step "
+        "draws one from opt_state.rng.")
+
+
+def _jit_step(step, shardings, watch) -> _DonatingStep:
+    """``jax.jit`` of ``step`` donating params and opt_state; with ``shardings``
+    as in/out shardings (outputs alias their donated inputs), plus a second jit
+    taking ``key`` positionally (jit refuses keyword arguments there)."""
     if shardings is None:
         return _DonatingStep(jax.jit(step, donate_argnums=(0, 1), keep_unused=True), watch)
     try:
@@ -1109,11 +1399,7 @@ def fused_train_step(
             "shardings must be a (params, opt_state, batch) triple of shardings, e.g. "
             f"lomo_jax.sharding.fused_shardings(tx, params, mesh); got {shardings!r}."
         ) from None
-    # out_shardings = in_shardings: outputs alias their donated inputs.
-    return _DonatingStep(jax.jit(
-        step,
-        in_shardings=(p_sh, s_sh, b_sh),
-        out_shardings=(p_sh, s_sh, None),
-        donate_argnums=(0, 1),
-        keep_unused=True,
-    ), watch)
+    jit = lambda in_sh: jax.jit(  # noqa: E731
+        step, in_shardings=in_sh, out_shardings=(p_sh, s_sh, None),
+        donate_argnums=(0, 1), keep_unused=True)
+    return _DonatingStep(jit((p_sh, s_sh, b_sh)), watch, keyed=jit((p_sh, s_sh, b_sh, None)))

@@ -6,11 +6,16 @@ so it runs on a :class:`jax.sharding.Mesh` by giving its inputs
 inserts the collectives. This module builds those shardings:
 
 * **parameters** (:func:`param_shardings`): every leaf large enough is split
-  over the ``fsdp`` mesh axis along its largest axis that the axis size
-  divides -- never the leading layer axis of ``params["layers"]`` (the
-  backward scan reads and writes one layer at a time, so every device must hold
-  a slice of every layer). Small or indivisible leaves (norm scales, biases)
-  are replicated.
+  over the ``fsdp`` mesh axis along one axis that the axis size divides (for
+  layers the most major, for the embedding and head the model dimension) --
+  never the leading layer axis of ``params["layers"]`` (the backward scan
+  reads and writes one layer at a time, so every device must hold a slice of
+  every layer). Small or indivisible leaves (norm scales, biases) are
+  replicated.
+* **inside the step** (:func:`layer_placement`): each layer's slice is
+  all-gathered before it runs, its input and output stay split by the batch,
+  and its gradient is constrained back to the stored split -- FSDP proper,
+  whatever the partitioner's cost model would pick.
 * **optimizer state** (:func:`state_shardings`): a state leaf that belongs to a
   parameter follows that parameter's sharding axis by axis: momenta of the
   parameter's shape get the parameter's spec; AdaLomo's/Adafactor's factored
@@ -97,12 +102,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from lomo_jax._layout import abstract as _shape_tree, check_keys as _check_params
 from lomo_jax.fused import FusedState, fused_init
 from lomo_jax.per_layer import PerLayerState
+from lomo_jax._placement import LayerPlacement, layer_placement  # noqa: F401 (public here)
 
 __all__ = [
     "FusedShardings",
+    "LayerPlacement",
     "abstract_like",
     "batch_sharding",
     "fused_shardings",
+    "layer_placement",
     "llama_shardings",
     "param_shardings",
     "state_shardings",
@@ -193,21 +201,24 @@ def _mesh_of(shardings) -> Mesh:
 # --------------------------------------------------------------------------
 
 
-def _leaf_spec(shape, skip_leading: bool, n: int, min_size: int, entry) -> P:
+def _leaf_spec(shape, skip_leading: bool, n: int, min_size: int, entry,
+               rule: str = "largest") -> P:
+    """Split one axis over ``entry`` (``n`` devices): among the axes ``n`` divides
+    (never a leading layer axis), the ``"largest"``, the ``"smallest"`` or the
+    ``"first"`` (most major) one; replicated if small or none divides."""
     shape = tuple(shape)
     start = 1 if skip_leading else 0
     per_unit = math.prod(shape[start:]) if len(shape) > start else 1
     if n == 1 or per_unit < max(min_size, 1):
         return P()
-    best = None
-    for axis in range(start, len(shape)):
-        if shape[axis] % n == 0 and shape[axis] >= n:
-            if best is None or shape[axis] > shape[best]:
-                best = axis
-    if best is None:
+    axes = [a for a in range(start, len(shape)) if shape[a] % n == 0 and shape[a] >= n]
+    if not axes:
         return P()
+    pick = {"largest": lambda: max(axes, key=lambda a: (shape[a], -a)),
+            "smallest": lambda: min(axes, key=lambda a: (shape[a], a)),
+            "first": lambda: axes[0]}[rule]
     spec = [None] * len(shape)
-    spec[best] = entry
+    spec[pick()] = entry
     return P(*spec)
 
 
@@ -220,9 +231,18 @@ def param_shardings(
 ):
     r"""FSDP shardings of ``{"embed", "layers", "head"}`` parameters.
 
-    Each leaf is split over ``fsdp_axis`` along its largest axis whose size the
-    axis size :math:`n` divides (the first such axis on ties), so every device
-    holds :math:`1/n` of it. The leading layer axis of ``params["layers"]``
+    Each leaf is split over ``fsdp_axis`` along one axis whose size the axis
+    size :math:`n` divides, so every device holds :math:`1/n` of it:
+
+    * ``params["layers"]``: the first (most major) such axis after the layer
+      axis. The fused step all-gathers one layer's slice at a time along that
+      axis; a minor axis makes XLA:GPU transpose the whole stack (a full copy
+      of it) to make the gathered axis major.
+    * the embedding and the head: the *smallest* such axis (the model dimension
+      of a ``[V, D]`` embedding or ``[D, V]`` head), so a vocabulary chunk of the
+      head (:mod:`lomo_jax.cross_entropy`) is a local slice, all-gathered chunk
+      by chunk (a vocabulary split makes the partitioner gather the whole
+      matrix for every chunk). The leading layer axis of ``params["layers"]``
     leaves is never split. A leaf is replicated if it has fewer than
     ``min_size`` elements (per layer, for ``params["layers"]``) or no divisible
     axis.
@@ -232,7 +252,7 @@ def param_shardings(
         mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
         shardings = lomo_jax.sharding.param_shardings(params, mesh)
         params = jax.device_put(params, shardings)
-        # a [L, 4096, 11008] kernel -> PartitionSpec(None, None, 'fsdp')
+        # a [L, 4096, 11008] kernel -> PartitionSpec(None, 'fsdp', None)
 
     Args:
       params: the parameters, as arrays or ``jax.ShapeDtypeStruct``\ s (only
@@ -252,18 +272,18 @@ def param_shardings(
     n = _check_mesh(mesh, axes, "param_shardings")
     entry = _spec_entry(axes)
 
-    def unit(tree, skip_leading):
+    def unit(tree, skip_leading, rule):
         return jax.tree.map(
             lambda x: NamedSharding(
-                mesh, _leaf_spec(jnp.shape(x), skip_leading, n, int(min_size), entry)
+                mesh, _leaf_spec(jnp.shape(x), skip_leading, n, int(min_size), entry, rule)
             ),
             tree,
         )
 
     return {
-        "embed": unit(params["embed"], False),
-        "layers": unit(params["layers"], True),
-        "head": unit(params["head"], False),
+        "embed": unit(params["embed"], False, "smallest"),
+        "layers": unit(params["layers"], True, "first"),
+        "head": unit(params["head"], False, "smallest"),
     }
 
 
@@ -532,10 +552,11 @@ def llama_shardings(
 
     ``config_or_params`` is a :class:`~lomo_jax.models.llama.LlamaConfig`
     (shapes from ``llama.param_shapes``; nothing is allocated) or LLaMA
-    plain-dict parameters. With the default rule a ``[L, D, F]`` MLP kernel is
-    split along ``F``, attention kernels along ``D`` (or the head axis when
-    larger), the embedding and LM head along the vocabulary (when divisible,
-    else along ``D``); norm scales are replicated (below ``min_size``).
+    plain-dict parameters. With the default rule every layer kernel is split
+    along its first axis after the layer axis (``D`` of ``[L, D, F]`` MLP and
+    attention kernels, ``F`` of the down projection), the embedding and LM
+    head along ``D`` (see :func:`param_shardings`); norm scales are replicated
+    (below ``min_size``).
 
     Example::
 
@@ -585,3 +606,4 @@ def abstract_like(shardings, tree):
         shardings,
         tree,
     )
+

@@ -26,6 +26,7 @@ RUNS = {
               "--vocab", "64", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "1",
               "--rows", "1", "4",  # AdaLomo without and with clipping
               "--microbatches", "2"],
+    "scaling": ["scaling.py", "--target", "rtx4090", "--rows", "tiny-8"],
 }
 
 
@@ -119,6 +120,41 @@ def test_memory_benchmark_runs(target):
     adamw = rows["value_and_grad + AdamW", 1]
     assert rows["inference", 1] < rows["fused LOMO", 1] < adamw, rows
     assert all(rows[m, mb] < adamw for m in fused for mb in (1, 2)), rows
+
+
+SCALING_ROW = re.compile(r"^\| tiny \| 8 \| 64 \| (LOMO|AdaLomo, clip 1\.0) \| ([\d.]+) \| – "
+                         r"\| ([\d.]+) \| ([\d.]+) \| (\d+) \| – \|$", re.M)
+
+
+def test_scaling_benchmark_runs(monkeypatch):
+    """The paper-table script on a toy row, compiled for 8 RTX 4090s: both methods'
+    rows, the bound printed is tokens / max(FLOPs / peak, sent / link) of the
+    figures it prints (to their rounding), and clipping's second backward pass
+    costs FLOPs and bytes."""
+    out = run(RUNS["scaling"])
+    rows = {m[0]: [float(v) for v in m[1:]] for m in SCALING_ROW.findall(out)}
+    assert set(rows) == {"LOMO", "AdaLomo, clip 1.0"}, out
+    peak, link = 165.2e12, 32e9
+    for memory, tflop, sent, bound in rows.values():
+        assert memory >= 0 and tflop >= 0 and sent >= 0
+    lomo, ada = rows["LOMO"], rows["AdaLomo, clip 1.0"]
+    assert ada[1] >= lomo[1] and ada[2] >= lomo[2]
+    # the printed figures are rounded to 0.1 (0.0 at this size): the bound's formula,
+    # on figures given to scaling.figures directly
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scaling
+    finally:
+        sys.path.pop(0)
+    fake = type("Compiled", (), {})()
+    monkeypatch.setattr(scaling.hlo_cost, "matmul_flops", lambda c: 3.3e15)
+    monkeypatch.setattr(scaling.hlo_cost, "bytes_sent", lambda c: 2.0 * 2**30)
+    monkeypatch.setattr(scaling.aot.MemoryFigures, "of", lambda c: scaling.aot.MemoryFigures(
+        2**30, 2**30, 2**30, 2**30))
+    fig = scaling.figures(fake, 1024, "rtx4090")
+    assert fig["memory"] == 2 and fig["tflop"] == pytest.approx(3300) and fig["sent"] == 2
+    assert fig["bound"] == pytest.approx(1024 / max(3.3e15 / peak, 2 * 2**30 / link))
+    assert scaling.figures(fake, 1024, "cpu")["bound"] is None
 
 
 def test_precision_benchmark_runs():

@@ -1,12 +1,20 @@
 """The main job (examples/finetune_llama.py) on its tiny configuration: it
-learns, reports memory, writes a plot and a transformers checkpoint that
-transformers loads with the same logits, and fine-tunes that checkpoint again
-with ``--model``."""
+fine-tunes the shipped pretrained checkpoint on the corpus's target slice and
+lowers the held-out loss there, reports throughput, wall time and memory (with
+its caveat), writes a plot and a transformers checkpoint (with the tokenizer
+and generation_config.json) that transformers loads with the same logits, and
+fine-tunes that checkpoint again with ``--model``. A bad ``--model`` or
+``--tokenizer`` is refused before anything is loaded; the shipped checkpoint
+is small, loads in transformers and lomo_jax alike, and its maker script is
+deterministic."""
 
 from __future__ import annotations
 
+import filecmp
 import importlib.util
 import json
+import logging
+import math
 import os
 import re
 import subprocess
@@ -25,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from lomo_jax.models import convert, llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+PRETRAINED = ROOT / "examples" / "data" / "pretrained"
 
 
 @pytest.fixture(scope="session")
@@ -39,11 +48,13 @@ def job():
 def trained(tmp_path_factory):
     """The README's command, as a user runs it (a subprocess of the script), on the tiny
     configuration; this is also the examples suite's run of the main job."""
-    # Built once for all pytest-xdist workers (their base temp dirs share a parent):
-    # the first worker runs the job, the others wait on the lock and reuse its output.
+    # Built once for all pytest-xdist workers (their base temp dirs share a parent, this
+    # session's): the first worker runs the job, the others wait on the lock and reuse its
+    # output. Without xdist the parent is shared by every session: stay in our own.
     from filelock import FileLock
 
-    out = tmp_path_factory.getbasetemp().parent / "main_job_tiny"
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "main_job_tiny"
     with FileLock(f"{out}.lock"):
         done = out / "process.json"
         if not done.exists():
@@ -83,6 +94,115 @@ def test_loss_goes_down_and_report_is_written(trained):
     assert (out / "loss_and_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_default_fine_tunes_the_shipped_checkpoint(job, trained):
+    """The default is the shipped checkpoint, fine-tuned on the target slice; the output
+    keeps its tokenizer, token ids and generation_config.json."""
+    out, report, proc = trained
+    assert report["args"]["model"] == str(PRETRAINED) and report["args"]["tokenizer"] is None
+    assert f"model: {PRETRAINED}" in proc.stdout
+    assert filecmp.cmp(out / "generation_config.json", PRETRAINED / "generation_config.json",
+                       shallow=False)
+    assert filecmp.cmp(out / "tokenizer.json", PRETRAINED / "tokenizer.json", shallow=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["eos_token_id"] == json.loads((PRETRAINED / "config.json").read_text())["eos_token_id"]
+
+
+def test_report_has_throughput_wall_time_and_memory_caveat(job, trained):
+    out, report, proc = trained
+    tokens = 12 * 4 * 32  # steps x batch x sequence (--tiny)
+    assert report["tokens"] == tokens
+    assert report["tokens_per_s"] == pytest.approx(tokens / report["train_seconds"])
+    assert 0 < report["train_seconds"] < report["wall_seconds"]
+    assert report["compile_seconds"] > 0 and report["skipped_steps"] == 0
+    assert f"throughput: {report['tokens_per_s']:,.0f} tokens/s" in proc.stdout
+    assert job.CAVEAT in proc.stdout and "benchmarks/memory.py" in job.CAVEAT
+    assert "PyTorch was not found" not in proc.stderr
+
+
+def test_target_slice_is_unseen(job):
+    """The checkpoint is pretrained on stories and notes only; the job fine-tunes on the
+    arithmetic sentences and measures on ones it never trains on."""
+    parts = {k: v.splitlines() for k, v in job.corpus_parts().items()}
+    assert len(parts["held_out"]) > 50 and len(parts["target"]) > 5 * len(parts["held_out"])
+    assert all(job.TARGET_LINE.fullmatch(s) for s in parts["target"] + parts["held_out"])
+    assert not any(job.TARGET_LINE.fullmatch(s) for s in parts["pretrain"])
+    assert not set(parts["held_out"]) & set(parts["target"] + parts["pretrain"])
+    assert sum(map(len, parts.values())) == len(job.CORPUS.read_text().splitlines())
+
+
+def test_torch_notice_is_filtered_out(job):
+    """transformers says "PyTorch was not found" when torch is absent (the torch-free
+    install); the job drops that notice only."""
+    seen, handler = [], logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        logger.warning("PyTorch was not found. Models won't be available and only tokenizers, "
+                       "configuration and file/data utilities can be used.")
+        logger.warning("some other transformers warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["some other transformers warning"]
+
+
+def refused(job, capsys, argv):
+    """parse_args (main's first step) refuses ``argv``; returns its error message."""
+    with pytest.raises(SystemExit) as e:
+        job.parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_model_dir_is_checked_before_anything_is_loaded(job, tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    assert f"--model {missing}: no such directory" in refused(job, capsys, ["--model", str(missing)])
+    with pytest.raises(SystemExit):  # main too, before it makes the output directory
+        job.main(["--model", str(missing), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "needs config.json and *.safetensors" in refused(job, capsys, ["--model", str(empty)])
+
+
+def test_model_dir_without_tokenizer_needs_one(job, tmp_path, capsys):
+    bare = tmp_path / "bare"  # the shipped checkpoint without its tokenizer
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).symlink_to(PRETRAINED / f)
+    err = refused(job, capsys, ["--model", str(bare)])
+    assert f"--model {bare} has no tokenizer" in err and "--tokenizer" in err
+    err = refused(job, capsys, ["--model", str(bare), "--tokenizer", str(tmp_path)])
+    assert f"--tokenizer {tmp_path}: no tokenizer.json" in err
+    args = job.parse_args(["--model", str(bare), "--tokenizer", str(PRETRAINED)])
+    tokenizer = job.load_tokenizer(args)
+    assert tokenizer.backend_tokenizer.to_str() == \
+        transformers.AutoTokenizer.from_pretrained(str(PRETRAINED)).backend_tokenizer.to_str()
+
+
+def test_shipped_checkpoint_is_small_and_loads_alike(job):
+    """examples/data/pretrained: a few MB of bf16 safetensors that transformers'
+    LlamaForCausalLM and lomo_jax load with the same logits."""
+    files = {p.name: p.stat().st_size for p in PRETRAINED.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(files)
+    assert sum(files.values()) <= 6 * 1024**2, files
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(PRETRAINED)).float().eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(PRETRAINED))
+    assert len(tok) <= hf.config.vocab_size
+    ids = tok("Rain fell softly all morning when Ada went to the harbour.", return_tensors="np")["input_ids"]
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids)).logits.numpy()
+    cfg, params = convert.load_pretrained(str(PRETRAINED), dtype=jnp.float32)
+    assert {x.dtype for x in jax.tree.leaves(convert.load_pretrained(str(PRETRAINED))[1])} == {
+        jnp.dtype(jnp.bfloat16)}
+    ours = np.asarray(llama.llama_logits(cfg, params, {"input_ids": jnp.asarray(ids)}))
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    # pretrained on the stories: a story sentence costs far less than a random model's ln V
+    logp = torch.log_softmax(torch.from_numpy(ref[0, :-1]), -1)
+    nll = -logp[torch.arange(ids.shape[1] - 1), torch.from_numpy(ids[0, 1:])].mean().item()
+    assert nll < 0.3 * math.log(hf.config.vocab_size), nll
+
+
 def test_checkpoint_loads_in_transformers_with_same_logits(trained):
     out, _, _ = trained
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
@@ -107,6 +227,25 @@ def test_model_dir_is_fine_tuned_again(job, trained, tmp_path, extra):
     assert abs(before2 - after) < 0.05 * after + (0.02 if "bf16" in extra else 1e-4)
     assert np.isfinite(after2)
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_checkpoint_maker_is_deterministic(job, tmp_path):
+    """examples/data/make_pretrained.py writes the same bytes twice (tiny model, 2 steps),
+    and its tokenizer trainer reproduces the shipped tokenizer."""
+    spec = importlib.util.spec_from_file_location(
+        "make_pretrained", ROOT / "examples" / "data" / "make_pretrained.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    for run in ("a", "b"):
+        maker.make(tmp_path / run, steps=2, size="tiny")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert "model.safetensors" in names and "generation_config.json" in names
+    for name in names:
+        assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False), name
+    tokenizer = job.train_tokenizer(job.corpus_parts()["pretrain"], maker.SIZES["default"][1])
+    shipped = transformers.AutoTokenizer.from_pretrained(str(PRETRAINED))
+    assert tokenizer.backend_tokenizer.to_str() == shipped.backend_tokenizer.to_str()
 
 
 def flat(params):

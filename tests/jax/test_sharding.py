@@ -253,35 +253,37 @@ def _run(case: str) -> dict:
 
 
 L_ = ".layers.inner_state[0]"
-# Hand-written: the largest non-layer axis divisible by the fsdp size, first on
-# ties (q_proj/o_proj are square); AdaLomo's v_row keeps axes [:-1], v_col
+# Hand-written: for layer leaves the first (most major) non-layer axis divisible
+# by the fsdp size (so one layer's all-gather needs no transpose of the stack);
+# the embedding and the LM head their smallest (the model dimension D, so a
+# vocabulary chunk is a local slice); others the largest; AdaLomo's v_row keeps axes [:-1], v_col
 # axes [:-2] + [-1:], so a square kernel split on rows has a split v_row and a
 # replicated v_col.
 EXPECTED_PARAM_SPECS = {
-    "['embed']['embedding']": ["fsdp", None],
+    "['embed']['embedding']": [None, "fsdp"],
     "['layers']['self_attn']['q_proj']['kernel']": [None, "fsdp", None],
     "['layers']['self_attn']['k_proj']['kernel']": [None, "fsdp", None],
     "['layers']['self_attn']['o_proj']['kernel']": [None, "fsdp", None],
-    "['layers']['mlp']['gate_proj']['kernel']": [None, None, "fsdp"],
+    "['layers']['mlp']['gate_proj']['kernel']": [None, "fsdp", None],
     "['layers']['mlp']['down_proj']['kernel']": [None, "fsdp", None],
     "['layers']['input_layernorm']['scale']": [None, "fsdp"],
     "['head']['norm']": ["fsdp"],
 }
 EXPECTED_ADALOMO_STATE_SPECS = {
     ".embed[0].count": [],
-    ".embed[0].v_row['embedding']": ["fsdp"],
-    ".embed[0].v_col['embedding']": [None],
+    ".embed[0].v_row['embedding']": [None],
+    ".embed[0].v_col['embedding']": ["fsdp"],
     f"{L_}.count": [None],
     f"{L_}.v_row['self_attn']['q_proj']['kernel']": [None, "fsdp"],
     f"{L_}.v_col['self_attn']['q_proj']['kernel']": [None, None],
-    f"{L_}.v_row['mlp']['gate_proj']['kernel']": [None, None],
-    f"{L_}.v_col['mlp']['gate_proj']['kernel']": [None, "fsdp"],
+    f"{L_}.v_row['mlp']['gate_proj']['kernel']": [None, "fsdp"],
+    f"{L_}.v_col['mlp']['gate_proj']['kernel']": [None, None],
     f"{L_}.v_row['mlp']['down_proj']['kernel']": [None, "fsdp"],
     f"{L_}.v_col['mlp']['down_proj']['kernel']": [None, None],
     f"{L_}.v['input_layernorm']['scale']": [None, "fsdp"],
     f"{L_}.v_row['input_layernorm']['scale']": [None, None],
-    ".head[0].v_row['lm_head']": [None],
-    ".head[0].v_col['lm_head']": ["fsdp"],
+    ".head[0].v_row['lm_head']": ["fsdp"],
+    ".head[0].v_col['lm_head']": [None],
     ".head[0].v['norm']": ["fsdp"],
 }
 

@@ -1,0 +1,108 @@
+"""lomo_jax.hlo_cost on hand-written HLO: counts through loops, group sizes
+in every replica-group form, async pairs, and the bytes formula."""
+
+import pytest
+
+from lomo_jax import hlo_cost as C
+
+HLO = """\
+HloModule m
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%inner (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]) parameter(0)
+  %w = f32[1,8]{1,0} get-tuple-element(%p), index=1
+  %ag = f32[4,8]{1,0} all-gather(%w), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  ROOT %t = (s32[], f32[4,8]) tuple(%i, %ag)
+}
+
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+%outer (q: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %q = (s32[], f32[4,8]) parameter(0)
+  %loop = (s32[], f32[4,8]) while(%q), condition=%cond, body=%inner, backend_config={"known_trip_count":{"n":"3"}}
+  %g = bf16[16]{0} get-tuple-element(%q), index=1
+  %ar = (bf16[16]{0}, f32[]) all-reduce(%g, %z), channel_id=2, replica_groups={{0,1},{2,3}}, to_apply=%add
+  ROOT %r = (s32[], f32[4,8]) tuple(%i, %ar)
+}
+
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %a = f32[4,8] parameter(0)
+  %l2 = (s32[], f32[4,8]) while(%t0), condition=%cond, body=%outer, backend_config={"known_trip_count":{"n":"5"}}
+  %ags = ((f32[2,8]), f32[16,8]) all-gather-start(%a), channel_id=3, replica_groups=mesh['x'=2,'y'=4] {'x','y'}, dimensions={0}
+  %agd = f32[16,8]{1,0} all-gather-done(%ags)
+  %rs = f32[1,8]{1,0} reduce-scatter(%a), channel_id=4, replica_groups=mesh['x'=2,'y'=4], device_ids=([2,4]T(1,0)) {'y'}, dimensions={0}, to_apply=%add
+  %cp = f32[4,8]{1,0} collective-permute(%a), channel_id=5, source_target_pairs={{0,1},{1,0}}
+  %lhs = bf16[32,64]{1,0} parameter(1)
+  %rhs = bf16[64,16]{1,0} parameter(2)
+  %gemm = (bf16[32,16]{1,0}, s8[0]{0}) custom-call(%lhs, %rhs), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %att = (bf16[2,4,64,32]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,64,4,32]{3,2,1,0}, bf16[2,128,2,32]{3,2,1,0}, bf16[2,128,2,32]{3,2,1,0}}, api_version=API_VERSION_STATUS_RETURNING
+  %attb = (bf16[2,4,64,32]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmaxBackward", operand_layout_constraints={bf16[2,64,4,32]{3,2,1,0}, bf16[2,128,2,32]{3,2,1,0}, bf16[2,128,2,32]{3,2,1,0}}, api_version=API_VERSION_STATUS_RETURNING
+  ROOT %o = f32[4,8] copy(%a)
+}
+"""
+
+
+def by_kind(found):
+    return {c.kind: c for c in found}
+
+
+def test_counts_groups_and_shapes():
+    found = C.collectives(HLO)
+    assert len(found) == 5  # the async pair counts once (its -done)
+    c = by_kind(found)
+    # nested loops multiply: 5 outer x 3 inner iterations
+    gathers = sorted((g.count, g.group_size, g.shape) for g in found if g.kind == "all-gather")
+    assert gathers == [(1, 8, "f32[16,8]"), (15, 4, "f32[4,8]")]
+    assert (c["all-reduce"].count, c["all-reduce"].group_size) == (5, 2)
+    assert c["all-reduce"].shape == "bf16[16], f32[]" and c["all-reduce"].nbytes == 36
+    assert (c["reduce-scatter"].count, c["reduce-scatter"].group_size) == (1, 4)
+    assert c["collective-permute"].count == 1
+
+
+def test_bytes_sent_ring_formulas():
+    c = {(g.kind, g.shape): g for g in C.collectives(HLO)}
+    ag = c[("all-gather", "f32[4,8]")]
+    assert ag.bytes_sent == pytest.approx(15 * 128 * 3 / 4)
+    assert c[("all-gather", "f32[16,8]")].bytes_sent == pytest.approx(512 * 7 / 8)
+    assert c[("all-reduce", "bf16[16], f32[]")].bytes_sent == pytest.approx(5 * 2 * 36 / 2)
+    assert c[("reduce-scatter", "f32[1,8]")].bytes_sent == pytest.approx(32 * 3)
+    assert c[("collective-permute", "f32[4,8]")].bytes_sent == pytest.approx(128)
+    assert C.bytes_sent(HLO) == pytest.approx(sum(g.bytes_sent for g in c.values()))
+
+
+def test_matmul_flops_of_gemm_and_attention_calls():
+    """cuBLAS gemm: 2 x 32 x 16 x 64; cuDNN attention (K/V with 128 positions,
+    not the queries' 64): 4 B H Tq Tk D forward, 2.5x that backward; the
+    all-reduce's ``to_apply`` adds nothing."""
+    attention = 4 * 2 * 4 * 64 * 128 * 32
+    assert C.matmul_flops(HLO) == 2 * 32 * 16 * 64 + attention + attention * 5 // 2
+
+
+def test_no_entry_is_an_error():
+    with pytest.raises(ValueError, match="ENTRY"):
+        C.collectives("%f (x: f32[]) -> f32[] {\n}\n")
+
+
+def test_flops_and_collectives_of_a_compiled_scan():
+    """On XLA's own compiled HLO: a scan of 3 matmuls [4, 8] @ [8, 16] is
+    3 x 2 x 4 x 8 x 16 FLOPs (XLA's cost_analysis counts the loop body once),
+    and a program without collectives has none."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, ws):
+        def body(h, w):
+            return jnp.tanh(h @ w) @ jnp.ones((16, 8), h.dtype), None
+        return jax.lax.scan(body, x, ws)[0]
+
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    ws = jax.ShapeDtypeStruct((3, 8, 16), jnp.float32)
+    compiled = jax.jit(f).lower(x, ws).compile()
+    assert C.matmul_flops(compiled) == 3 * 2 * (2 * 4 * 8 * 16)
+    assert C.collectives(compiled) == [] and C.bytes_sent(compiled) == 0
