@@ -1,6 +1,6 @@
 """The fused LOMO step on your own Flax NNX model: the pattern to copy.
 
-    python examples/fused_finetune.py            # ~1 min on a laptop CPU
+    python examples/fused_finetune.py            # a few minutes on 2 CPU cores
     python examples/fused_finetune.py --tiny     # a few seconds (what CI runs)
 
 A byte-level transformer LM written here in NNX (with dropout), trained on the

@@ -1286,7 +1286,10 @@ def fused_train_step(
         params/state shardings as ``out_shardings`` (metrics replicated), so
         every output keeps its donated input's sharding and is updated in
         place; inputs are resharded to them on the way in (e.g. a host batch
-        is split over the data axes).
+        is split over the data axes). Inside, every layer call is placed as
+        FSDP (:func:`lomo_jax.sharding.layer_placement`): the layer's slice
+        all-gathered, its input and output split by the batch, every unit's
+        gradient constrained to its stored split (reduce-scattered).
 
     The step's ``key`` (a PRNG key, a new one every step) is for a
     ``model.layer`` that takes ``key`` (dropout): layer ``i`` gets
