@@ -34,7 +34,6 @@ Micro-batches (gradient accumulation inside the fused step), 7B at 32 x 512:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -44,20 +43,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin compiles withou
 # on a 24 GiB target: that is the point of the comparison); keep the table readable.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-
-def default_target() -> str:
-    """rtx4090 where JAX's CUDA plugin is installed, else cpu (known before JAX starts)."""
-    return "rtx4090" if importlib.util.find_spec("jax_plugins.xla_cuda12") else "cpu"
-
-
-def _target_from(argv) -> str:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--target", default=None)
-    return pre.parse_known_args(argv)[0].target or default_target()
+from _targets import default_target, target_from  # noqa: E402 (benchmarks/, no JAX)
 
 
 # The cpu target's XLA flag must be set before JAX starts (and must not touch GPU targets).
-if "--keep-licm" not in sys.argv and _target_from(sys.argv[1:]) == "cpu":
+if "--keep-licm" not in sys.argv and target_from(sys.argv[1:]) == "cpu":
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + " --xla_disable_hlo_passes=while-loop-invariant-code-motion"

@@ -43,9 +43,11 @@ import os
 import sys
 import time
 
+from _targets import target_from  # noqa: E402 (benchmarks/, no JAX)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin compiles without a GPU
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if "cpu" in sys.argv[1:]:  # 8 host devices, before JAX starts (tests/jax/cpu_devices.py)
+if target_from(sys.argv[1:], "rtx4090") == "cpu":  # 8 host devices, before JAX starts
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8"
                                + " --xla_disable_hlo_passes=while-loop-invariant-code-motion")

@@ -35,6 +35,18 @@ def check_keys(params) -> None:
         )
 
 
+def spec_entry(axes: tuple):
+    """One ``PartitionSpec`` entry for mesh ``axes``: the name alone, or the tuple."""
+    return axes[0] if len(axes) == 1 else axes
+
+
+def spec_axes(entry) -> tuple:
+    """The mesh axis names of one ``PartitionSpec`` entry (``None``: none)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def path_str(prefix: str, path) -> str:
     return prefix + jax.tree_util.keystr(path)
 

@@ -13,9 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-
-def _entry(axes: tuple):
-    return axes[0] if len(axes) == 1 else axes
+from lomo_jax._layout import spec_axes, spec_entry
 
 
 class LayerPlacement(NamedTuple):
@@ -53,9 +51,8 @@ def _without_layer_axis(sharding: NamedSharding, ndim: int, drop: frozenset) -> 
     spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
 
     def keep(entry):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        axes = tuple(a for a in axes if a not in drop)
-        return None if not axes else _entry(axes)
+        axes = tuple(a for a in spec_axes(entry) if a not in drop)
+        return None if not axes else spec_entry(axes)
 
     return NamedSharding(sharding.mesh, P(*[keep(e) for e in spec[1:]]))
 
@@ -64,9 +61,8 @@ def _batch_axes(batch_sh) -> tuple:
     """The mesh axes the leading axis of the batch is split over."""
     axes = []
     for s in jax.tree.leaves(batch_sh):
-        if isinstance(s, NamedSharding) and len(s.spec) and s.spec[0] is not None:
-            entry = s.spec[0]
-            axes += [a for a in ((entry,) if isinstance(entry, str) else entry) if a not in axes]
+        if isinstance(s, NamedSharding) and len(s.spec):
+            axes += [a for a in spec_axes(s.spec[0]) if a not in axes]
     return tuple(axes)
 
 
@@ -97,7 +93,7 @@ def layer_placement(param_sh, batch_sh, params) -> Optional[LayerPlacement]:
     slice_of = lambda drop: jax.tree.map(  # noqa: E731
         lambda s, n: _without_layer_axis(s, n, drop), full["layers"], ndims)
     return LayerPlacement(gathered=slice_of(frozenset(axes)), split=slice_of(frozenset()),
-                          activation=NamedSharding(mesh, P(_entry(axes))),
+                          activation=NamedSharding(mesh, P(spec_entry(axes))),
                           embed=full["embed"], head=full["head"])
 
 

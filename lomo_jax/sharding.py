@@ -100,6 +100,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lomo_jax._layout import abstract as _shape_tree, check_keys as _check_params
+from lomo_jax._layout import spec_axes, spec_entry
 from lomo_jax.fused import FusedState, fused_init
 from lomo_jax.per_layer import PerLayerState
 from lomo_jax._placement import LayerPlacement, layer_placement  # noqa: F401 (public here)
@@ -178,10 +179,6 @@ def _check_mesh(mesh, axes: tuple, what: str) -> int:
             "axis_types=(jax.sharding.AxisType.Auto,) * len(names))."
         )
     return math.prod(mesh.shape[a] for a in axes)
-
-
-def _spec_entry(axes: tuple):
-    return axes[0] if len(axes) == 1 else axes
 
 
 def _mesh_of(shardings) -> Mesh:
@@ -270,7 +267,7 @@ def param_shardings(
     _check_params(params)
     axes = _axes_tuple(fsdp_axis, "fsdp_axis")
     n = _check_mesh(mesh, axes, "param_shardings")
-    entry = _spec_entry(axes)
+    entry = spec_entry(axes)
 
     def unit(tree, skip_leading, rule):
         return jax.tree.map(
@@ -369,7 +366,7 @@ def _state_spec(shape, grown, p_shape, p_spec: P) -> P:
         entry = None
         if len(ks) == 1 and ks[0] < len(p_shape) and p_shape[ks[0]] == size:
             entry = p_entries[ks[0]]
-            names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            names = spec_axes(entry)
             if used.intersection(names):
                 entry = None
             used.update(names)
@@ -489,7 +486,7 @@ def batch_sharding(mesh: Mesh, batch_axes: Optional[AxisNames] = None) -> NamedS
     """
     axes = tuple(mesh.axis_names) if batch_axes is None else _axes_tuple(batch_axes, "batch_axes")
     _check_mesh(mesh, axes, "batch_sharding")
-    return NamedSharding(mesh, P(_spec_entry(axes)))
+    return NamedSharding(mesh, P(spec_entry(axes)))
 
 
 def fused_shardings(
