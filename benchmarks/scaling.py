@@ -19,15 +19,21 @@ Per device, for the fused step with LOMO and with AdaLomo + ``clip_grad_norm=1``
   ``cost_analysis()`` counts each loop body once);
 * ``sent``: bytes this device sends in the step's collectives, GiB
   (:func:`lomo_jax.hlo_cost.bytes_sent`, ring algorithms);
+* ``host``: bytes copied between this device and host memory per step, GiB
+  (:func:`lomo_jax.hlo_cost.host_bytes`; only the ``offload`` method, which
+  keeps the saved layer inputs in pinned host memory, has any);
 * ``bound TGS``: tokens per device per second that the step cannot exceed on
-  the target: ``tokens / max(FLOPs / peak, sent / link)``, with the target's
-  published dense bf16 peak and per-direction link bandwidth (below). It is a
+  the target: ``tokens / max(FLOPs / peak, sent / link, host / host link)``,
+  with the target's published dense bf16 peak, per-direction link and host
+  link bandwidths (below; each resource counted as if alone, so that on an
+  RTX 4090, whose collectives and host copies share PCIe, it is looser). It is a
   bound, not a measurement: it ignores memory traffic, kernel efficiency
   (often 40-60% of peak) and any overlap that is not perfect.
 
 Targets (``--target``): ``rtx4090`` (165 TFLOP/s bf16 with fp32 accumulation,
-PCIe 4.0 x16 at 32 GB/s per direction: consumer cards have no NVLink) and
-``h100`` (H100 SXM: 989 TFLOP/s, NVLink 4 at 450 GB/s per direction) compile
+PCIe 4.0 x16 at 32 GB/s per direction, for collectives and host copies alike:
+consumer cards have no NVLink) and ``h100`` (H100 SXM: 989 TFLOP/s, NVLink 4 at
+450 GB/s per direction, PCIe 5.0 x16 to the host at 64 GB/s) compile
 for that GPU without one (needs the CUDA plugin, ``pip install
 "lomo-jax[gpu-aot]"``); ``cpu`` compiles for 8 host devices of this machine
 (XLA:CPU's bf16 figures include f32 weight copies no GPU makes; no bound).
@@ -91,12 +97,14 @@ ROWS = {
     "tiny-8": ("tiny", 8, 64, None, None),
 }
 DEFAULT_ROWS = [r for r in ROWS if r != "tiny-8"]
-METHODS = {
-    "LOMO": (lambda: lomo_jax.lomo(1e-5), None),
-    "AdaLomo, clip 1.0": (lambda: lomo_jax.adalomo(1e-5), 1.0),
+METHODS = {  # name: (transform, fused_train_step keywords)
+    "LOMO": (lambda: lomo_jax.lomo(1e-5), {}),
+    "AdaLomo, clip 1.0": (lambda: lomo_jax.adalomo(1e-5), {"clip_grad_norm": 1.0}),
+    "AdaLomo, clip 1.0, offload": (lambda: lomo_jax.adalomo(1e-5),
+                                   {"clip_grad_norm": 1.0, "offload_saved_inputs": True}),
 }
-# (dense bf16 FLOP/s, link bytes/s per direction) as published
-TARGETS = {"rtx4090": (165.2e12, 32e9), "h100": (989.4e12, 450e9)}
+# (dense bf16 FLOP/s, link and host-link bytes/s per direction) as published
+TARGETS = {"rtx4090": (165.2e12, 32e9, 32e9), "h100": (989.4e12, 450e9, 64e9)}
 
 
 def mesh_for(target: str, n: int):
@@ -109,27 +117,28 @@ def mesh_for(target: str, n: int):
 def compile_row(row: str, method: str, target: str):
     """The compiled fused step of ``method`` for ``row`` on ``target``."""
     name, n, seq = ROWS[row][:3]
-    cfg, (make_tx, clip) = MODELS[name], METHODS[method]
+    cfg, (make_tx, kw) = MODELS[name], METHODS[method]
     tx = make_tx()
     sh = lsh.llama_shardings(cfg, mesh_for(target, n), tx)
     params = lsh.abstract_like(sh.params, llama.param_shapes(cfg))
     state = lsh.abstract_like(
         sh.opt_state, jax.eval_shape(lambda p: lomo_jax.fused_init(tx, p), params))
     batch = lsh.abstract_like(sh.batch, {"input_ids": jax.ShapeDtypeStruct((n, seq), jnp.int32)})
-    step = lomo_jax.fused_train_step(llama.llama_layered_model(cfg), tx, shardings=sh,
-                                     clip_grad_norm=clip)
+    step = lomo_jax.fused_train_step(llama.llama_layered_model(cfg), tx, shardings=sh, **kw)
     return step.lower(params, state, batch).compile()
 
 
 def figures(compiled, tokens: int, target: str) -> dict:
-    """Memory, FLOPs, bytes sent and the step-time bound of one compiled step."""
+    """Memory, FLOPs, bytes sent and copied to/from the host, and the
+    step-time bound of one compiled step."""
     flops, sent = hlo_cost.matmul_flops(compiled), hlo_cost.bytes_sent(compiled)
+    host = hlo_cost.host_bytes(compiled)
     bound = None
     if target in TARGETS:
-        peak, link = TARGETS[target]
-        bound = tokens / max(flops / peak, sent / link)
+        peak, link, host_link = TARGETS[target]
+        bound = tokens / max(flops / peak, sent / link, host / host_link)
     return {"memory": aot.MemoryFigures.of(compiled).total / GIB, "tflop": flops / 1e12,
-            "sent": sent / GIB, "bound": bound}
+            "sent": sent / GIB, "host": host / GIB, "bound": bound}
 
 
 def fmt(x, spec=".2f"):
@@ -147,19 +156,22 @@ def main(argv=None):
     print(f"target {args.target}, jax {jax.__version__}; fused step, bf16, FSDP over the "
           "devices, one sequence per device; per device. Compile only.\n")
     print("| model | devices | tokens / device | method | memory GiB | paper GB (LOMO) "
-          "| TFLOP / step | sent GiB / step | bound TGS | paper TGS |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+          "| TFLOP / step | sent GiB / step | host GiB / step | bound TGS | paper TGS |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     t0 = time.time()
     for row in args.rows:
         name, n, seq, paper_gb, paper_tgs = ROWS[row]
         for method in args.methods:
             f = figures(compile_row(row, method, args.target), seq, args.target)
             print(f"| {name} | {n} | {seq} | {method} | {f['memory']:.2f} | {fmt(paper_gb)} "
-                  f"| {f['tflop']:.1f} | {f['sent']:.1f} | {fmt(f['bound'], '.0f')} "
+                  f"| {f['tflop']:.1f} | {f['sent']:.1f} | {f['host']:.1f} "
+                  f"| {fmt(f['bound'], '.0f')} "
                   f"| {fmt(paper_tgs)} |", flush=True)
-    print(f"\n(compiled in {time.time() - t0:.0f} s. Bound TGS: an upper bound from FLOPs and "
-          "collective bytes on the target's published peak and link bandwidth, not a "
-          "measurement; the paper's figures are measured on RTX 3090s.)")
+    print(f"\n(compiled in {time.time() - t0:.0f} s. Bound TGS: an upper bound from FLOPs, "
+          "collective bytes and host copies on the target's published peak, link and host-link "
+          "bandwidths, not a measurement; the paper's figures are measured on RTX 3090s. "
+          "offload: fused_train_step(offload_saved_inputs=True), the saved layer inputs in "
+          "pinned host memory.)")
 
 
 if __name__ == "__main__":

@@ -63,17 +63,20 @@ class MemoryFigures(NamedTuple):
     outputs: int
     temporaries: int
     aliased: int
+    host_temporaries: int = 0  # in pinned host memory (e.g. offloaded saved inputs)
 
     @property
     def total(self) -> int:
-        """Arguments + outputs + temporaries - aliased: the executable's footprint."""
+        """Arguments + outputs + temporaries - aliased: the executable's
+        footprint in device memory (host temporaries not included)."""
         return self.arguments + self.outputs + self.temporaries - self.aliased
 
     @classmethod
     def of(cls, compiled) -> "MemoryFigures":
         m = compiled.memory_analysis()
         return cls(m.argument_size_in_bytes, m.output_size_in_bytes,
-                   m.temp_size_in_bytes, m.alias_size_in_bytes)
+                   m.temp_size_in_bytes, m.alias_size_in_bytes,
+                   getattr(m, "host_temp_size_in_bytes", 0))
 
 
 def target_config(target: str) -> str:

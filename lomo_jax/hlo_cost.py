@@ -15,6 +15,10 @@ usual ring algorithms:
     \text{all-to-all: } \tfrac{n-1}{n} |x|, \quad
     \text{permute: } |x|.
 
+:func:`host_transfers` lists the copies between device and pinned host
+memory the same way (``fused_train_step(..., offload_saved_inputs=True)``
+copies each saved layer input out once and back once per backward pass).
+
 Together with ``compiled.cost_analysis()["flops"]`` this bounds a step's
 time on a target's published bandwidths (``benchmarks/scaling.py``). With
 FSDP, each layer's parameters are all-gathered once in every pass that runs
@@ -34,9 +38,10 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, Iterator, List, NamedTuple, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
-__all__ = ["Collective", "bytes_sent", "collectives", "matmul_flops"]
+__all__ = ["Collective", "HostTransfer", "bytes_sent", "collectives", "host_bytes",
+           "host_transfers", "matmul_flops"]
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -48,6 +53,8 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$")
 _OP = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*?)\s([a-z][a-z0-9-]*)\(([^)]*)\)(.*)$")
 _CALLEE = re.compile(r"\b(?:body|calls|branch_computations|true_computation|"
                      r"false_computation)=\{?([^}]*?)\}?(?:,\s[a-z_]+=|$)")
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\](\{[^}]*\})?")
+_HOST = ":S(5)"  # the layout suffix of an array in host memory
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
@@ -247,3 +254,75 @@ def matmul_flops(compiled_or_text) -> int:
 def bytes_sent(compiled_or_text) -> float:
     """Bytes one device sends in one run of the program, over all its collectives."""
     return sum(c.bytes_sent for c in collectives(compiled_or_text))
+
+
+class HostTransfer(NamedTuple):
+    """One copy between device and host memory (``memory_kind="pinned_host"``).
+
+    Attributes:
+      direction: ``"to_host"`` or ``"to_device"``.
+      shape: the array moved (``"bf16[1,1,4096,8192]"``).
+      nbytes: its bytes.
+      count: times one execution of the program runs it.
+      op_name: the JAX operation it comes from, or ``""``.
+    """
+
+    direction: str
+    shape: str
+    nbytes: int
+    count: int
+    op_name: str = ""
+
+
+class _Array(NamedTuple):
+    shape: str      # "bf16[1,4096]"
+    nbytes: int
+    scalar: bool
+    host: bool      # in host memory (layout ``{...:S(5)}``)
+
+
+def _arrays(result: str) -> List[_Array]:
+    """Every array in a result type, in order."""
+    return [_Array(f"{dt}[{dims}]", _ITEMSIZE.get(dt, 4) * math.prod(
+                int(d) for d in dims.split(",") if d), not dims, _HOST in (layout or ""))
+            for dt, dims, layout in _ARRAY.findall(result)]
+
+
+def _moved(start: _Instr, done: _Instr) -> Optional[Tuple[str, str, int]]:
+    """``(direction, shape, bytes)`` of an async copy or slice between memories,
+    from its ``-start`` and ``-done``, or ``None`` if it stays in one memory.
+
+    A ``fusion-start``'s result is ``((operands...), output, context)``, a
+    ``copy-start``'s ``(output, operand, context)``; the ``-done``'s is the output.
+    """
+    out = _arrays(done.result)[0]
+    arrays = _arrays(start.result)
+    operands = arrays[:-2] if start.opcode == "fusion-start" else arrays[1:2]
+    if out.host:  # written into a host buffer: the device arrays written
+        moved = [a for a in operands if not a.host and not a.scalar]
+        if moved:
+            return "to_host", ", ".join(a.shape for a in moved), sum(a.nbytes for a in moved)
+    elif any(a.host for a in operands):
+        return "to_device", out.shape, out.nbytes
+    return None
+
+
+def host_transfers(compiled_or_text) -> List[HostTransfer]:
+    """Every copy between device and pinned host memory of a compiled program
+    (XLA:GPU's asynchronous ``fusion``/``copy`` ``-start``/``-done`` pairs that
+    read or write a host buffer), with its execution count per run."""
+    found: List[HostTransfer] = []
+    for _, instr, count, by_name in _executed(_text(compiled_or_text)):
+        if instr.opcode not in ("fusion-done", "copy-done"):
+            continue
+        start = by_name.get(instr.operands[0])
+        moved = start and _moved(start, instr)
+        if moved:
+            op_name = re.search(r'op_name="([^"]*)"', start.line)
+            found.append(HostTransfer(*moved, count, op_name.group(1) if op_name else ""))
+    return found
+
+
+def host_bytes(compiled_or_text) -> int:
+    """Bytes copied between device and host memory in one run, both directions."""
+    return sum(t.nbytes * t.count for t in host_transfers(compiled_or_text))

@@ -112,31 +112,41 @@ def test_memory_benchmark_runs(target):
     than value_and_grad + AdamW."""
     out = run(RUNS["memory"] + ["--target", target])
     assert f"target {target}" in out, out
-    rows = {(cells[3], int(cells[2])): float(cells[6]) for cells in table_rows(out)
-            if cells[0] == "tiny"}
-    fused = ("fused LOMO", "fused AdaLomo", "fused AdaLomo, clip 1.0")
+    table = {(cells[3], int(cells[2])): cells for cells in table_rows(out) if cells[0] == "tiny"}
+    rows = {k: float(cells[6]) for k, cells in table.items()}
+    fused = ("fused LOMO", "fused AdaLomo", "fused AdaLomo, clip 1.0",
+             "fused AdaLomo, clip 1.0, offload")
     assert set(rows) == ({("inference", 1), ("value_and_grad + AdamW", 1)}
                          | {(m, mb) for m in fused for mb in (1, 2)}), out
     adamw = rows["value_and_grad + AdamW", 1]
     assert rows["inference", 1] < rows["fused LOMO", 1] < adamw, rows
     assert all(rows[m, mb] < adamw for m in fused for mb in (1, 2)), rows
+    # host memory: only the offloading step has any, on the GPU target (XLA:CPU
+    # compiles the placement as a no-op): the saved inputs, 2 x 64 x 64 bf16 per
+    # layer, 2 layers = 32 KiB (the table is in MiB)
+    host = {k: float(cells[7]) for k, cells in table.items()}
+    for mb in (1, 2):
+        offloaded = host.pop(("fused AdaLomo, clip 1.0, offload", mb))
+        assert offloaded == (0.03 if target == "rtx4090" else 0.0), table
+    assert set(host.values()) == {0.0}, table
 
 
-SCALING_ROW = re.compile(r"^\| tiny \| 8 \| 64 \| (LOMO|AdaLomo, clip 1\.0) \| ([\d.]+) \| – "
-                         r"\| ([\d.]+) \| ([\d.]+) \| (\d+) \| – \|$", re.M)
+SCALING_ROW = re.compile(r"^\| tiny \| 8 \| 64 \| (LOMO|AdaLomo, clip 1\.0(?:, offload)?) "
+                         r"\| ([\d.]+) \| – \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| – \|$",
+                         re.M)
 
 
 def test_scaling_benchmark_runs(monkeypatch):
     """The paper-table script on a toy row, compiled for 8 RTX 4090s: both methods'
-    rows, the bound printed is tokens / max(FLOPs / peak, sent / link) of the
-    figures it prints (to their rounding), and clipping's second backward pass
-    costs FLOPs and bytes."""
+    rows, the bound printed is tokens / max(FLOPs / peak, sent / link, host /
+    host link) of the figures it prints (to their rounding), and clipping's
+    second backward pass costs FLOPs and bytes."""
     out = run(RUNS["scaling"])
     rows = {m[0]: [float(v) for v in m[1:]] for m in SCALING_ROW.findall(out)}
-    assert set(rows) == {"LOMO", "AdaLomo, clip 1.0"}, out
+    assert set(rows) == {"LOMO", "AdaLomo, clip 1.0", "AdaLomo, clip 1.0, offload"}, out
     peak, link = 165.2e12, 32e9
-    for memory, tflop, sent, bound in rows.values():
-        assert memory >= 0 and tflop >= 0 and sent >= 0
+    for memory, tflop, sent, host, bound in rows.values():
+        assert memory >= 0 and tflop >= 0 and sent >= 0 and host >= 0
     lomo, ada = rows["LOMO"], rows["AdaLomo, clip 1.0"]
     assert ada[1] >= lomo[1] and ada[2] >= lomo[2]
     # the printed figures are rounded to 0.1 (0.0 at this size): the bound's formula,
@@ -149,11 +159,16 @@ def test_scaling_benchmark_runs(monkeypatch):
     fake = type("Compiled", (), {})()
     monkeypatch.setattr(scaling.hlo_cost, "matmul_flops", lambda c: 3.3e15)
     monkeypatch.setattr(scaling.hlo_cost, "bytes_sent", lambda c: 2.0 * 2**30)
+    monkeypatch.setattr(scaling.hlo_cost, "host_bytes", lambda c: 3 * 2**30)
     monkeypatch.setattr(scaling.aot.MemoryFigures, "of", lambda c: scaling.aot.MemoryFigures(
         2**30, 2**30, 2**30, 2**30))
     fig = scaling.figures(fake, 1024, "rtx4090")
     assert fig["memory"] == 2 and fig["tflop"] == pytest.approx(3300) and fig["sent"] == 2
+    assert fig["host"] == 3
     assert fig["bound"] == pytest.approx(1024 / max(3.3e15 / peak, 2 * 2**30 / link))
+    monkeypatch.setattr(scaling.hlo_cost, "host_bytes", lambda c: 400 * 2**30)  # host-bound
+    h100 = scaling.figures(fake, 1024, "h100")
+    assert h100["bound"] == pytest.approx(1024 / (400 * 2**30 / 64e9))
     assert scaling.figures(fake, 1024, "cpu")["bound"] is None
 
 

@@ -33,7 +33,7 @@ import optax
 import pytest
 
 import lomo_jax
-from lomo_jax import aot
+from lomo_jax import aot, hlo_cost
 from lomo_jax.models import llama
 from tests.jax.gpu_target import rtx4090_mesh
 
@@ -149,6 +149,31 @@ def test_gpu_target_bound(which, name, kw, dtype, tied):
     cfg, batch = gpu_config(which, dtype, tied)
     params, state, mem, _ = check_bound(cfg, name, batch, mesh, **kw)
     assert mem.aliased == nbytes(params) + nbytes(state)  # every output in place
+
+
+@pytest.mark.parametrize("which,kw", [
+    ("head", {"clip_grad_norm": 1.0}),
+    ("layers", {}),
+], ids=["head-clip", "layers"])
+def test_gpu_target_offloaded_saved_inputs(which, kw):
+    """``offload_saved_inputs``: the saved layer inputs live in pinned host
+    memory (exactly their bytes), device temporaries meet the bound without
+    them, and each is copied out once and back once per backward pass."""
+    mesh = rtx4090_mesh()
+    cfg, (b, t) = gpu_config(which)
+    tx = TRANSFORMS["adalomo"]()
+    params, state, mem, hlo = compile_step(cfg, tx, (b, t), mesh, offload_saved_inputs=True, **kw)
+    host = hlo_cost.host_transfers(hlo)
+    terms = bound_terms(cfg, params, state, (b, t), "adalomo")
+    saved = terms.pop("saved inputs")
+    inf = inference_temp(cfg, (b, t), mesh)
+    assert mem.temporaries <= inf + sum(terms.values()), (mem, inf, terms)
+    assert mem.aliased == nbytes(params) + nbytes(state)
+    n_layers, passes = cfg.num_hidden_layers, 2 if kw else 1
+    one = saved // n_layers
+    assert sorted((h.direction, h.nbytes, h.count) for h in host) == sorted(
+        [("to_host", one, n_layers)] + [("to_device", one, n_layers)] * passes), host
+    assert mem.host_temporaries == saved
 
 
 # The issue's goals at the real shapes (bf16, RTX 4090 target), GiB of

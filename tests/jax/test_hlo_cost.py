@@ -106,3 +106,51 @@ def test_flops_and_collectives_of_a_compiled_scan():
     compiled = jax.jit(f).lower(x, ws).compile()
     assert C.matmul_flops(compiled) == 3 * 2 * (2 * 4 * 8 * 16)
     assert C.collectives(compiled) == [] and C.bytes_sent(compiled) == 0
+
+
+HOST_HLO = """\
+HloModule h
+
+%body (p: (s32[], bf16[3,4,8])) -> (s32[], bf16[3,4,8]) {
+  %p = (s32[], bf16[3,4,8]{2,1,0:S(5)}) parameter(0)
+  %buf = bf16[3,4,8]{2,1,0:S(5)} get-tuple-element(%p), index=1
+  %x = bf16[1,4,8]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %dus = ((bf16[3,4,8]{2,1,0:S(5)}, bf16[1,4,8]{2,1,0}, s32[], s32[], s32[]), bf16[3,4,8]{2,1,0:S(5)}, u32[]) fusion-start(%buf, %x, %i, %i, %i), kind=kCustom, calls=%w_dus, metadata={op_name="jit(step)/while/body/dynamic_update_slice"}
+  %dusd = bf16[3,4,8]{2,1,0:S(5)} fusion-done(%dus)
+  %ds = ((bf16[3,4,8]{2,1,0:S(5)}, s32[], s32[], s32[]), bf16[1,4,8]{2,1,0}, u32[]) fusion-start(%buf, %i, %i, %i), kind=kCustom, calls=%w_ds
+  %dsd = bf16[1,4,8]{2,1,0} fusion-done(%ds)
+  %dev = ((f32[2,2]{1,0}, f32[2,2]{1,0}), f32[2,2]{1,0}, u32[]) fusion-start(%y, %y), kind=kCustom, calls=%w_add
+  %devd = f32[2,2]{1,0} fusion-done(%dev)
+  ROOT %t = (s32[], bf16[3,4,8]) tuple(%i, %dusd)
+}
+
+%cond (p: (s32[], bf16[3,4,8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[16]) -> f32[16] {
+  %a = f32[16]{0} parameter(0)
+  %l = (s32[], bf16[3,4,8]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %cs = (f32[16]{0:S(5)}, f32[16]{0}, u32[]) copy-start(%a)
+  %cd = f32[16]{0:S(5)} copy-done(%cs)
+  %cs2 = (f32[16]{0}, f32[16]{0:S(5)}, u32[]) copy-start(%cd)
+  %cd2 = f32[16]{0} copy-done(%cs2)
+  ROOT %o = f32[16]{0} copy(%cd2)
+}
+"""
+
+
+def test_host_transfers_directions_bytes_and_loop_counts():
+    """Writes into a host buffer count the device array written (not the
+    buffer), reads the slice read; loop bodies count per iteration; a fusion
+    between device arrays and scalar indices are not transfers."""
+    found = sorted(C.host_transfers(HOST_HLO))
+    assert [t[:4] for t in found] == [
+        ("to_device", "bf16[1,4,8]", 64, 3),
+        ("to_device", "f32[16]", 64, 1),
+        ("to_host", "bf16[1,4,8]", 64, 3),
+        ("to_host", "f32[16]", 64, 1),
+    ]
+    assert found[2].op_name == "jit(step)/while/body/dynamic_update_slice"
+    assert C.host_bytes(HOST_HLO) == 64 * 3 * 2 + 64 * 2

@@ -189,9 +189,17 @@ def test_nnx_optimizer_with_clip_then_per_layer_equals_the_reference():
     expected = optax.apply_updates(params, updates)
     optimizer = nnx.Optimizer(
         lm, optax.chain(clip, lomo_jax.nnx.per_layer(tx, blocks="blocks")), wrt=nnx.Param)
-    nnx.jit(lambda opt, lm, grads: opt.update(lm, grads))(optimizer, lm, grads)
+    naive_lm = LM(rate=0.0)  # the same weights, under tx on the whole stacked State
+    naive = nnx.Optimizer(naive_lm, optax.chain(clip, tx), wrt=nnx.Param)
+    step = nnx.jit(lambda opt, lm, grads: opt.update(lm, grads))
+    step(optimizer, lm, grads)
+    step(naive, naive_lm, grads)
     # tx on the whole stack (AdaLomo's RMS over L layers) differs by ~lr * RMS(W) ~ 1e-3
     assert_trees_close(lomo_jax.nnx.split_params(lm, **PARTS), expected, atol=1e-6)
+    naive_layers = lomo_jax.nnx.split_params(naive_lm, **PARTS)["layers"]
+    off = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), naive_layers,
+                       expected["layers"])
+    assert max(jax.tree.leaves(off)) > 1e-4, off  # the README's warning holds
 
 
 @pytest.mark.parametrize("lm,where", [
