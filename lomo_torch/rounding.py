@@ -185,6 +185,8 @@ class RoundingNoise:
             raise ValueError(f"dtype must be torch.int16 or torch.int32, got {dtype}")
         shard = tuple(shard) if isinstance(shard, (tuple, list)) else (shard,)
         n = math.prod(shape)
+        if n == 0:  # nothing to draw (an empty word array cannot be viewed as int16)
+            return torch.empty(tuple(shape), dtype=dtype, device=device)
         per_word = 64 // torch.iinfo(dtype).bits  # 4 (or 2) integers a 64-bit word
         words = self._words(-(-n // per_word), torch.device(device),
                             _mix(self.seed, step, index, *shard))

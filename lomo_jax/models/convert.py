@@ -40,10 +40,11 @@ Example::
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -135,22 +136,34 @@ def _to_torch(a: np.ndarray):
 
 
 class _Source:
-    """Name -> array access over a mapping or lazily opened safetensors files."""
+    """Name -> array access over a mapping or lazily opened safetensors files.
 
-    def __init__(self, keys: Iterable[str], get: Callable[[str], Any], shape: Callable[[str], tuple]):
+    ``read(name, index)`` returns only the ``index`` (a tuple of slices) of a
+    tensor, so a loader that places arrays shard by shard reads only what its
+    devices hold."""
+
+    def __init__(self, keys: Iterable[str], read: Callable[[str, Any], Any],
+                 shape: Callable[[str], tuple]):
         self.keys = list(keys)
-        self._get = get
+        self._read = read
         self._shape = shape
 
     def get(self, name):
-        return _to_numpy(self._get(name))
+        return _to_numpy(self._read(name, None))
+
+    def read(self, name, index=None):
+        return _to_numpy(self._read(name, index))
 
     def shape(self, name):
         return tuple(self._shape(name))
 
 
 def _mapping_source(sd: Mapping[str, Any]) -> _Source:
-    return _Source(sd.keys(), sd.__getitem__, lambda n: tuple(sd[n].shape))
+    def read(name, index):
+        x = sd[name]
+        return x if index is None else x[index]
+
+    return _Source(sd.keys(), read, lambda n: tuple(sd[n].shape))
 
 
 def _shape_error(name: str, got, want, cfg: LlamaConfig) -> ValueError:
@@ -162,7 +175,10 @@ def _shape_error(name: str, got, want, cfg: LlamaConfig) -> ValueError:
     )
 
 
-def _convert(src: _Source, cfg: LlamaConfig, dtype, strict: bool) -> dict:
+def _check_checkpoint(src: _Source, cfg: LlamaConfig, strict: bool) -> Callable[[str], str]:
+    """Raise on missing, unexpected (``strict``) or misshapen tensors; return the
+    renaming of transformers names to the checkpoint's (a bare ``LlamaModel``
+    dict has no ``model.`` prefix)."""
     keys = set(src.keys)
     prefix = "model."
     if "model.embed_tokens.weight" not in keys and "embed_tokens.weight" in keys:
@@ -191,25 +207,94 @@ def _convert(src: _Source, cfg: LlamaConfig, dtype, strict: bool) -> dict:
         got = src.shape("lm_head.weight")
         if tuple(got) != (cfg.vocab_size, cfg.hidden_size):
             raise _shape_error("lm_head.weight", got, (cfg.vocab_size, cfg.hidden_size), cfg)
+    return rename
 
-    def cast(a):
-        return a if dtype is None else a.astype(dtype)
 
-    layers: dict = {}
+class _Leaf(NamedTuple):
+    """One params leaf: its path, its tensor name(s) in the checkpoint (one per
+    layer when ``stacked``), and whether each tensor is transposed (Linear)."""
+
+    path: tuple
+    names: tuple
+    transpose: bool
+    stacked: bool
+
+
+def _leaves(cfg: LlamaConfig, rename: Callable[[str], str]) -> list:
+    out = [_Leaf(("embed", "embedding"), (rename("model.embed_tokens.weight"),), False, False)]
     for suffix, path, _, linear in _layer_entries(cfg):
-        stack = []
-        for i in range(cfg.num_hidden_layers):
-            a = src.get(rename(f"model.layers.{i}.{suffix}"))
-            stack.append(a.T if linear else a)
-        node = layers
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = cast(np.stack(stack))
-    head = {"norm": cast(src.get(rename("model.norm.weight")))}
+        names = tuple(rename(f"model.layers.{i}.{suffix}") for i in range(cfg.num_hidden_layers))
+        out.append(_Leaf(("layers",) + path, names, linear, True))
+    out.append(_Leaf(("head", "norm"), (rename("model.norm.weight"),), False, False))
     if not cfg.tie_word_embeddings:
-        head["lm_head"] = cast(np.ascontiguousarray(src.get("lm_head.weight").T))
-    embed = {"embedding": cast(src.get(rename("model.embed_tokens.weight")))}
-    return {"embed": embed, "layers": layers, "head": head}
+        out.append(_Leaf(("head", "lm_head"), ("lm_head.weight",), True, False))
+    return out
+
+
+_CHUNK_BYTES = 8 * 2**20
+
+
+def _read(src: _Source, name: str, transpose: bool, index=None, dtype=None,
+          out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``index`` (a tuple of slices in the params layout; ``None``: all) of one
+    checkpoint tensor, transposed for a Linear weight, in ``dtype``, written
+    into ``out`` if given. Only that part is read, in chunks of the
+    checkpoint's rows of about ``_CHUNK_BYTES`` written straight into the
+    result, so reading adds one chunk (not a tensor) to host memory."""
+    hf_shape = src.shape(name)
+    shape = hf_shape[::-1] if transpose else hf_shape
+    index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
+    ranges = [range(*sl.indices(n)) for sl, n in zip(index, shape)]
+    if not ranges:  # a scalar
+        return np.asarray(src.read(name, None), dtype)
+    if out is None:
+        out = np.empty([len(r) for r in ranges], dtype or _file_dtype(src, name))
+    hf_ranges = ranges[::-1] if transpose else ranges
+    for at, part in _row_chunks(hf_ranges, max(4, out.itemsize)):
+        piece = src.read(name, part)
+        if transpose:
+            out[..., at] = piece.T
+        else:
+            out[at] = piece
+        del piece  # before the next chunk is read
+    return out
+
+
+def _row_chunks(hf_ranges: list, itemsize: int):
+    """``(position in the result, checkpoint index)`` per chunk of about
+    ``_CHUNK_BYTES`` along the checkpoint's first axis of ``hf_ranges``."""
+    rows, rest = hf_ranges[0], hf_ranges[1:]
+    row_bytes = max(1, int(np.prod([len(r) for r in rest])) * itemsize)
+    per_chunk = max(1, _CHUNK_BYTES // row_bytes)
+    tail = tuple(slice(r.start, r.stop, r.step) for r in rest)
+    for k in range(0, len(rows), per_chunk):
+        sub = rows[k:k + per_chunk]
+        yield slice(k, k + len(sub)), (slice(sub.start, sub.stop, sub.step),) + tail
+
+
+def _set_path(tree: dict, path: tuple, value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _convert(src: _Source, cfg: LlamaConfig, dtype, strict: bool) -> dict:
+    """numpy params; each stacked leaf is allocated once and read layer by layer
+    into its slices (no per-layer copies and stack)."""
+    rename = _check_checkpoint(src, cfg, strict)
+    params: dict = {}
+    for leaf in _leaves(cfg, rename):
+        if not leaf.stacked:
+            _set_path(params, leaf.path, _read(src, leaf.names[0], leaf.transpose, dtype=dtype))
+            continue
+        shape = src.shape(leaf.names[0])
+        shape = shape[::-1] if leaf.transpose else shape
+        dt = np.dtype(dtype) if dtype is not None else _file_dtype(src, leaf.names[0])
+        out = np.empty((len(leaf.names),) + tuple(shape), dt)
+        for i, name in enumerate(leaf.names):
+            _read(src, name, leaf.transpose, out=out[i])
+        _set_path(params, leaf.path, out)
+    return params
 
 
 def _as_jax(params):
@@ -308,8 +393,9 @@ def load_safetensors(path: str) -> _Source:
     ``model.safetensors`` or ``model.safetensors.index.json`` + shards (or a
     single ``.safetensors`` file). Tensors are read on demand (memory-mapped).
 
-    Returns an object with ``.keys`` (names), ``.get(name)`` (numpy array)
-    and ``.shape(name)`` (without reading the tensor)."""
+    Returns an object with ``.keys`` (names), ``.get(name)`` (numpy array),
+    ``.read(name, index)`` (only ``index``, a tuple of slices, is read) and
+    ``.shape(name)`` (without reading the tensor)."""
     from safetensors import safe_open
 
     if os.path.isdir(path):
@@ -330,38 +416,216 @@ def load_safetensors(path: str) -> _Source:
             )
     else:
         files = None
-    handles: dict[str, Any] = {}
+    def read(name, index):
+        # a file is opened (memory-mapped) per read and closed after it, so the pages
+        # read do not stay resident: host memory holds one tensor (slice) at a time
+        with safe_open(files[name], framework="np") as f:
+            return f.get_tensor(name) if index is None else f.get_slice(name)[index]
 
-    def handle(fname):
-        if fname not in handles:
-            handles[fname] = safe_open(fname, framework="np")
-        return handles[fname]
+    def shape(name):
+        with safe_open(files[name], framework="np") as f:
+            return f.get_slice(name).get_shape()
 
     if files is None:
-        files = {k: path for k in handle(path).keys()}
-    return _Source(
-        files.keys(),
-        lambda n: handle(files[n]).get_tensor(n),
-        lambda n: handle(files[n]).get_slice(n).get_shape(),
-    )
+        with safe_open(path, framework="np") as f:
+            files = {k: path for k in f.keys()}
+    return _Source(files.keys(), read, shape)
 
 
 def load_pretrained(path: str, *, dtype=None, config_dtype=None, strict: bool = True,
-                    as_numpy: bool = False):
+                    as_numpy: bool = False, shardings=None):
     """``(LlamaConfig, params)`` from a local ``save_pretrained`` directory.
 
     The config is read with ``transformers.AutoConfig.from_pretrained(path)``
-    (local files only), the weights with ``safetensors`` (sharded or not).
-    ``config_dtype``: computation/param dtype of the returned config (default
-    fp32); ``dtype``: cast of the arrays (default: keep the file's).
+    (local files only), the weights with ``safetensors`` (sharded or not),
+    tensor by tensor, each placed as it is read: a stacked ``[L, ...]`` leaf is
+    allocated on its sharding and each layer is written into its slice in
+    place, and only the parts of a tensor that this process's devices hold are
+    read. Host memory beyond the arrays themselves is about one tensor (on a
+    CPU backend, where the arrays are host memory too: the model plus that).
+
+    Example::
+
+        mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+        cfg, params = convert.load_pretrained("Llama-3-8B/", dtype=jnp.bfloat16,
+                                              config_dtype=jnp.bfloat16, shardings=mesh)
+
+    Args:
+      path: the directory.
+      dtype: cast of the arrays (default: keep the file's).
+      config_dtype: computation/param dtype of the returned config (default fp32).
+      strict: raise on tensors the config does not use.
+      as_numpy: return numpy arrays (host memory) instead of placed jax arrays.
+      shardings: where the arrays go: ``None`` (the default device), a
+        ``Mesh`` (``lomo_jax.sharding.param_shardings`` on it), one
+        ``Sharding`` for every leaf, or a pytree of shardings with the params'
+        structure (e.g. ``lomo_jax.sharding.llama_shardings(...).params``).
     """
     import jax.numpy as jnp
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     cfg = LlamaConfig.from_hf(hf_config, dtype=config_dtype or jnp.float32)
-    params = _convert(load_safetensors(path), cfg, dtype, strict)
-    return cfg, (params if as_numpy else _as_jax(params))
+    src = load_safetensors(path)
+    if as_numpy:
+        if shardings is not None:
+            raise ValueError("load_pretrained: as_numpy=True returns host arrays; "
+                             "shardings applies to jax arrays only.")
+        return cfg, _convert(src, cfg, dtype, strict)
+    return cfg, _placed(src, cfg, dtype, strict, shardings)
+
+
+def _placed(src: _Source, cfg: LlamaConfig, dtype, strict: bool, shardings) -> dict:
+    """jax params, each leaf read onto its sharding (see :func:`load_pretrained`)."""
+    rename = _check_checkpoint(src, cfg, strict)
+    shapes = _param_shapes(cfg)
+    shardings = _leaf_shardings(shardings, shapes)
+    params: dict = {}
+    for leaf in _leaves(cfg, rename):
+        shape, sharding = _at(shapes, leaf.path).shape, _at(shardings, leaf.path)
+        dt = np.dtype(dtype) if dtype is not None else _file_dtype(src, leaf.names[0])
+        onto = _stacked_onto if leaf.stacked else _matrix_onto
+        _set_path(params, leaf.path, onto(src, leaf, shape, dt, sharding))
+    return params
+
+
+@functools.lru_cache(maxsize=64)
+def _filler(shape, dt, sharding, axis: int):
+    """``(zeros(), write(a, x, start))``: an array on ``sharding``, and the in-place
+    (donated) write of a block ``x`` at ``start`` along ``axis`` (a stacked
+    leaf's layer, without its leading axis, for ``axis=None``). Cached: leaves
+    of one shape, dtype and sharding (and later loads) share the compiled pair."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    def put(a, x, i):
+        if axis is None:
+            return lax.dynamic_update_index_in_dim(a, x, i, 0)
+        return lax.dynamic_update_slice_in_dim(a, x, i, axis)
+
+    zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)
+    write = jax.jit(put, donate_argnums=0, out_shardings=sharding)
+    return zeros, write
+
+
+def _reader(src: _Source, leaf: "_Leaf", name: str, dt, offset=None):
+    """A ``make_array_from_callback`` callback reading ``name``'s part for a
+    device's index, once per distinct index (devices holding the same part,
+    e.g. replicas on another mesh axis, share one read). ``offset``: a block's
+    ``(axis, start, size)`` in the whole tensor."""
+    cache: dict = {}
+
+    def read(idx):
+        if offset is not None:
+            axis, start, size = offset
+            idx = list(idx) + [slice(None)] * (axis + 1 - len(idx))
+            lo, hi, step = idx[axis].indices(size)
+            idx[axis] = slice(start + lo, start + hi, step)
+            idx = tuple(idx)
+        key = tuple((sl.start, sl.stop, sl.step) for sl in idx)
+        if key not in cache:
+            cache[key] = _read(src, name, leaf.transpose, idx, dt)
+        return cache[key]
+
+    return read
+
+
+def _stacked_onto(src: _Source, leaf: _Leaf, shape, dt, sharding) -> jax.Array:
+    """An ``[L, ...]`` array on ``sharding``, filled layer by layer; each layer is
+    read only for the shards this process's devices hold."""
+    zeros, write = _filler(tuple(shape), np.dtype(dt), sharding, None)
+    layer_sharding = _without_leading_axis(sharding)
+    arr = zeros()
+    for i, name in enumerate(leaf.names):
+        x = jax.make_array_from_callback(shape[1:], layer_sharding, _reader(src, leaf, name, dt))
+        arr = write(arr, x, np.int32(i))
+        del x
+    return arr
+
+
+def _matrix_onto(src: _Source, leaf: _Leaf, shape, dt, sharding) -> jax.Array:
+    """An unstacked leaf (embedding, head, final norm) on ``sharding``. A matrix
+    whose checkpoint rows are not split over devices is written in blocks of
+    about ``_CHUNK_BYTES`` of them (host memory holds one block's shards, not
+    the tensor); otherwise each device's shard is read whole. Either way only
+    this process's devices' shards are read."""
+    name = leaf.names[0]
+    axis = 1 if leaf.transpose else 0  # the checkpoint's rows
+    if len(shape) != 2 or _is_split(sharding, axis, len(shape)):
+        return jax.make_array_from_callback(shape, sharding, _reader(src, leaf, name, dt))
+    step = max(1, _CHUNK_BYTES // (shape[1 - axis] * max(4, dt.itemsize)))
+    zeros, write = _filler(tuple(shape), np.dtype(dt), sharding, axis)
+    arr = zeros()
+    for start in range(0, shape[axis], step):
+        block = list(shape)
+        block[axis] = min(step, shape[axis] - start)
+        x = jax.make_array_from_callback(tuple(block), sharding,
+                                         _reader(src, leaf, name, dt, (axis, start, block[axis])))
+        arr = write(arr, x, np.int32(start))
+        del x
+    return arr
+
+
+def _is_split(sharding, axis: int, ndim: int) -> bool:
+    """Whether ``sharding`` may split ``axis`` (any sharding but a named or
+    single-device one counts as splitting)."""
+    from jax.sharding import NamedSharding, SingleDeviceSharding
+
+    if isinstance(sharding, SingleDeviceSharding):
+        return False
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * ndim
+        return spec[axis] is not None and spec[axis] != ()
+    return True
+
+
+def _param_shapes(cfg: LlamaConfig) -> dict:
+    from lomo_jax.models import llama
+
+    return llama.param_shapes(cfg)
+
+
+def _at(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _file_dtype(src: _Source, name: str) -> np.dtype:
+    """A tensor's dtype, from one element."""
+    return src.read(name, (slice(0, 1),) * len(src.shape(name))).dtype
+
+
+def _leaf_shardings(shardings, shapes) -> dict:
+    """One sharding per params leaf from ``load_pretrained``'s ``shardings``."""
+    from jax.sharding import Mesh, Sharding, SingleDeviceSharding
+
+    if shardings is None:
+        shardings = SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, Mesh):
+        from lomo_jax.sharding import param_shardings
+
+        return param_shardings(shapes, shardings)
+    if isinstance(shardings, Sharding):
+        return jax.tree.map(lambda _: shardings, shapes)
+    want, got = jax.tree.structure(shapes), jax.tree.structure(
+        shardings, is_leaf=lambda x: isinstance(x, Sharding))
+    if want != got:
+        raise ValueError(f"load_pretrained: shardings has the structure {got}, but the params "
+                         f"have {want} (pass a Mesh, one Sharding, or a tree like the params).")
+    return shardings
+
+
+def _without_leading_axis(sharding):
+    """The sharding of one layer ``a[i]`` of an array on ``sharding``."""
+    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    if isinstance(sharding, SingleDeviceSharding):
+        return sharding
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    raise TypeError(f"load_pretrained: a stacked leaf's sharding must be a NamedSharding or "
+                    f"SingleDeviceSharding, got {type(sharding).__name__}.")
 
 
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -12,7 +12,11 @@ work, whatever the load on the machine.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 REPLACED_FLAGS = ("--xla_force_host_platform_device_count",)
 
@@ -30,3 +34,31 @@ def cpu_devices_env(n: int, extra_flags: Iterable[str] = (),
     env["PJRT_NPROC"] = str(max(2 * n, int(env.get("PJRT_NPROC", 0) or 0)))
     env["JAX_PLATFORMS"] = "cpu"
     return env
+
+
+def run_processes(script: Path, n: int, *args: str, timeout: int = 600) -> list[str]:
+    """Run ``python script RANK PORT *args`` as ``n`` processes of one JAX
+    distributed job (``PORT``: a free coordinator port; the inherited
+    ``XLA_FLAGS`` dropped, the repository on ``PYTHONPATH``) and return each
+    one's output, after checking that all of them succeeded."""
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(port), *args],
+                              cwd=repo, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for rank in range(n)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for rank, (proc, text) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"process {rank} failed:\n{text[-6000:]}"
+    return outputs

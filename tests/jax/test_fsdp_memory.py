@@ -64,7 +64,7 @@ def setup():
         sh.opt_state, jax.eval_shape(lambda p: lomo_jax.fused_init(tx, p), params))
     batch = lsh.abstract_like(
         sh.batch, {"input_ids": jax.ShapeDtypeStruct((N_DEVICES, SEQ), jnp.int32)})
-    return tx, sh, params, state, batch
+    return tx, sh, params, state, batch, inference_temp(sh, params, batch)
 
 
 def inference_temp(sh, params, batch) -> int:
@@ -102,11 +102,10 @@ def bound_terms(params, offload: bool) -> dict:
     {"clip_grad_norm": 1.0, "offload_saved_inputs": True},
 ], ids=["clip", "clip-offload"])
 def test_fsdp_temporaries_within_bound(setup, kw):
-    tx, sh, params, state, batch = setup
+    tx, sh, params, state, batch, inf = setup
     step = lomo_jax.fused_train_step(llama.llama_layered_model(CFG), tx, shardings=sh, **kw)
     compiled = step.lower(params, state, batch).compile()
     mem = aot.MemoryFigures.of(compiled)
-    inf = inference_temp(sh, params, batch)
     offload = kw.get("offload_saved_inputs", False)
     terms = bound_terms(params, offload)
     assert mem.temporaries <= inf + sum(terms.values()), (

@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from tests.jax.cpu_devices import cpu_devices_env
+from tests.jax.cpu_devices import cpu_devices_env, run_processes
 from tests.jax.tiny_llama import TINY
 
-REPO = Path(__file__).resolve().parents[2]
 N_PROCESSES, LOCAL_DEVICES, N_STEPS = 2, 4, 3
 GLOBAL_BATCH, SEQ = 8, 16
 
@@ -116,12 +113,6 @@ def _worker(rank: int, port: int, out: Path) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _reference():
     """The same steps on one device in this process."""
     import jax
@@ -143,24 +134,7 @@ def _reference():
 
 
 def test_two_process_sharded_step_matches_single_device(tmp_path):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(rank),
-                               str(port), str(tmp_path)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-             for rank in range(N_PROCESSES)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
-    finally:
-        for proc in procs:
-            proc.kill()
-    for rank, (proc, text) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"process {rank} failed:\n{text[-6000:]}"
+    run_processes(Path(__file__).resolve(), N_PROCESSES, str(tmp_path))
 
     ref, ref_losses, ref_norms = _reference()
     got = dict(np.load(tmp_path / "final.npz"))

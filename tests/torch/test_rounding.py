@@ -203,6 +203,22 @@ def test_fp32_parameters_are_untouched_by_the_option(cls):
 
 
 @pytest.mark.parametrize("cls", [lomo_torch.Lomo, lomo_torch.AdaLomo])
+def test_empty_bf16_parameter_with_stochastic_rounding(cls):
+    """A zero-element bf16 parameter beside the others: the step runs (it drew
+    from an empty word array before, which cannot be viewed as int16) and the
+    other parameters move."""
+    model, x, y = model_and_data(torch.bfloat16)
+    model.register_parameter("empty", nn.Parameter(torch.zeros(0, 3, dtype=torch.bfloat16)))
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, cls(model, lr=1e-2, stochastic_rounding=True, seed=0), x, y, 1, lr=1e-2)
+    assert model.empty.shape == (0, 3) and model.empty.dtype == torch.bfloat16
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    for form in (torch.int16, torch.int32):
+        r = RoundingNoise(0).draw((0, 3), "cpu", 1, 2, dtype=form)
+        assert r.shape == (0, 3) and r.dtype == form
+
+
+@pytest.mark.parametrize("cls", [lomo_torch.Lomo, lomo_torch.AdaLomo])
 def test_bf16_updates_count_in_expectation(cls):
     """At a fine-tuning lr the intended fp32 change of a bf16 weight is far below half a
     spacing: nearest drops nearly all of it, stochastic rounding applies it on average.
