@@ -58,7 +58,7 @@ import optax  # noqa: E402
 
 import lomo_jax  # noqa: E402
 from lomo_jax import aot  # noqa: E402
-from lomo_jax.models import convert, llama  # noqa: E402
+from lomo_jax.models import convert, generate, llama  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = DATA / "corpus.txt"
@@ -325,6 +325,22 @@ def describe_batch(args):
     return text
 
 
+def sample_prompt(held_out_text: str) -> tuple:
+    """``(prompt, sentence)``: the first held-out sentence and its start up to
+    and including "is" ("Two minus one is"), whose answer the model never saw."""
+    sentence = held_out_text.splitlines()[0].strip()
+    head, sep, _ = sentence.partition(" is ")
+    return (head + " is" if sep else " ".join(sentence.split()[:3])), sentence
+
+
+def complete(cfg, params, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    """The greedy continuation of ``prompt`` up to its first line break
+    (``lomo_jax.models.generate``, KV cache)."""
+    ids = jnp.asarray([tokenizer(prompt)["input_ids"]], jnp.int32)
+    new = generate(cfg, params, ids, max_new_tokens=max_new_tokens)
+    return tokenizer.decode(np.asarray(new[0]).tolist()).split("\n")[0]
+
+
 def plot(path, losses, memory, title, held_out):
     """Training loss with the held-out ``(before, after)`` losses as lines; the memory bars
     labelled with their MiB."""
@@ -369,7 +385,7 @@ def load_all(args):
     parts = corpus_parts()
     train, held_out = (make_windows(tokenizer, parts[k], args.seq_len, cfg.vocab_size)
                        for k in ("target", "held_out"))
-    return tokenizer, cfg, params, train, held_out
+    return tokenizer, cfg, params, train, held_out, sample_prompt(parts["held_out"])
 
 
 def train_loop(args, step, params, opt_state, data):
@@ -424,7 +440,7 @@ def main(argv=None):
     where = select_device(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer, cfg, params, train, held_out = load_all(args)
+    tokenizer, cfg, params, train, held_out, (prompt, sentence) = load_all(args)
     lm = llama.llama_layered_model(cfg)
     print(f"model: {args.model}, {n_params(params) / 1e6:.2f}M parameters, "
           f"{cfg.num_hidden_layers} layers, {args.dtype} ({args.rounding} rounding); "
@@ -442,13 +458,17 @@ def main(argv=None):
     opt_state = init(params)
 
     loss_before = evaluate(lm, params, held_out, args.batch_size)
+    sample_before = complete(cfg, params, tokenizer, prompt)
     memory = {} if args.no_memory_report else memory_report(args, lm, params, batch, schedule, step)
     params, run = train_loop(args, step, params, opt_state, itertools.chain([batch], data))
     loss_after = evaluate(lm, params, held_out, args.batch_size)
+    sample_after = complete(cfg, params, tokenizer, prompt)
 
     skipped = run["skipped_steps"]
     print(f"\nheld-out loss: {loss_before:.3f} before -> {loss_after:.3f} after "
           f"{args.steps} steps" + (f" ({skipped} fp16 overflow steps skipped)" if skipped else ""))
+    print(f"greedy completion of the held-out {prompt!r} ({sentence!r}):\n"
+          f"  before: {sample_before!r}\n  after:  {sample_after!r}")
     print(f"throughput: {run['tokens_per_s']:,.0f} tokens/s over {run['train_seconds']:.1f} s "
           f"(the step was compiled ahead of time in {t_compile:.1f} s)")
     if memory:
@@ -458,7 +478,9 @@ def main(argv=None):
     plot(png, run["train_losses"], memory, f"{args.optimizer}, {cfg.num_hidden_layers} layers, "
          f"{args.dtype}", (loss_before, loss_after))
     save_outputs(args, out, params, cfg, tokenizer)
-    report = {"args": vars(args), "loss_before": loss_before, "loss_after": loss_after, **run,
+    report = {"args": vars(args), "loss_before": loss_before, "loss_after": loss_after,
+              "sample_prompt": prompt, "sample_before": sample_before,
+              "sample_after": sample_after, **run,
               "compile_seconds": t_compile, "wall_seconds": time.perf_counter() - t_start,
               "memory_bytes": {k: v[0] for k, v in memory.items()}}
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))

@@ -77,6 +77,11 @@ def test_loss_goes_down_and_report_is_written(trained):
     assert after < before - 0.05
     # the report a user reads at the end, and the progress bar on stderr
     assert f"held-out loss: {before:.3f} before -> {after:.3f} after 12 steps" in proc.stdout
+    # a greedy completion of a held-out prompt (lomo_jax.models.generate) before and after
+    prompt = report["sample_prompt"]
+    assert prompt.endswith(" is") and report["sample_before"] != report["sample_after"]
+    assert f"greedy completion of the held-out {prompt!r}" in proc.stdout
+    assert f"  after:  {report['sample_after']!r}" in proc.stdout
     for name in ("fused AdaLomo", "fused LOMO", "value_and_grad + SGD", "value_and_grad + AdamW"):
         assert re.search(rf"{re.escape(name)}\s+[\d.]+ MiB total", proc.stdout), name
     assert "12/12" in proc.stderr and "loss=" in proc.stderr and "tok_s=" in proc.stderr

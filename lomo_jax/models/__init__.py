@@ -5,16 +5,24 @@
   :class:`lomo_jax.LayeredModel` view (:func:`llama_layered_model`).
 * :mod:`lomo_jax.models.convert` -- ``transformers`` ``state_dict`` /
   ``save_pretrained`` directories <-> the plain-dict parameters.
+* :mod:`lomo_jax.models.decoding` -- :func:`generate`: greedy / sampled
+  decoding with a KV cache on the plain-dict parameters.
+
+Family-agnostic entry points (whatever family ``cfg`` is): :func:`logits`,
+:func:`layered_model`, :func:`generate`, ``convert.from_hf_model`` and
+``convert.load_pretrained``; the ``llama_*`` names are the same functions.
 
 Example::
 
-    from lomo_jax.models import LlamaConfig, LlamaForCausalLM, llama_layered_model
+    from lomo_jax import models
     from lomo_jax.models import convert
     cfg, params = convert.load_pretrained("path/to/hf_dir")
-    step = lomo_jax.fused_train_step(llama_layered_model(cfg), lomo_jax.adalomo(1e-3))
+    step = lomo_jax.fused_train_step(models.layered_model(cfg), lomo_jax.adalomo(1e-3))
+    new_tokens = models.generate(cfg, params, prompt_ids, max_new_tokens=16)
 """
 
 from lomo_jax.models import convert, llama
+from lomo_jax.models.decoding import generate
 from lomo_jax.models.convert import (
     from_hf_model,
     load_pretrained,
@@ -34,17 +42,43 @@ from lomo_jax.models.llama import (
     update_module,
 )
 
+
+
+def _family(cfg):
+    """The model module of ``cfg``'s family (one today: Llama, Mistral and Qwen2
+    are switches of :class:`LlamaConfig`)."""
+    if isinstance(cfg, LlamaConfig):
+        return llama
+    raise TypeError(f"cfg must be a lomo_jax.models.LlamaConfig (Llama, Mistral, Qwen2); got "
+                    f"{type(cfg).__name__}.")
+
+
+def logits(cfg, params, batch):
+    """Logits ``[B, T, V]`` of ``batch`` (``input_ids``, optional ``attention_mask``,
+    ``position_ids``, ``segment_ids``) for any supported family's ``cfg``."""
+    return _family(cfg).llama_logits(cfg, params, batch)
+
+
+def layered_model(cfg):
+    """The :class:`lomo_jax.LayeredModel` of ``cfg``'s family, for
+    :func:`lomo_jax.fused_train_step`."""
+    return _family(cfg).llama_layered_model(cfg)
+
+
 __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "convert",
     "from_hf_model",
+    "generate",
     "init_params",
+    "layered_model",
     "llama",
     "llama_layered_model",
     "llama_logits",
     "llama_loss",
     "load_pretrained",
+    "logits",
     "module_to_params",
     "params_from_hf",
     "params_to_hf",

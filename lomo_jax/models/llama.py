@@ -111,7 +111,8 @@ Example::
     params, opt_state, metrics = step(params, opt_state, batch)
     llama.update_module(model, params)                          # back into the NNX model
 
-Not implemented: KV caching / generation, dropout, RoPE types other than
+Generation with a KV cache: :func:`lomo_jax.models.generate`. Not
+implemented: dropout, RoPE types other than
 ``default``, ``linear`` and ``llama3`` (``from_hf`` raises), Qwen2 checkpoints
 that mix sliding-window and full-attention layers (``from_hf`` raises; a
 sliding window applied to *every* layer, Mistral-style, is supported).
@@ -790,14 +791,24 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x, cos, sin, mask):
         """``x [B, T, D]``, ``cos/sin [B, T, d]``, ``mask [B, 1, T, T]`` bool or ``None``
         (see :func:`key_mask`; causality and the window are added here)."""
+        q, k, v = self.qkv(x, cos, sin)
+        return self.out(attention(self.config, q, k, v, mask))
+
+    def qkv(self, x, cos, sin):
+        """Rotated queries ``[B, T, H, d]``, rotated keys and values ``[B, T, K, d]``
+        (also used by :mod:`lomo_jax.models.decoding` to fill its KV cache)."""
         c = self.config
         b, t, _ = x.shape
         d, h, kh = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         q = apply_rotary(self.q_proj(x).reshape(b, t, h, d), cos, sin)
         k = apply_rotary(self.k_proj(x).reshape(b, t, kh, d), cos, sin)
         v = self.v_proj(x).reshape(b, t, kh, d)
-        out = attention(c, q, k, v, mask)
-        return self.o_proj(out.reshape(b, t, h * d))
+        return q, k, v
+
+    def out(self, o):
+        """The output projection of the attention result ``o [B, T, H, d]``."""
+        b, t, h, d = o.shape
+        return self.o_proj(o.reshape(b, t, h * d))
 
 
 class LlamaMLP(nnx.Module):
