@@ -17,8 +17,9 @@ lomo_torch, with AdaLomo (and LOMO with ``--optimizers``). Columns:
 * ÷ fp32: that reduction over the fp32 run's (same framework and optimizer);
 * changed/step: the share of weights whose stored value changed, per step;
 * step ms: median wall time of a training step (the three settings' steps
-  interleaved, comparisons outside the timing); ÷ nearest: over the bf16
-  round-to-nearest run's.
+  interleaved in a rotating order, comparisons outside the timing);
+  ÷ nearest: the median over steps of the step's time over the bf16
+  round-to-nearest run's step on the same batch.
 
 Run:  python benchmarks/precision.py           (~5 min on 2 CPU cores; LOMO too: ~10)
       python benchmarks/precision.py --optimizers adalomo lomo --plot docs/precision.png
@@ -177,16 +178,25 @@ class TorchRun:
 
 def finetune(cls, params0, data, optimizer, lr):
     """The three settings side by side, their steps interleaved (so machine drift
-    affects all alike): {setting: (params, step seconds, changed shares)}."""
+    affects all alike) in an order that rotates every step (so no setting always
+    runs right after another's allocations): {setting: (params, step seconds,
+    changed shares)}."""
     runs = {setting: cls(params0, setting, optimizer, lr) for setting in SETTINGS}
     times = {k: [] for k in runs}
     changed = {k: [] for k in runs}
-    for ids in data:
-        for setting, run in runs.items():
+    for i, ids in enumerate(data):
+        for setting in SETTINGS[i % 3:] + SETTINGS[:i % 3]:
+            run = runs[setting]
             t, c = run.step(ids)
             times[setting].append(t)
             changed[setting].append(c)
     return {k: (run.result(), times[k], changed[k]) for k, run in runs.items()}
+
+
+def paired_ratio(times, nearest_times):
+    """The median over steps of this setting's step time over round-to-nearest's on
+    the same batch (run back to back): drift between steps cancels in each ratio."""
+    return statistics.median(t / n for t, n in zip(times, nearest_times))
 
 
 # ------------------------------------------------------------------- main -----
@@ -228,15 +238,15 @@ def main():
             lr = args.lr or (2e-4 if optimizer == "adalomo" else 5e-3)
             runs = finetune(JaxRun if framework == "jax" else TorchRun, params0, data,
                             optimizer, lr)
-            results = {setting: (before - held_out_loss(params, held),
-                                 statistics.median(times[2:]), changed)
+            results = {setting: (before - held_out_loss(params, held), times[2:], changed)
                        for setting, (params, times, changed) in runs.items()}
             for setting in SETTINGS:
-                red, ms, changed = results[setting]
+                red, times, changed = results[setting]
                 row = dict(framework=framework, optimizer=optimizer, lr=lr, setting=setting,
                            after=before - red, reduction=red, vs_fp32=red / results["fp32"][0],
-                           changed=float(np.mean(changed)), ms=ms * 1e3,
-                           vs_nearest=ms / results["bf16 nearest"][1], curve=changed)
+                           changed=float(np.mean(changed)), ms=statistics.median(times) * 1e3,
+                           vs_nearest=paired_ratio(times, results["bf16 nearest"][1]),
+                           curve=changed)
                 rows.append(row)
                 print(f"| {framework} | {optimizer} | {lr:g} | {setting} | {row['after']:.4f} | "
                       f"{red:.4f} | {row['vs_fp32']:.2f} | {row['changed']:.1%} | "

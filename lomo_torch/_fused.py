@@ -44,7 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .loss_scaler import DynamicLossScaler
-from .rounding import RoundingNoise, is_low_precision, stochastic_round_into
+from .rounding import RoundingNoise, is_low_precision
 
 STATE_FORMAT = 1
 
@@ -391,10 +391,8 @@ class FusedOptimizer(Optimizer):
             return
         if self._noise is not None and is_low_precision(p.dtype):
             spec = self._specs.get(name)
-            form = torch.int16 if p.dtype == torch.bfloat16 else torch.int32  # all bf16 reads
-            noise = self._noise.draw(w.shape, w.device, self.step_num, self._param_index[name],
-                                     shard=spec.shard if spec is not None else 0, dtype=form)
-            stochastic_round_into(p, w, noise)  # w is this update's scratch
+            self._noise.round_into(p, w, self.step_num, self._param_index[name],
+                                   shard=spec.shard if spec is not None else 0)  # w: scratch
         else:
             p.copy_(w)
 

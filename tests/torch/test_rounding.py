@@ -1,6 +1,7 @@
 """lomo_torch.rounding and stochastic_rounding=True in Lomo / AdaLomo."""
 
 import copy
+import math
 
 import ml_dtypes
 import numpy as np
@@ -142,6 +143,15 @@ def test_round_into_equals_round(name):
             got = stochastic_round_into(out, values.clone(), noise)
             assert got is out
             assert torch.equal(out.view(torch.int16), want.view(torch.int16)), (name, form)
+        # the optimizers' call: the draw and the rounding in one (bf16: the int16 form)
+        form = torch.int16 if tdt == torch.bfloat16 else torch.int32
+        for shape in (values.shape, (2, values.numel() // 2), (0, 3)):
+            v = values[: math.prod(shape)].reshape(shape)
+            want = stochastic_round(v, tdt, RoundingNoise(seed=1).draw(shape, "cpu", 5, 3, (1, 2),
+                                                                       dtype=form))
+            out = torch.empty(shape, dtype=tdt)
+            assert RoundingNoise(seed=1).round_into(out, v.clone(), 5, 3, (1, 2)) is out
+            assert torch.equal(out.view(torch.int16), want.view(torch.int16)), (name, shape)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
