@@ -19,7 +19,8 @@ This file is the worker of both (``python this.py single OUT`` and
   (``total_size``, ``weight_map``), each shard's tensors within
   ``max_shard_size``; tied embeddings written once;
 * the two-process directory is byte-identical to the single-process one, and
-  rank 1 wrote nothing (the two-process run writes a stub ``config.json``:
+  rank 1 wrote nothing and returned only once process 0 had written
+  everything (the two-process run writes a stub ``config.json``:
   importing transformers, and torch with it, would cost ~4 s of the CI
   budget; the single-process run writes and loads the real one);
 * memory: each array gathered to the host is one tensor (a layer's slice of a
@@ -32,7 +33,9 @@ This file is the worker of both (``python this.py single OUT`` and
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -105,8 +108,9 @@ def _instrument(convert) -> dict:
     return rec
 
 
-def _save_cases(out_dir: str, mesh) -> dict:
-    """Every case's params placed on ``mesh`` (fsdp), saved to ``out_dir/case``."""
+def _save_cases(out_dir: str, mesh, done: str | None = None) -> dict:
+    """Every case's params placed on ``mesh`` (fsdp), saved to ``out_dir/case``;
+    ``done``: where process 0 writes, checked complete on return."""
     import jax
     import jax.numpy as jnp
 
@@ -127,10 +131,23 @@ def _save_cases(out_dir: str, mesh) -> dict:
                                 dtype=None if dtype is None else jnp.dtype(dtype))
         report[case] = {k: rec[k] for k in ("to_host", "addressable", "max_live")}
         report[case]["seconds"] = time.perf_counter() - t0
+        if done is not None:
+            report[case]["complete_on_return"] = _complete(os.path.join(done, case))
         report[case]["split_leaves"] = sum(len(x.sharding.device_set) == 8 and
                                            not x.sharding.is_fully_replicated
                                            for x in jax.tree.leaves(params))
     return report
+
+
+def _complete(path: str) -> bool:
+    """Whether ``path`` holds a whole checkpoint: config, index and every shard."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        files = {"model.safetensors"}
+    else:
+        with open(index) as f:
+            files = set(json.load(f)["weight_map"].values())
+    return all(os.path.exists(os.path.join(path, f)) for f in files | {"config.json"})
 
 
 def _single_worker(out: str) -> None:
@@ -187,8 +204,12 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
     from lomo_jax.models import convert
 
     convert._config_to_write = _StubConfig  # no transformers (+ torch) import: ~4 s saved
+    if rank == 0:  # process 0 finishes late: the others must still wait for it
+        write = convert._write_weights
+        convert._write_weights = lambda *a: (write(*a), time.sleep(0.2))[0]
     # rank 1 names a directory of its own: it must never appear
-    report = _save_cases(os.path.join(out, "multi" if rank == 0 else "rank1"), mesh)
+    report = _save_cases(os.path.join(out, "multi" if rank == 0 else "rank1"), mesh,
+                         done=os.path.join(out, "multi"))
     print(MARK + json.dumps(report), flush=True)
     jax.distributed.shutdown()
 
@@ -210,7 +231,10 @@ def saved(tmp_path_factory):
     single = subprocess.Popen([sys.executable, __file__, "single", str(out)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        ranks = [_report(t) for t in run_processes(Path(__file__).resolve(), 2, str(out))]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            ranks = pool.submit(run_processes, Path(__file__).resolve(), 2, str(out))
+            importlib.import_module("lomo_jax.models.convert")  # while they run
+            ranks = [_report(t) for t in ranks.result()]
         text = single.communicate(timeout=600)[0]
     finally:
         single.kill()
@@ -299,6 +323,8 @@ def test_two_processes_write_once_and_match_one_process(saved):
             assert r["split_leaves"] == 12 - CASES[case][0], (rank, case)
             # every tensor all-gathered from arrays spread over both processes
             assert r["addressable"] and not any(r["addressable"]), (rank, case, r["addressable"])
+            # no process returns before process 0 has written everything
+            assert r["complete_on_return"], (rank, case)
 
 
 def test_streaming_gathers_and_holds_one_tensor_at_a_time(saved):
