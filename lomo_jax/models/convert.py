@@ -813,7 +813,8 @@ def _device_tensor(a, i, stacked: bool, transpose: bool):
     """Layer ``i`` of a stacked leaf (else the leaf), transposed for a Linear
     weight, as a new array: ``np.asarray`` keeps the host copy it makes on
     the array it reads, which must not be a params leaf (the host would
-    keep every unstacked leaf after the save)."""
+    keep every unstacked leaf after the save). ``jnp.copy`` so that a jit
+    that forwards an unchanged input never hands back the leaf itself."""
     import jax.numpy as jnp
 
     x = a[i] if stacked else a
