@@ -649,7 +649,8 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
     one layer at a time (the layer sliced on its devices, then gathered to
     the host), and each written into its file at an offset fixed in advance
     (the safetensors header is computed from the shapes), so host memory
-    holds one tensor of one layer at a time, never the model, with or
+    holds one tensor at a time (at most the largest, e.g. the embedding;
+    its device copy too on a CPU backend), never the model, with or
     without ``max_shard_size``. ``params`` may span several JAX processes
     (arrays that are not fully addressable): every process must call this
     with the same arguments (the gathers are collectives, run in the same
@@ -661,8 +662,8 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
       ValueError: ``params`` do not match ``cfg``, ``max_shard_size`` is not
         a positive integer, ``hf_config`` disagrees with ``cfg``, a dtype
         safetensors cannot store (on every process, before anything is
-        gathered or written; an error of ``cfg.to_hf()`` on process 0 only,
-        also before any gather).
+        gathered or written). An error of ``cfg.to_hf()`` is raised on
+        process 0 only (before its first gather; the others wait there).
 
     Returns:
       ``path``.
