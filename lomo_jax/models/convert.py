@@ -638,57 +638,236 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
     Writes ``config.json`` (``hf_config`` if given, e.g. the original
     checkpoint's to keep token ids; else ``cfg.to_hf()``) and the weights as
     ``model.safetensors``, or, with ``max_shard_size`` (bytes), as
-    ``model-0000k-of-0000n.safetensors`` shards plus
-    ``model.safetensors.index.json``. Tied embeddings are written once.
+    ``model-0000k-of-0000n.safetensors`` shards (each at most
+    ``max_shard_size`` bytes of tensors, unless one tensor alone is larger)
+    plus ``model.safetensors.index.json``. Tied embeddings are written once.
+    Names, ``[out, in]`` transposes and the ``dtype`` cast are
+    :func:`params_to_hf`'s.
+
+    Streaming: the tensors are produced in checkpoint order (embedding,
+    layer 0, ..., layer L-1, final norm, head), each stacked ``[L, ...]`` leaf
+    one layer at a time (the layer sliced on its devices, then gathered to
+    the host), and each written into its file at an offset fixed in advance
+    (the safetensors header is computed from the shapes), so host memory
+    holds one tensor at a time (at most the largest, e.g. the embedding;
+    its device copy too on a CPU backend), never the model, with or
+    without ``max_shard_size``. ``params`` may span several JAX processes
+    (arrays that are not fully addressable): every process must call this
+    with the same arguments (the gathers are collectives, run in the same
+    order); only process 0 touches the file system (and imports
+    ``transformers`` to write the config), and every process returns after
+    a barrier once it is done.
+
+    Raises:
+      ValueError: ``params`` do not match ``cfg``, ``max_shard_size`` is not
+        a positive integer, ``hf_config`` disagrees with ``cfg``, a dtype
+        safetensors cannot store (on every process, before anything is
+        gathered or written). An error of ``cfg.to_hf()`` is raised on
+        process 0 only (before its first gather; the others wait there).
 
     Returns:
       ``path``.
     """
-    from safetensors.numpy import save_file
+    from lomo_jax.models.llama import check_params
 
-    sd = params_to_hf(params, cfg, include_tied=False, framework="np", dtype=dtype)
-    if hf_config is None:
-        hf_config = cfg.to_hf()
+    check_params(cfg, params)
+    plan = _save_plan(params, cfg, dtype)
+    files = _shard_files(plan, max_shard_size)
+    if hf_config is not None:
+        _check_hf_config(cfg, hf_config)  # on every process, before any collective
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        _config_to_write(cfg, hf_config, plan[0].dtype).save_pretrained(path)
+        _write_weights(params, files, path)
     else:
-        hf_config = copy.deepcopy(hf_config)  # architectures/dtype are set below
-        check = LlamaConfig.from_hf(hf_config)
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "head_dim",
-                  "tie_word_embeddings", "attention_bias", "qkv_bias", "mlp_bias"):
-            if getattr(check, f) != getattr(cfg, f):
-                raise ValueError(
-                    f"hf_config.{f}={getattr(check, f)!r} does not match the params' "
-                    f"config ({getattr(cfg, f)!r})."
-                )
+        _gather_weights(params, files)  # the collectives process 0 runs, in its order
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lomo_jax.convert.save_pretrained")
+    return path
+
+
+def _config_to_write(cfg: LlamaConfig, hf_config, first_dtype: np.dtype):
+    """The ``transformers`` config to save: a copy of ``hf_config`` or
+    ``cfg.to_hf()``, with ``architectures`` and the dtype of the first tensor."""
+    hf_config = cfg.to_hf() if hf_config is None else copy.deepcopy(hf_config)
     hf_config.architectures = [_ARCH.get(getattr(hf_config, "model_type", "llama"), "LlamaForCausalLM")]
-    first = next(iter(sd.values()))
-    dt = "bfloat16" if first.dtype.name == "bfloat16" else str(first.dtype)
+    dt = "bfloat16" if first_dtype.name == "bfloat16" else str(first_dtype)
     # transformers >= 5 calls it ``dtype`` (``torch_dtype`` is deprecated); 4.x ``torch_dtype``.
     import transformers
 
     attr = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     setattr(hf_config, attr, dt)
-    os.makedirs(path, exist_ok=True)
-    hf_config.save_pretrained(path)
-    meta = {"format": "pt"}
+    return hf_config
+
+
+def _check_hf_config(cfg: LlamaConfig, hf_config) -> None:
+    """Raise if ``hf_config`` describes another architecture than ``cfg``."""
+    check = LlamaConfig.from_hf(hf_config)
+    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim",
+              "tie_word_embeddings", "attention_bias", "qkv_bias", "mlp_bias"):
+        if getattr(check, f) != getattr(cfg, f):
+            raise ValueError(
+                f"hf_config.{f}={getattr(check, f)!r} does not match the params' "
+                f"config ({getattr(cfg, f)!r})."
+            )
+
+
+class _Out(NamedTuple):
+    """One tensor to write: its checkpoint name, the params leaf it comes from,
+    its layer in that leaf (``None``: an unstacked leaf), shape and dtype."""
+
+    name: str
+    leaf: _Leaf
+    layer: Optional[int]
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _save_plan(params, cfg: LlamaConfig, dtype) -> list:
+    """The tensors of a ``save_pretrained`` checkpoint in checkpoint order:
+    embedding, every layer's tensors (layer-major), final norm, untied head."""
+    shapes = hf_parameter_shapes(cfg)
+    leaves = _leaves(cfg, lambda n: n)
+    stacked = [lf for lf in leaves if lf.stacked]
+    order = [(leaves[0], None)]
+    order += [(lf, i) for i in range(cfg.num_hidden_layers) for lf in stacked]
+    order += [(lf, None) for lf in leaves[1:] if not lf.stacked]
+    plan = []
+    for lf, i in order:
+        name = lf.names[0 if i is None else i]
+        dt = np.dtype(dtype if dtype is not None else _at(params, lf.path).dtype)
+        if dt.name not in _ST_DTYPES:
+            raise ValueError(f"save_pretrained: {name} would be {dt}, which safetensors does "
+                             f"not store (pass dtype=, e.g. jnp.bfloat16).")
+        plan.append(_Out(name, lf, i, tuple(shapes[name]), dt))
+    return plan
+
+
+def _shard_files(plan: list, max_shard_size: Optional[int]) -> list:
+    """``[(file name, [_Out])]``: one ``model.safetensors``, or consecutive
+    shards of at most ``max_shard_size`` bytes each (a tensor larger than
+    that gets a shard of its own)."""
     if max_shard_size is None:
-        save_file(sd, os.path.join(path, SAFE_WEIGHTS_NAME), metadata=meta)
-        return path
-    shards: list[dict] = [{}]
+        return [(SAFE_WEIGHTS_NAME, list(plan))]
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, np.integer)) \
+            or max_shard_size <= 0:
+        raise ValueError(f"save_pretrained: max_shard_size must be a positive number of bytes "
+                         f"(an int) or None, got {max_shard_size!r}.")
+    shards: list = [[]]
     size = 0
-    for k, v in sd.items():
-        if shards[-1] and size + v.nbytes > max_shard_size:
-            shards.append({})
+    for t in plan:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
             size = 0
-        shards[-1][k] = v
-        size += v.nbytes
+        shards[-1].append(t)
+        size += t.nbytes
     n = len(shards)
-    weight_map = {}
-    for j, shard in enumerate(shards, 1):
-        fname = f"model-{j:05d}-of-{n:05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata=meta)
-        weight_map.update({k: fname for k in shard})
-    total = int(sum(v.nbytes for v in sd.values()))
+    return [(f"model-{j:05d}-of-{n:05d}.safetensors", s) for j, s in enumerate(shards, 1)]
+
+
+def _write_weights(params, files: list, path: str) -> None:
+    """Every file of ``files`` under ``path`` (tensors gathered one at a time),
+    and, for shards, ``model.safetensors.index.json``."""
+    os.makedirs(path, exist_ok=True)
+    for fname, tensors in files:
+        _write_safetensors(os.path.join(path, fname), tensors, lambda t: _gather(params, t))
+    if len(files) == 1 and files[0][0] == SAFE_WEIGHTS_NAME:
+        return
+    weight_map = {t.name: fname for fname, tensors in files for t in tensors}
+    total = sum(t.nbytes for _, tensors in files for t in tensors)
     with open(os.path.join(path, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return path
+
+
+def _gather_weights(params, files: list) -> None:
+    """Gather every tensor as :func:`_write_weights` does, writing nothing (a
+    process other than 0 takes part in the collectives)."""
+    for _, tensors in files:
+        for t in tensors:
+            _gather(params, t)
+
+
+def _gather(params, t: _Out) -> np.ndarray:
+    """Tensor ``t`` on this host (C-contiguous, cast as :func:`params_to_hf`
+    does): for a jax leaf cut out on the leaf's devices
+    (:func:`_device_tensor`), then gathered (:func:`_to_host`)."""
+    a = _at(params, t.leaf.path)
+    stacked = t.layer is not None
+    if isinstance(a, jax.Array):
+        h = _to_host(_device_tensor(a, np.int32(t.layer or 0), stacked, t.leaf.transpose))
+    else:
+        h = np.asarray(a)[t.layer] if stacked else np.asarray(a)
+        h = h.T if t.leaf.transpose else h
+    h = np.ascontiguousarray(h)
+    return h if h.dtype == t.dtype else h.astype(t.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _device_tensor(a, i, stacked: bool, transpose: bool):
+    """Layer ``i`` of a stacked leaf (else the leaf), transposed for a Linear
+    weight, as a new array: ``np.asarray`` keeps the host copy it makes on
+    the array it reads, which must not be a params leaf (the host would
+    keep every unstacked leaf after the save). ``jnp.copy`` so that a jit
+    that forwards an unchanged input never hands back the leaf itself."""
+    import jax.numpy as jnp
+
+    x = a[i] if stacked else a
+    return jnp.copy(x.T if transpose else x)
+
+
+def _to_host(x) -> np.ndarray:
+    """``x`` as one numpy array on this host. An array spread over several
+    processes (not fully addressable) is all-gathered
+    (``multihost_utils.process_allgather``: a collective every process must
+    call); others are copied from their devices."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+              "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+              "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def _safetensors_header(tensors: list) -> tuple:
+    """``(header bytes, {name: data offset})`` of a safetensors file of
+    ``tensors``: an 8-byte little-endian length, then the JSON header padded
+    with spaces to a multiple of 8. The data are laid out by decreasing item
+    size (every tensor aligned to its item size), in ``tensors``' order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offsets, at = {}, 0
+    for t in sorted(tensors, key=lambda t: -t.dtype.itemsize):  # stable
+        header[t.name] = {"dtype": _ST_DTYPES[t.dtype.name], "shape": list(t.shape),
+                          "data_offsets": [at, at + t.nbytes]}
+        offsets[t.name] = at
+        at += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+def _write_safetensors(file: str, tensors: list, get: Callable[[_Out], np.ndarray]) -> None:
+    """A safetensors file of ``tensors``: the header first, then each tensor,
+    produced by ``get`` in ``tensors``' order, written at its offset and
+    dropped (host memory: one tensor)."""
+    head, offsets = _safetensors_header(tensors)
+    with open(file, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(t.nbytes for t in tensors))
+        for t in tensors:
+            a = get(t)
+            if a.shape != t.shape or a.dtype != t.dtype:  # pragma: no cover - a bug here
+                raise AssertionError(f"{t.name}: got {a.dtype}{a.shape}, planned {t.dtype}{t.shape}")
+            f.seek(len(head) + offsets[t.name])
+            f.write(a.reshape(-1).view(np.uint8).data)
+            del a

@@ -1,0 +1,372 @@
+"""``convert.save_pretrained``: streaming, sharded safetensors from sharded and multi-process arrays.
+
+Three cases of one tiny LLaMA (hidden 32, 2 layers, vocab 64; ~90 kB fp32
+params): untied fp32 and tied cast to bf16 (``dtype=``) in shards of at most
+20 kB (>= 3 shards), and untied cast to bf16 in one ``model.safetensors``
+(the single-file writer). Saved by
+
+* one process whose params are split over 8 CPU devices (``fsdp=8``), and
+* two JAX processes of 4 CPU devices each, the params split over all 8 (no
+  array fully addressable), both calling ``save_pretrained``; rank 1 passes a
+  path of its own, which must never be created (only process 0 writes).
+
+This file is the worker of both (``python this.py single OUT`` and
+``python this.py RANK PORT OUT``). Checked here:
+
+* every file loads in ``transformers`` (``AutoModelForCausalLM.from_pretrained``)
+  with a state dict bit-equal to ``params_to_hf``'s of the same values; the
+  safetensors tensors bit-equal too; ``model.safetensors.index.json`` exact
+  (``total_size``, ``weight_map``), each shard's tensors within
+  ``max_shard_size``; tied embeddings written once;
+* the two-process directory is byte-identical to the single-process one, and
+  rank 1 wrote nothing and returned only once process 0 had written
+  everything (the two-process run writes a stub ``config.json``:
+  importing transformers, and torch with it, would cost ~4 s of the CI
+  budget; the single-process run writes and loads the real one);
+* memory: each array gathered to the host is one tensor (a layer's slice of a
+  stacked leaf or an unstacked leaf), never more than the largest such, and
+  at most one gathered tensor is alive at a time (it is written before the
+  next is gathered) - the model is never on the host;
+* clear errors (bad ``max_shard_size``, params that do not match the config,
+  a dtype safetensors cannot store), raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.jax.cpu_devices import cpu_devices_env, run_processes
+
+REPO = Path(__file__).resolve().parents[2]
+MARK = "SAVE_RESULT "
+FAST_COMPILE = ["--xla_backend_optimization_level=0"]
+SHARD = 20_000
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+CASES = {  # name: (tied, dtype=, max_shard_size=); fp32 params (one set of compiles)
+    "untied_f32_shards": (False, None, SHARD),
+    "tied_bf16_shards": (True, "bfloat16", SHARD),
+    "untied_bf16_one_file": (False, "bfloat16", None),
+}
+
+
+def _cfg(tied):
+    from lomo_jax.models import llama
+
+    return llama.LlamaConfig(**TINY, tie_word_embeddings=tied)
+
+
+def _values(cfg, seed: int = 0) -> dict:
+    """fp32 numpy params of ``cfg`` (the same in every process), O(1) values."""
+    import jax
+
+    from lomo_jax.models import llama
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32),
+                        llama.param_shapes(cfg))
+
+
+# --------------------------------------------------------------------------
+# Workers (subprocesses)
+# --------------------------------------------------------------------------
+
+
+def _instrument(convert) -> dict:
+    """Record each host gather (``_to_host``: bytes, fully addressable?) and
+    the most bytes of gathered tensors (``_gather`` results) alive at once;
+    ``rec.clear()`` starts afresh."""
+    rec: dict = {}
+    to_host, gather = convert._to_host, convert._gather
+
+    def recording_to_host(x):
+        rec.setdefault("addressable", []).append(bool(getattr(x, "is_fully_addressable", True)))
+        out = to_host(x)
+        rec.setdefault("to_host", []).append(int(out.nbytes))
+        return out
+
+    def recording_gather(params, t):
+        out = gather(params, t)
+        rec["live"] = rec.get("live", 0) + out.nbytes
+        rec["max_live"] = max(rec.get("max_live", 0), rec["live"])
+        weakref.finalize(out, lambda n=out.nbytes: rec.__setitem__("live", rec["live"] - n))
+        return out
+
+    convert._to_host, convert._gather = recording_to_host, recording_gather
+    return rec
+
+
+def _save_cases(out_dir: str, mesh, done: str | None = None) -> dict:
+    """Every case's params placed on ``mesh`` (fsdp), saved to ``out_dir/case``;
+    ``done``: where process 0 writes, checked complete on return."""
+    import jax
+    import jax.numpy as jnp
+
+    from lomo_jax import sharding as lsh
+    from lomo_jax.models import convert, llama
+
+    report = {}
+    rec = _instrument(convert)
+    for case, (tied, dtype, shard) in CASES.items():
+        cfg = _cfg(tied)
+        values = _values(cfg)
+        shardings = lsh.param_shardings(llama.param_shapes(cfg), mesh, min_size=0)
+        params = jax.tree.map(lambda v, s: jax.make_array_from_callback(v.shape, s, lambda i: v[i]),
+                              values, shardings)
+        rec.clear()
+        t0 = time.perf_counter()
+        convert.save_pretrained(params, cfg, os.path.join(out_dir, case), max_shard_size=shard,
+                                dtype=None if dtype is None else jnp.dtype(dtype))
+        report[case] = {k: rec[k] for k in ("to_host", "addressable", "max_live")}
+        report[case]["seconds"] = time.perf_counter() - t0
+        if done is not None:
+            report[case]["complete_on_return"] = _complete(os.path.join(done, case))
+        report[case]["split_leaves"] = sum(len(x.sharding.device_set) == 8 and
+                                           not x.sharding.is_fully_replicated
+                                           for x in jax.tree.leaves(params))
+    return report
+
+
+def _complete(path: str) -> bool:
+    """Whether ``path`` holds a whole checkpoint: config, index and every shard."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index):
+        files = {"model.safetensors"}
+    else:
+        with open(index) as f:
+            files = set(json.load(f)["weight_map"].values())
+    return all(os.path.exists(os.path.join(path, f)) for f in files | {"config.json"})
+
+
+def _single_worker(out: str) -> None:
+    os.environ.update(cpu_devices_env(8, FAST_COMPILE))
+    import jax
+    from jax.sharding import AxisType
+
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+    report = _save_cases(os.path.join(out, "single"), mesh)
+    for case in CASES:
+        report[case]["transformers"] = _loaded(os.path.join(out, "single", case))
+    print(MARK + json.dumps(report), flush=True)
+
+
+def _loaded(path: str) -> dict:
+    """``{name: [torch dtype, shape, sha256 of the bytes]}`` of the state dict
+    of ``AutoModelForCausalLM.from_pretrained(path)`` (its class too). Done in
+    this worker, which has torch already (transformers' config imports it)."""
+    import transformers
+
+    from lomo_jax.models import convert
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    out = {name: _digest(convert._to_numpy(t)) for name, t in hf.state_dict().items()}
+    out["class"] = type(hf).__name__
+    return out
+
+
+def _digest(a: np.ndarray) -> list:
+    return [a.dtype.name, list(a.shape), hashlib.sha256(_bits(a).tobytes()).hexdigest()]
+
+
+class _StubConfig:
+    """Stands in for ``convert._config_to_write`` in the two-process run: its
+    ``config.json`` names the dtype (the single-process run writes the real one)."""
+
+    def __init__(self, cfg, hf_config, first_dtype):
+        self.text = json.dumps({"stub": True, "dtype": np.dtype(first_dtype).name})
+
+    def save_pretrained(self, path):
+        Path(path, "config.json").write_text(self.text)
+
+
+def _rank_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(cpu_devices_env(4, FAST_COMPILE))
+    import jax
+    from jax.sharding import AxisType
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=rank, initialization_timeout=120)
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+    from lomo_jax.models import convert
+
+    convert._config_to_write = _StubConfig  # no transformers (+ torch) import: ~4 s saved
+    if rank == 0:  # process 0 finishes late: the others must still wait for it
+        write = convert._write_weights
+        convert._write_weights = lambda *a: (write(*a), time.sleep(0.2))[0]
+    # rank 1 names a directory of its own: it must never appear
+    report = _save_cases(os.path.join(out, "multi" if rank == 0 else "rank1"), mesh,
+                         done=os.path.join(out, "multi"))
+    print(MARK + json.dumps(report), flush=True)
+    jax.distributed.shutdown()
+
+
+# --------------------------------------------------------------------------
+# The saves (one single-process and one two-process run, concurrently)
+# --------------------------------------------------------------------------
+
+
+def _report(text: str) -> dict:
+    return json.loads([ln for ln in text.splitlines() if ln.startswith(MARK)][-1][len(MARK):])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saves")
+    env = cpu_devices_env(8, FAST_COMPILE)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    single = subprocess.Popen([sys.executable, __file__, "single", str(out)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            ranks = pool.submit(run_processes, Path(__file__).resolve(), 2, str(out))
+            importlib.import_module("lomo_jax.models.convert")  # while they run
+            ranks = [_report(t) for t in ranks.result()]
+        text = single.communicate(timeout=600)[0]
+    finally:
+        single.kill()
+    assert single.returncode == 0, text[-6000:]
+    return {"out": out, "single": _report(text), "ranks": ranks}
+
+
+def _tensors(path) -> dict:
+    """``{name: (file, numpy array)}`` of a saved directory, read with safetensors."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), framework="np") as st:
+                out.update({k: (f, st.get_tensor(k)) for k in st.keys()})
+    return out
+
+
+def _want(case):
+    """``(cfg, params_to_hf of the case's values, as numpy, without a tied head)``."""
+    import jax.numpy as jnp
+
+    from lomo_jax.models import convert
+
+    tied, dtype, _ = CASES[case]
+    cfg = _cfg(tied)
+    dt = None if dtype is None else jnp.dtype(dtype)
+    return cfg, convert.params_to_hf(_values(cfg), cfg, include_tied=False, framework="np",
+                                     dtype=dt)
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_save_is_params_to_hf_and_loads_in_transformers(saved, case):
+    path = saved["out"] / "single" / case
+    cfg, want = _want(case)
+    got = _tensors(path)
+    assert list(got) and set(got) == set(want), (sorted(got), sorted(want))
+    for name, (_, a) in got.items():
+        assert a.dtype == want[name].dtype and a.shape == want[name].shape, name
+        np.testing.assert_array_equal(_bits(a), _bits(want[name]), err_msg=name)
+    shard = CASES[case][2]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if shard is None:
+        assert files == ["model.safetensors"]
+        assert not (path / "model.safetensors.index.json").exists()
+    else:
+        assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        assert index["weight_map"] == {k: f for k, (f, _) in got.items()}
+        assert index["metadata"]["total_size"] == sum(a.nbytes for a in want.values())
+        for f in files:  # every shard within max_shard_size (no tensor is larger here)
+            assert sum(a.nbytes for g, a in got.values() if g == f) <= shard, f
+
+    # transformers loads it: its state dict is params_to_hf's (with the tied head)
+    loaded = dict(saved["single"][case]["transformers"])
+    assert loaded.pop("class") == "LlamaForCausalLM"
+    if cfg.tie_word_embeddings:
+        want["lm_head.weight"] = want["model.embed_tokens.weight"]
+    assert loaded == {k: _digest(v) for k, v in want.items()}
+
+
+def test_two_processes_write_once_and_match_one_process(saved):
+    out = saved["out"]
+    assert not (out / "rank1").exists()  # the other process created nothing
+    for case in CASES:
+        single, multi = out / "single" / case, out / "multi" / case
+        names = sorted(os.listdir(single))
+        assert names == sorted(os.listdir(multi)) and "config.json" in names
+        for f in names:
+            if f != "config.json":  # the two-process run writes a stub config
+                assert (single / f).read_bytes() == (multi / f).read_bytes(), (case, f)
+        dtype = json.loads((multi / "config.json").read_text())["dtype"]
+        assert dtype == (CASES[case][1] or "float32"), (case, dtype)
+        for rank, report in enumerate(saved["ranks"]):
+            r = report[case]
+            assert r["split_leaves"] == 12 - CASES[case][0], (rank, case)
+            # every tensor all-gathered from arrays spread over both processes
+            assert r["addressable"] and not any(r["addressable"]), (rank, case, r["addressable"])
+            # no process returns before process 0 has written everything
+            assert r["complete_on_return"], (rank, case)
+
+
+def test_streaming_gathers_and_holds_one_tensor_at_a_time(saved):
+    for case in CASES:
+        _, want = _want(case)
+        tensors = [a.size * 4 for a in want.values()]  # bytes in the params' dtype (fp32)
+        largest_out = max(a.nbytes for a in want.values())
+        for who, r in [("single", saved["single"][case])] + [
+                (f"rank{k}", rep[case]) for k, rep in enumerate(saved["ranks"])]:
+            ctx = (who, case)
+            # one gather per tensor, each exactly one tensor: a layer of a stacked leaf
+            # or an unstacked leaf, never a whole [L, ...] leaf, let alone the model
+            assert sorted(r["to_host"]) == sorted(tensors), ctx
+            assert max(r["to_host"]) < sum(tensors) / 4, ctx
+            # each gathered tensor is written (and dropped) before the next is gathered
+            assert r["max_live"] == largest_out, (ctx, r["max_live"], largest_out)
+
+
+def test_errors_are_clear_and_nothing_is_written(tmp_path):
+    import jax.numpy as jnp
+
+    from lomo_jax.models import convert
+
+    cfg = _cfg(False)
+    params = _values(cfg)
+    path = tmp_path / "never"
+    for bad in (0, -5, 1.5, True, "1MB"):
+        with pytest.raises(ValueError, match=r"max_shard_size must be a positive number"):
+            convert.save_pretrained(params, cfg, str(path), max_shard_size=bad)
+    wrong = _values(_cfg(True))  # no lm_head
+    with pytest.raises(ValueError, match=r"missing .*lm_head"):
+        convert.save_pretrained(wrong, cfg, str(path))
+    wrong = _values(cfg.replace(intermediate_size=48))
+    with pytest.raises(ValueError, match=r"gate_proj.*expected"):
+        convert.save_pretrained(wrong, cfg, str(path))
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight would be complex64"):
+        convert.save_pretrained(params, cfg, str(path), dtype=jnp.complex64)
+    assert not path.exists()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "single":
+        _single_worker(sys.argv[2])
+    else:
+        _rank_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
