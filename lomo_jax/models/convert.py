@@ -29,7 +29,7 @@ Example::
 
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(...))
     cfg, params = convert.from_hf_model(hf)                  # or:
-    cfg = llama.LlamaConfig.from_hf(hf.config)
+    cfg = convert.config_from_hf(hf.config)                  # = llama.LlamaConfig.from_hf
     params = convert.params_from_hf(hf.state_dict(), cfg)
     cfg, params = convert.load_pretrained("path/to/dir")     # safetensors, sharded or not
     ...                                                       # train with lomo_jax
@@ -52,6 +52,8 @@ import numpy as np
 from lomo_jax.models.llama import LlamaConfig
 
 __all__ = [
+    "config_from_hf",
+    "config_to_hf",
     "hf_parameter_shapes",
     "params_from_hf",
     "params_to_hf",
@@ -66,6 +68,184 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary_emb\.original_inv_freq$")
+
+
+# --------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------
+
+
+def config_from_hf(hf_config, *, dtype=None, param_dtype=None) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a ``transformers`` config (``LlamaConfig``,
+    ``MistralConfig``, ``Qwen2Config``).
+
+    Reads both the transformers>=5 ``rope_parameters`` dict and the older
+    ``rope_theta`` + ``rope_scaling`` fields. ``dtype``/``param_dtype`` are
+    not taken from the checkpoint (default fp32; pass ``jnp.bfloat16`` for
+    bf16). Also available as ``LlamaConfig.from_hf``.
+
+    Raises:
+      ValueError: unsupported ``model_type``.
+      NotImplementedError: an unsupported RoPE type, or a Qwen2 config mixing
+        sliding-window and full-attention layers.
+    """
+    import jax.numpy as jnp
+
+    mt = getattr(hf_config, "model_type", "llama") or "llama"
+    if mt not in _HF_FAMILY_FIELDS:
+        raise ValueError(
+            f"transformers model_type {mt!r} is not supported by lomo_jax.models.llama "
+            f"(supported: {tuple(_HF_FAMILY_FIELDS)})."
+        )
+    dtype = jnp.float32 if dtype is None else dtype
+    fields = {**_hf_common_fields(hf_config), **_HF_FAMILY_FIELDS[mt](hf_config)}
+    return LlamaConfig(**fields, model_type=mt, dtype=dtype,
+                       param_dtype=dtype if param_dtype is None else param_dtype)
+
+
+def _hf_common_fields(hf_config) -> dict:
+    """The fields every family reads the same way."""
+    g = functools.partial(getattr, hf_config)
+    heads = g("num_attention_heads")
+    theta, scaling = _hf_rope(hf_config)
+    # pretraining_tp only changes how transformers slices its matmuls: same math.
+    return dict(
+        vocab_size=g("vocab_size"),
+        hidden_size=g("hidden_size"),
+        intermediate_size=g("intermediate_size"),
+        num_hidden_layers=g("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=g("num_key_value_heads", None) or heads,
+        head_dim=g("head_dim", None) or g("hidden_size") // heads,
+        rms_norm_eps=float(g("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=int(g("max_position_embeddings", 2048) or 2048),
+        tie_word_embeddings=bool(g("tie_word_embeddings", False)),
+        hidden_act=g("hidden_act", "silu"),
+        initializer_range=float(g("initializer_range", 0.02)),
+        attention_bias=bool(g("attention_bias", False)),
+        mlp_bias=bool(g("mlp_bias", False)),
+    )
+
+
+def _hf_rope(hf_config):
+    """``(rope_theta, rope_scaling dict or None)`` from a transformers config."""
+    rp = getattr(hf_config, "rope_parameters", None)
+    if isinstance(rp, Mapping) and rp:
+        if all(isinstance(v, Mapping) for v in rp.values()):
+            raise NotImplementedError(
+                f"per-layer-type rope_parameters {dict(rp)} are not supported."
+            )
+        theta = rp.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    else:
+        theta = getattr(hf_config, "rope_theta", 10000.0)
+        scaling = getattr(hf_config, "rope_scaling", None)
+        scaling = dict(scaling) if scaling else None
+    if theta is None:
+        theta = 10000.0
+    if scaling is not None:
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+    return theta, scaling
+
+
+def _mistral_fields(hf_config) -> dict:
+    return dict(sliding_window=getattr(hf_config, "sliding_window", None))
+
+
+def _qwen2_fields(hf_config) -> dict:
+    return dict(qkv_bias=True, attention_bias=False, sliding_window=_uniform_window(hf_config))
+
+
+def _uniform_window(hf_config) -> Optional[int]:
+    """The window of a config whose ``layer_types`` are all sliding (``None``
+    when none are); mixing both kinds is refused."""
+    types = list(getattr(hf_config, "layer_types", None) or [])
+    sliding = [t == "sliding_attention" for t in types]
+    if any(sliding) and not all(sliding):
+        raise NotImplementedError(
+            f"this {hf_config.model_type} config mixes sliding-window and full-attention "
+            f"layers (layer_types={types}); the stacked model applies one attention "
+            "pattern to every layer."
+        )
+    return getattr(hf_config, "sliding_window", None) if types and all(sliding) else None
+
+
+_HF_FAMILY_FIELDS: dict[str, Callable[[Any], dict]] = {
+    "llama": lambda hf_config: {},
+    "mistral": _mistral_fields,
+    "qwen2": _qwen2_fields,
+}
+
+
+# Fields written to every family's transformers config under the same name.
+_HF_SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+    "tie_word_embeddings", "hidden_act", "initializer_range")
+
+
+def config_to_hf(cfg: LlamaConfig, **overrides):
+    """The matching ``transformers`` config (``LlamaConfig``, ``MistralConfig``
+    or ``Qwen2Config`` by ``cfg.model_type``); ``overrides`` are passed on
+    (e.g. ``bos_token_id``). Needs ``transformers``. Also available as
+    ``LlamaConfig.to_hf``.
+
+    Raises:
+      ValueError: if the switches cannot be expressed by that class (q/k/v
+        bias without o bias is Qwen2 only, o bias is LLaMA only, ...).
+    """
+    import transformers
+
+    kw = {f: getattr(cfg, f) for f in _HF_SHARED_FIELDS}
+    kw.update(_rope_to_hf(cfg, int(transformers.__version__.split(".")[0])))
+    cls_name, family_kw = _TO_HF[cfg.model_type](cfg)
+    kw.update(family_kw)
+    kw.update(overrides)
+    return getattr(transformers, cls_name)(**kw)
+
+
+def _rope_to_hf(cfg: LlamaConfig, major: int) -> dict:
+    """``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``."""
+    rope = {"rope_type": cfg.rope_type, "rope_theta": float(cfg.rope_theta)}
+    rope.update({k: v for k, v in (cfg.rope_scaling_dict or {}).items()
+                 if k not in ("type", "rope_type")})
+    if major >= 5:
+        return {"rope_parameters": rope}
+    return {"rope_theta": float(cfg.rope_theta), "rope_scaling": None if cfg.rope_scaling is None
+            else {k: v for k, v in rope.items() if k != "rope_theta"}}
+
+
+def _llama_to_hf(cfg: LlamaConfig):
+    if cfg.qkv_bias and not cfg.attention_bias:
+        raise ValueError(
+            "qkv_bias without attention_bias (bias on q/k/v but not o) has no "
+            "transformers LlamaConfig equivalent; use model_type='qwen2'."
+        )
+    if cfg.sliding_window is not None:
+        raise ValueError("transformers LlamaConfig has no sliding window; use model_type='mistral'.")
+    return "LlamaConfig", dict(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+
+
+def _mistral_to_hf(cfg: LlamaConfig):
+    if cfg.has_qkv_bias or cfg.mlp_bias:
+        raise ValueError("transformers MistralConfig has no attention/MLP biases.")
+    return "MistralConfig", dict(sliding_window=cfg.sliding_window)
+
+
+def _qwen2_to_hf(cfg: LlamaConfig):
+    if not cfg.qkv_bias or cfg.attention_bias or cfg.mlp_bias:
+        raise ValueError(
+            "transformers Qwen2 has bias on q/k/v only: needs qkv_bias=True, "
+            "attention_bias=False, mlp_bias=False."
+        )
+    return "Qwen2Config", dict(use_sliding_window=cfg.sliding_window is not None,
+                               sliding_window=cfg.sliding_window, max_window_layers=0)
+
+
+_TO_HF = {"llama": _llama_to_hf, "mistral": _mistral_to_hf, "qwen2": _qwen2_to_hf}
 
 
 def _layer_entries(cfg: LlamaConfig):
@@ -379,7 +559,7 @@ def from_hf_model(hf_model, *, dtype=None, config_dtype=None):
     """
     import jax.numpy as jnp
 
-    cfg = LlamaConfig.from_hf(hf_model.config, dtype=config_dtype or jnp.float32)
+    cfg = config_from_hf(hf_model.config, dtype=config_dtype or jnp.float32)
     return cfg, params_from_hf(hf_model.state_dict(), cfg, dtype=dtype)
 
 
@@ -465,7 +645,7 @@ def load_pretrained(path: str, *, dtype=None, config_dtype=None, strict: bool = 
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    cfg = LlamaConfig.from_hf(hf_config, dtype=config_dtype or jnp.float32)
+    cfg = config_from_hf(hf_config, dtype=config_dtype or jnp.float32)
     src = load_safetensors(path)
     if as_numpy:
         if shardings is not None:
@@ -651,7 +831,7 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
         hf_config = cfg.to_hf()
     else:
         hf_config = copy.deepcopy(hf_config)  # architectures/dtype are set below
-        check = LlamaConfig.from_hf(hf_config)
+        check = config_from_hf(hf_config)
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim",
                   "tie_word_embeddings", "attention_bias", "qkv_bias", "mlp_bias"):

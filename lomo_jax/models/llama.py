@@ -336,159 +336,24 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config, *, dtype=jnp.float32, param_dtype=None) -> "LlamaConfig":
-        """Build from a ``transformers`` ``LlamaConfig``/``MistralConfig``/``Qwen2Config``.
+        """Build from a ``transformers`` config: see
+        :func:`lomo_jax.models.convert.config_from_hf`."""
+        from lomo_jax.models.convert import config_from_hf
 
-        Reads both the transformers>=5 ``rope_parameters`` dict and the older
-        ``rope_theta`` + ``rope_scaling`` fields. ``dtype``/``param_dtype``
-        are not taken from the checkpoint (default fp32; pass
-        ``jnp.bfloat16`` for bf16).
-
-        Raises:
-          ValueError: unsupported ``model_type`` (e.g. ``qwen3``, which adds
-            q/k norms).
-          NotImplementedError: a RoPE type other than default/linear/llama3, a
-            Qwen2 config mixing sliding-window and full-attention layers.
-        """
-        mt = getattr(hf_config, "model_type", "llama") or "llama"
-        if mt not in _SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"transformers model_type {mt!r} is not supported by lomo_jax.models.llama "
-                f"(supported: {_SUPPORTED_MODEL_TYPES})."
-            )
-        g = functools.partial(getattr, hf_config)
-        heads = g("num_attention_heads")
-        theta, scaling = _hf_rope(hf_config)
-        window = None
-        if mt == "mistral":
-            window = g("sliding_window", None)
-        elif mt == "qwen2":
-            types = list(g("layer_types", None) or [])
-            sliding = [t == "sliding_attention" for t in types]
-            if any(sliding) and not all(sliding):
-                raise NotImplementedError(
-                    "this Qwen2 config mixes sliding-window and full-attention layers "
-                    f"(layer_types={types}); the stacked model applies one attention "
-                    "pattern to every layer."
-                )
-            if types and all(sliding):
-                window = g("sliding_window", None)
-        # pretraining_tp only changes how transformers slices its matmuls: same math.
-        return cls(
-            vocab_size=g("vocab_size"),
-            hidden_size=g("hidden_size"),
-            intermediate_size=g("intermediate_size"),
-            num_hidden_layers=g("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=g("num_key_value_heads", None) or heads,
-            head_dim=g("head_dim", None) or g("hidden_size") // heads,
-            rms_norm_eps=float(g("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_position_embeddings=int(g("max_position_embeddings", 2048) or 2048),
-            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
-            attention_bias=bool(g("attention_bias", False)) if mt != "qwen2" else False,
-            qkv_bias=(mt == "qwen2"),
-            mlp_bias=bool(g("mlp_bias", False)),
-            hidden_act=g("hidden_act", "silu"),
-            sliding_window=window,
-            initializer_range=float(g("initializer_range", 0.02)),
-            model_type=mt,
-            dtype=dtype,
-            param_dtype=dtype if param_dtype is None else param_dtype,
-        )
+        return config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
 
     def to_hf(self, **overrides):
-        """The matching ``transformers`` config (``LlamaConfig``, ``MistralConfig``
-        or ``Qwen2Config`` by :attr:`model_type`); ``overrides`` are passed on
-        (e.g. ``bos_token_id``). Needs ``transformers``.
+        """The matching ``transformers`` config: see
+        :func:`lomo_jax.models.convert.config_to_hf`."""
+        from lomo_jax.models.convert import config_to_hf
 
-        Raises:
-          ValueError: if the switches cannot be expressed by that class (q/k/v
-            bias without o bias is Qwen2 only, o bias is LLaMA only, ...).
-        """
-        import transformers
-
-        mt = self.model_type
-        rope = {"rope_type": self.rope_type, "rope_theta": float(self.rope_theta)}
-        rope.update({k: v for k, v in (self.rope_scaling_dict or {}).items() if k not in ("type", "rope_type")})
-        kw = dict(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps,
-            max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act=self.hidden_act,
-            initializer_range=self.initializer_range,
-        )
-        if int(transformers.__version__.split(".")[0]) >= 5:
-            kw["rope_parameters"] = rope
-        else:
-            kw["rope_theta"] = float(self.rope_theta)
-            kw["rope_scaling"] = None if self.rope_scaling is None else {
-                k: v for k, v in rope.items() if k != "rope_theta"
-            }
-        if mt == "llama":
-            if self.qkv_bias and not self.attention_bias:
-                raise ValueError(
-                    "qkv_bias without attention_bias (bias on q/k/v but not o) has no "
-                    "transformers LlamaConfig equivalent; use model_type='qwen2'."
-                )
-            if self.sliding_window is not None:
-                raise ValueError("transformers LlamaConfig has no sliding window; use model_type='mistral'.")
-            cls = transformers.LlamaConfig
-            kw.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-        elif mt == "mistral":
-            if self.has_qkv_bias or self.mlp_bias:
-                raise ValueError("transformers MistralConfig has no attention/MLP biases.")
-            cls = transformers.MistralConfig
-            kw.update(sliding_window=self.sliding_window)
-        else:  # qwen2
-            if not self.qkv_bias or self.attention_bias or self.mlp_bias:
-                raise ValueError(
-                    "transformers Qwen2 has bias on q/k/v only: needs qkv_bias=True, "
-                    "attention_bias=False, mlp_bias=False."
-                )
-            cls = transformers.Qwen2Config
-            kw.update(
-                use_sliding_window=self.sliding_window is not None,
-                sliding_window=self.sliding_window,
-                max_window_layers=0,
-            )
-        kw.update(overrides)
-        return cls(**kw)
+        return config_to_hf(self, **overrides)
 
 
 def _freeze(v):
     if isinstance(v, list):
         return tuple(v)
     return v
-
-
-def _hf_rope(hf_config):
-    """``(rope_theta, rope_scaling dict or None)`` from a transformers config."""
-    rp = getattr(hf_config, "rope_parameters", None)
-    if isinstance(rp, Mapping) and rp:
-        if all(isinstance(v, Mapping) for v in rp.values()):
-            raise NotImplementedError(
-                f"per-layer-type rope_parameters {dict(rp)} are not supported."
-            )
-        theta = rp.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-    else:
-        theta = getattr(hf_config, "rope_theta", 10000.0)
-        scaling = getattr(hf_config, "rope_scaling", None)
-        scaling = dict(scaling) if scaling else None
-    if theta is None:
-        theta = 10000.0
-    if scaling is not None:
-        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-            scaling = None
-    return theta, scaling
 
 
 # --------------------------------------------------------------------------
