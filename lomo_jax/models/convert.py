@@ -146,9 +146,17 @@ def _hf_rope(hf_config):
     if theta is None:
         theta = 10000.0
     if scaling is not None:
+        _refuse_partial_rotary(scaling.pop("partial_rotary_factor", None))
         if scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
     return theta, scaling
+
+
+def _refuse_partial_rotary(factor) -> None:
+    if factor is not None and float(factor) != 1.0:
+        raise NotImplementedError(
+            f"rope_parameters['partial_rotary_factor']={factor} (RoPE on part of each head) "
+            "is not implemented; only 1.0 is.")
 
 
 def _mistral_fields(hf_config) -> dict:
@@ -177,6 +185,7 @@ _HF_FAMILY_FIELDS: dict[str, Callable[[Any], dict]] = {
     "llama": lambda hf_config: {},
     "mistral": _mistral_fields,
     "qwen2": _qwen2_fields,
+    "qwen3": lambda hf_config: dict(qk_norm=True, sliding_window=_uniform_window(hf_config)),
 }
 
 
@@ -201,6 +210,7 @@ def config_to_hf(cfg: LlamaConfig, **overrides):
 
     kw = {f: getattr(cfg, f) for f in _HF_SHARED_FIELDS}
     kw.update(_rope_to_hf(cfg, int(transformers.__version__.split(".")[0])))
+    _check_switches(cfg)
     cls_name, family_kw = _TO_HF[cfg.model_type](cfg)
     kw.update(family_kw)
     kw.update(overrides)
@@ -245,7 +255,33 @@ def _qwen2_to_hf(cfg: LlamaConfig):
                                sliding_window=cfg.sliding_window, max_window_layers=0)
 
 
-_TO_HF = {"llama": _llama_to_hf, "mistral": _mistral_to_hf, "qwen2": _qwen2_to_hf}
+def _qwen3_to_hf(cfg: LlamaConfig):
+    if cfg.qkv_bias != cfg.attention_bias or cfg.mlp_bias:
+        raise ValueError(
+            "transformers Qwen3 has attention_bias on q/k/v/o together and no MLP bias: needs "
+            f"qkv_bias == attention_bias and mlp_bias=False (got qkv_bias={cfg.qkv_bias}, "
+            f"attention_bias={cfg.attention_bias}, mlp_bias={cfg.mlp_bias}).")
+    return "Qwen3Config", dict(attention_bias=cfg.attention_bias,
+                               use_sliding_window=cfg.sliding_window is not None,
+                               sliding_window=cfg.sliding_window, max_window_layers=0)
+
+
+_TO_HF = {"llama": _llama_to_hf, "mistral": _mistral_to_hf, "qwen2": _qwen2_to_hf,
+          "qwen3": _qwen3_to_hf}
+
+# Switches no transformers config field names: each family's values (others: False).
+_FAMILY_SWITCHES = {"qwen3": {"qk_norm": True}}
+_SWITCHES = ("qk_norm",)
+
+
+def _check_switches(cfg: LlamaConfig) -> None:
+    """Raise if a switch differs from what ``cfg.model_type``'s transformers model does."""
+    want = _FAMILY_SWITCHES.get(cfg.model_type, {})
+    for name in _SWITCHES:
+        if getattr(cfg, name) != want.get(name, False):
+            raise ValueError(
+                f"{name}={getattr(cfg, name)!r} has no transformers equivalent for "
+                f"model_type={cfg.model_type!r} (which has {name}={want.get(name, False)!r}).")
 
 
 def _layer_entries(cfg: LlamaConfig):
@@ -265,6 +301,9 @@ def _layer_entries(cfg: LlamaConfig):
         out.append((f"self_attn.{name}.weight", ("self_attn", name, "kernel"), (o, i), True))
         if bias:
             out.append((f"self_attn.{name}.bias", ("self_attn", name, "bias"), (o,), False))
+    if cfg.qk_norm:
+        out += [(f"self_attn.{n}.weight", ("self_attn", n, "scale"), (d,), False)
+                for n in ("q_norm", "k_norm")]
     for name, o, i in (("gate_proj", F, D), ("up_proj", F, D), ("down_proj", D, F)):
         out.append((f"mlp.{name}.weight", ("mlp", name, "kernel"), (o, i), True))
         if cfg.mlp_bias:
@@ -808,7 +847,8 @@ def _without_leading_axis(sharding):
                     f"SingleDeviceSharding, got {type(sharding).__name__}.")
 
 
-_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "qwen3": "Qwen3ForCausalLM"}
 
 
 def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtype=None,

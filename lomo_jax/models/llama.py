@@ -170,8 +170,8 @@ __all__ = [
 
 IGNORE_INDEX = -100
 
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 _ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -208,8 +208,12 @@ class LlamaConfig:
       rope_scaling: ``None`` (default RoPE) or a ``transformers``-style dict
         with ``rope_type`` in ``"default"``, ``"linear"`` (``factor``),
         ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
-        ``original_max_position_embeddings``).
-      max_position_embeddings: only carried to/from ``transformers`` configs.
+        ``original_max_position_embeddings``), ``"yarn"`` (``factor``,
+        ``original_max_position_embeddings``, optional ``attention_factor``,
+        ``beta_fast``, ``beta_slow``, ``mscale``, ``mscale_all_dim``,
+        ``truncate``) or ``"dynamic"`` (``factor``; see :func:`rope_inv_freq`).
+      max_position_embeddings: the length dynamic RoPE scales beyond; else only
+        carried to/from ``transformers`` configs (and bounds ``generate``).
       tie_word_embeddings: logits use the input embedding (no ``lm_head``).
       attention_bias: bias on q, k, v **and** o projections (as
         ``transformers.LlamaConfig.attention_bias``).
@@ -218,8 +222,10 @@ class LlamaConfig:
       hidden_act: MLP gate activation (``"silu"`` for SwiGLU).
       sliding_window: if set, query ``t`` sees keys ``t - W < s <= t`` in every
         layer (Mistral); ``None``: full causal attention.
+      qk_norm: RMSNorm (own scale ``[d]``) on every query and key head before
+        RoPE (Qwen3).
       initializer_range: std of the normal initializer of kernels/embeddings.
-      model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``; selects the
+      model_type: ``"llama"``, ``"mistral"``, ``"qwen2"`` or ``"qwen3"``; selects the
         ``transformers`` config/model class on export.
       dtype: computation dtype (activations, matmuls; softmax, RMSNorm
         statistics and the loss are fp32 regardless).
@@ -246,6 +252,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: Optional[int] = None
+    qk_norm: bool = False
     initializer_range: float = 0.02
     model_type: str = "llama"
     dtype: Any = jnp.float32
@@ -373,8 +380,12 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=None) -> jax.Arra
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    r"""The RoPE inverse frequencies :math:`\omega_i`, ``[head_dim // 2]`` fp32
-    (``transformers``' formulas for ``default``, ``linear`` and ``llama3``)."""
+    r"""The RoPE inverse frequencies :math:`\omega_i = \theta^{-2i/d}`, ``[head_dim // 2]``
+    fp32, scaled as ``transformers`` does for ``linear`` (all divided by the
+    factor), ``llama3`` (low frequencies divided, a smooth ramp between) and
+    ``yarn`` (:func:`_yarn_inv_freq`). For ``dynamic`` these are the default
+    frequencies, those of sequences up to ``max_position_embeddings``
+    (:func:`rotary_cos_sin` rescales longer ones)."""
     d = config.head_dim
     base = np.float32(config.rope_theta)
     inv = (np.float32(1.0) / (base ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d)))).astype(
@@ -385,28 +396,113 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     if rtype == "linear":
         inv = (inv / np.float32(sc["factor"])).astype(np.float32)
     elif rtype == "llama3":
-        factor = np.float32(sc["factor"])
-        lo, hi = np.float32(sc["low_freq_factor"]), np.float32(sc["high_freq_factor"])
-        old = np.float32(sc["original_max_position_embeddings"])
-        lo_wl, hi_wl = old / lo, old / hi
-        wl = (np.float32(2 * math.pi) / inv).astype(np.float32)
-        out = np.where(wl > lo_wl, inv / factor, inv).astype(np.float32)
-        smooth = (old / wl - lo) / (hi - lo)
-        smoothed = (1 - smooth) * out / factor + smooth * out
-        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
-        inv = np.where(medium, smoothed, out).astype(np.float32)
+        inv = _llama3_inv_freq(inv, sc)
+    elif rtype == "yarn":
+        inv = _yarn_inv_freq(config, sc)
     return inv
+
+
+def _llama3_inv_freq(inv: np.ndarray, sc: dict) -> np.ndarray:
+    """Llama 3: wavelengths above ``original / low_freq_factor`` divided by the
+    factor, below ``original / high_freq_factor`` kept, a linear blend between."""
+    factor = np.float32(sc["factor"])
+    lo, hi = np.float32(sc["low_freq_factor"]), np.float32(sc["high_freq_factor"])
+    old = np.float32(sc["original_max_position_embeddings"])
+    lo_wl, hi_wl = old / lo, old / hi
+    wl = (np.float32(2 * math.pi) / inv).astype(np.float32)
+    out = np.where(wl > lo_wl, inv / factor, inv).astype(np.float32)
+    smooth = (old / wl - lo) / (hi - lo)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+    return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def _yarn_factor(config: LlamaConfig, sc: dict) -> float:
+    return float(sc.get("factor") or
+                 config.max_position_embeddings / sc["original_max_position_embeddings"])
+
+
+def _yarn_inv_freq(config: LlamaConfig, sc: dict) -> np.ndarray:
+    r"""YaRN: :math:`\omega_i = \omega_i/s\,(1 - e_i) + \omega_i\,e_i` with
+    :math:`e_i = 1 - \mathrm{clip}((i - l)/(h - l), 0, 1)`, where :math:`[l, h]`
+    are the dimensions that turn ``beta_fast`` and ``beta_slow`` times over
+    ``original_max_position_embeddings`` positions, :math:`s` the factor."""
+    d, base = config.head_dim, float(config.rope_theta)
+    factor = np.float32(_yarn_factor(config, sc))
+    pos_freqs = (np.float32(base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+                 ).astype(np.float32)
+    lo, hi = _yarn_range(sc, d, base)
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo),
+                   0, 1).astype(np.float32)
+    keep = np.float32(1) - ramp
+    inv = (np.float32(1) / (factor * pos_freqs)) * (1 - keep) + (np.float32(1) / pos_freqs) * keep
+    return inv.astype(np.float32)
+
+
+def _yarn_range(sc: dict, d: int, base: float) -> tuple:
+    """The dimension range ``(l, h)`` of the YaRN ramp (``truncate``: integers)."""
+    omax = sc["original_max_position_embeddings"]
+
+    def dim_of(rotations):
+        return d * math.log(omax / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = dim_of(sc.get("beta_fast") or 32), dim_of(sc.get("beta_slow") or 1)
+    if sc.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    return lo, (hi + 0.001 if lo == hi else hi)
+
+
+def rope_attention_factor(config: LlamaConfig) -> float:
+    r"""The factor on ``cos``/``sin`` (1 but for ``yarn``: ``attention_factor``, else
+    :math:`m(s) = 0.1 \ln s + 1` for factor :math:`s > 1`, or
+    :math:`m(s, \mathrm{mscale}) / m(s, \mathrm{mscale\_all\_dim})` with
+    :math:`m(s, a) = 0.1\,a \ln s + 1` when both are set)."""
+    sc = config.rope_scaling_dict or {}
+    if config.rope_type != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    s = _yarn_factor(config, sc)
+
+    def m(a=1.0):
+        return 1.0 if s <= 1 else 0.1 * a * math.log(s) + 1.0
+
+    if sc.get("mscale") and sc.get("mscale_all_dim"):
+        return float(m(sc["mscale"]) / m(sc["mscale_all_dim"]))
+    return m()
+
+
+def _dynamic_inv_freq(config: LlamaConfig, positions: jax.Array) -> jax.Array:
+    r"""Dynamic NTK for the sequence length :math:`s = \max(\text{positions}) + 1`
+    (over the whole batch, as ``transformers``): the default frequencies when
+    :math:`s \le M` (``max_position_embeddings``), else those of the base
+    :math:`\theta\,(f s / M - (f - 1))^{d/(d-2)}`. Traced, so exact for any length."""
+    d, big_m = config.head_dim, config.max_position_embeddings
+    f = float(config.rope_scaling_dict["factor"])
+    s = jnp.max(positions).astype(jnp.int32) + 1
+    sf = jnp.maximum(s, big_m).astype(jnp.float32)
+    base = jnp.float32(config.rope_theta) * ((f * sf / big_m) - (f - 1)) ** (d / (d - 2))
+    inv = 1.0 / base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    return jnp.where(s > big_m, inv, jnp.asarray(rope_inv_freq(config)))
 
 
 def rotary_cos_sin(config: LlamaConfig, positions: jax.Array, dtype=None):
     r"""``cos, sin`` of :math:`p\,\omega` for integer ``positions [B, T]``:
     ``[B, T, head_dim]`` (each frequency twice, halves layout), computed in
-    fp32 then cast to ``dtype``."""
-    inv = jnp.asarray(rope_inv_freq(config))
+    fp32 (times :func:`rope_attention_factor` for ``yarn``) then cast to ``dtype``."""
+    if config.rope_type == "dynamic":
+        inv = _dynamic_inv_freq(config, positions)
+    else:
+        inv = jnp.asarray(rope_inv_freq(config))
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     dtype = config.dtype if dtype is None else dtype
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    factor = rope_attention_factor(config)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def _rotate_half(x):
@@ -629,6 +725,10 @@ def _linear(config, d_in, d_out, use_bias, rngs):
     )
 
 
+def _rms_norm_module(config: LlamaConfig, dim: int) -> "RMSNorm":
+    return RMSNorm(dim, config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned ``scale`` (``transformers``' ``weight``), ones at init."""
 
@@ -652,6 +752,9 @@ class LlamaAttention(nnx.Module):
         self.k_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
         self.v_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
         self.o_proj = _linear(c, h * d, c.hidden_size, c.attention_bias, rngs)
+        if c.qk_norm:
+            self.q_norm = _rms_norm_module(c, d)
+            self.k_norm = _rms_norm_module(c, d)
 
     def __call__(self, x, cos, sin, mask):
         """``x [B, T, D]``, ``cos/sin [B, T, d]``, ``mask [B, 1, T, T]`` bool or ``None``
@@ -665,10 +768,11 @@ class LlamaAttention(nnx.Module):
         c = self.config
         b, t, _ = x.shape
         d, h, kh = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        q = apply_rotary(self.q_proj(x).reshape(b, t, h, d), cos, sin)
-        k = apply_rotary(self.k_proj(x).reshape(b, t, kh, d), cos, sin)
+        q, k = self.q_proj(x).reshape(b, t, h, d), self.k_proj(x).reshape(b, t, kh, d)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).reshape(b, t, kh, d)
-        return q, k, v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def out(self, o):
         """The output projection of the attention result ``o [B, T, H, d]``."""
@@ -695,11 +799,9 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
-        norm = functools.partial(RMSNorm, c.hidden_size, c.rms_norm_eps, dtype=c.dtype,
-                                 param_dtype=c.param_dtype)
-        self.input_layernorm = norm()
+        self.input_layernorm = _rms_norm_module(c, c.hidden_size)
         self.self_attn = LlamaAttention(c, rngs=rngs)
-        self.post_attention_layernorm = norm()
+        self.post_attention_layernorm = _rms_norm_module(c, c.hidden_size)
         self.mlp = LlamaMLP(c, rngs=rngs)
 
     def __call__(self, h, cos, sin, mask):
@@ -736,7 +838,7 @@ class LlamaForCausalLM(nnx.Module):
             return LlamaDecoderLayer(c, rngs=rngs)
 
         self.layers = make_layers(rngs)
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        self.norm = _rms_norm_module(c, c.hidden_size)
         if c.tie_word_embeddings:
             self.lm_head = None
         else:
