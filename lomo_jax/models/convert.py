@@ -181,11 +181,31 @@ def _uniform_window(hf_config) -> Optional[int]:
     return getattr(hf_config, "sliding_window", None) if types and all(sliding) else None
 
 
+def _gemma_fields(hf_config) -> dict:
+    if getattr(hf_config, "use_bidirectional_attention", None):
+        raise NotImplementedError(
+            f"use_bidirectional_attention={hf_config.use_bidirectional_attention} (non-causal "
+            "attention) is not implemented.")
+    act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
+    return dict(norm_unit_offset=True, scale_embeddings=True, hidden_act=act)
+
+
+def _gemma2_fields(hf_config) -> dict:
+    g = functools.partial(getattr, hf_config)
+    return dict(post_norms=True, query_pre_attn_scalar=g("query_pre_attn_scalar"),
+                attn_logit_softcapping=g("attn_logit_softcapping", None),
+                final_logit_softcapping=g("final_logit_softcapping", None),
+                sliding_window=g("sliding_window", None), layer_types=g("layer_types", None))
+
+
 _HF_FAMILY_FIELDS: dict[str, Callable[[Any], dict]] = {
     "llama": lambda hf_config: {},
     "mistral": _mistral_fields,
     "qwen2": _qwen2_fields,
     "qwen3": lambda hf_config: dict(qk_norm=True, sliding_window=_uniform_window(hf_config)),
+    "phi3": _mistral_fields,  # a window (if any) on every layer; fused weights in the checkpoint
+    "gemma": lambda hf_config: _gemma_fields(hf_config),
+    "gemma2": lambda hf_config: {**_gemma_fields(hf_config), **_gemma2_fields(hf_config)},
 }
 
 
@@ -266,12 +286,43 @@ def _qwen3_to_hf(cfg: LlamaConfig):
                                sliding_window=cfg.sliding_window, max_window_layers=0)
 
 
+def _phi3_to_hf(cfg: LlamaConfig):
+    if cfg.has_qkv_bias or cfg.mlp_bias:
+        raise ValueError("transformers Phi3Config has no attention/MLP biases.")
+    return "Phi3Config", dict(sliding_window=cfg.sliding_window)
+
+
+def _gemma_to_hf(cfg: LlamaConfig):
+    if cfg.qkv_bias != cfg.attention_bias or cfg.mlp_bias or cfg.sliding_window is not None:
+        raise ValueError(
+            "transformers Gemma has attention_bias on q/k/v/o together, no MLP bias and no "
+            f"window (got qkv_bias={cfg.qkv_bias}, attention_bias={cfg.attention_bias}, "
+            f"mlp_bias={cfg.mlp_bias}, sliding_window={cfg.sliding_window}).")
+    return "GemmaConfig", dict(attention_bias=cfg.attention_bias)
+
+
+def _gemma2_to_hf(cfg: LlamaConfig):
+    _, kw = _gemma_to_hf(cfg.replace(sliding_window=None))
+    kind = "sliding_attention" if cfg.sliding_window is not None else "full_attention"
+    return "Gemma2Config", dict(
+        kw, hidden_activation=cfg.hidden_act, sliding_window=cfg.sliding_window,
+        layer_types=list(cfg.layer_types or [kind] * cfg.num_hidden_layers),
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        attn_logit_softcapping=cfg.attn_logit_softcapping,
+        final_logit_softcapping=cfg.final_logit_softcapping)
+
+
 _TO_HF = {"llama": _llama_to_hf, "mistral": _mistral_to_hf, "qwen2": _qwen2_to_hf,
-          "qwen3": _qwen3_to_hf}
+          "qwen3": _qwen3_to_hf, "phi3": _phi3_to_hf, "gemma": _gemma_to_hf,
+          "gemma2": _gemma2_to_hf}
 
 # Switches no transformers config field names: each family's values (others: False).
-_FAMILY_SWITCHES = {"qwen3": {"qk_norm": True}}
-_SWITCHES = ("qk_norm",)
+_GEMMA = {"norm_unit_offset": True, "scale_embeddings": True}
+_FAMILY_SWITCHES = {"qwen3": {"qk_norm": True}, "gemma": _GEMMA,
+                    "gemma2": {**_GEMMA, "post_norms": True}}
+_SWITCHES = ("qk_norm", "norm_unit_offset", "scale_embeddings", "post_norms")
+_GEMMA2_ONLY = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                "layer_types")
 
 
 def _check_switches(cfg: LlamaConfig) -> None:
@@ -282,6 +333,10 @@ def _check_switches(cfg: LlamaConfig) -> None:
             raise ValueError(
                 f"{name}={getattr(cfg, name)!r} has no transformers equivalent for "
                 f"model_type={cfg.model_type!r} (which has {name}={want.get(name, False)!r}).")
+    for name in _GEMMA2_ONLY if cfg.model_type != "gemma2" else ():
+        if getattr(cfg, name) is not None:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} has no transformers equivalent "
+                             f"for model_type={cfg.model_type!r} (only gemma2 has it).")
 
 
 def _layer_entries(cfg: LlamaConfig):
@@ -304,11 +359,71 @@ def _layer_entries(cfg: LlamaConfig):
     if cfg.qk_norm:
         out += [(f"self_attn.{n}.weight", ("self_attn", n, "scale"), (d,), False)
                 for n in ("q_norm", "k_norm")]
+    if cfg.post_norms:
+        out += [(f"{n}.weight", (n, "scale"), (D,), False)
+                for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")]
     for name, o, i in (("gate_proj", F, D), ("up_proj", F, D), ("down_proj", D, F)):
         out.append((f"mlp.{name}.weight", ("mlp", name, "kernel"), (o, i), True))
         if cfg.mlp_bias:
             out.append((f"mlp.{name}.bias", ("mlp", name, "bias"), (o,), False))
     return out
+
+
+# Checkpoint tensors that hold several of ours stacked on their first axis, by family.
+_FUSED = {"phi3": (("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight",
+                                                   "self_attn.k_proj.weight",
+                                                   "self_attn.v_proj.weight")),
+                   ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")))}
+
+
+def _fused_parts(cfg: LlamaConfig) -> dict:
+    """``{part name: (fused name, first row, last row + 1)}`` over all layers
+    (HF names; empty for families without fused tensors)."""
+    shapes = {suffix: shape for suffix, _, shape, _ in _layer_entries(cfg)}
+    out = {}
+    for fused, parts in _FUSED.get(cfg.model_type, ()):
+        row = 0
+        for part in parts:
+            for i in range(cfg.num_hidden_layers):
+                out[f"model.layers.{i}.{part}"] = (f"model.layers.{i}.{fused}", row,
+                                                   row + shapes[part][0])
+            row += shapes[part][0]
+    return out
+
+
+def _fuse(tensors: dict, cfg: LlamaConfig) -> dict:
+    """A ``{HF name: numpy array}`` dict with each family's fused tensors
+    concatenated from their parts (in place of the parts)."""
+    groups: dict = {}
+    for part, (fused, _, _) in _fused_parts(cfg).items():
+        groups.setdefault(fused, []).append(tensors.pop(part))
+    for fused, arrays in groups.items():
+        tensors[fused] = np.concatenate(arrays, axis=0)
+    return tensors
+
+
+def _unfused(src: "_Source", cfg: LlamaConfig, rename) -> "_Source":
+    """``src`` with each fused tensor also readable as its parts (row ranges)."""
+    parts = {rename(p): (rename(f), lo, hi) for p, (f, lo, hi) in _fused_parts(cfg).items()}
+    if not parts:
+        return src
+
+    def where(name, index):
+        fused, lo, hi = parts[name]
+        index = tuple(index or ()) or (slice(None),)
+        a, b, step = index[0].indices(hi - lo)
+        return fused, (slice(lo + a, lo + b, step),) + index[1:]
+
+    def read(name, index):
+        return src.read(*where(name, index)) if name in parts else src.read(name, index)
+
+    def shape(name):
+        if name not in parts:
+            return src.shape(name)
+        fused, lo, hi = parts[name]
+        return (hi - lo,) + tuple(src.shape(fused)[1:])
+
+    return _Source(list(src.keys) + list(parts), read, shape)
 
 
 def hf_parameter_shapes(cfg: LlamaConfig, *, include_tied: bool = False) -> dict[str, tuple]:
@@ -320,6 +435,8 @@ def hf_parameter_shapes(cfg: LlamaConfig, *, include_tied: bool = False) -> dict
     for i in range(cfg.num_hidden_layers):
         for suffix, _, shape, _ in _layer_entries(cfg):
             shapes[f"model.layers.{i}.{suffix}"] = shape
+    for part, (fused, lo, hi) in _fused_parts(cfg).items():
+        shapes[fused] = (shapes.get(fused, (0,))[0] + hi - lo,) + shapes.pop(part)[1:]
     shapes["model.norm.weight"] = (D,)
     if not cfg.tie_word_embeddings or include_tied:
         shapes["lm_head.weight"] = (V, D)
@@ -501,6 +618,7 @@ def _convert(src: _Source, cfg: LlamaConfig, dtype, strict: bool) -> dict:
     """numpy params; each stacked leaf is allocated once and read layer by layer
     into its slices (no per-layer copies and stack)."""
     rename = _check_checkpoint(src, cfg, strict)
+    src = _unfused(src, cfg, rename)
     params: dict = {}
     for leaf in _leaves(cfg, rename):
         if not leaf.stacked:
@@ -579,6 +697,7 @@ def params_to_hf(params, cfg: LlamaConfig, *, include_tied: bool = True, framewo
         out["lm_head.weight"] = cast(np.ascontiguousarray(np_params["head"]["lm_head"].T))
     elif include_tied:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    out = _fuse(out, cfg)
     if framework == "np":
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
     if framework != "pt":
@@ -697,6 +816,7 @@ def load_pretrained(path: str, *, dtype=None, config_dtype=None, strict: bool = 
 def _placed(src: _Source, cfg: LlamaConfig, dtype, strict: bool, shardings) -> dict:
     """jax params, each leaf read onto its sharding (see :func:`load_pretrained`)."""
     rename = _check_checkpoint(src, cfg, strict)
+    src = _unfused(src, cfg, rename)
     shapes = _param_shapes(cfg)
     shardings = _leaf_shardings(shardings, shapes)
     params: dict = {}
@@ -848,7 +968,8 @@ def _without_leading_axis(sharding):
 
 
 _ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-         "qwen3": "Qwen3ForCausalLM"}
+         "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
+         "gemma2": "Gemma2ForCausalLM"}
 
 
 def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtype=None,

@@ -1,8 +1,9 @@
 r"""A LLaMA-architecture causal language model in Flax NNX, layer-stacked.
 
-One code path covers LLaMA (1/2/3), Mistral and Qwen2 checkpoints: they differ
-only in switches of :class:`LlamaConfig` (biases, sliding window, RoPE
-scaling). Conversion to and from Hugging Face ``transformers`` lives in
+One code path covers LLaMA (1/2/3), Mistral, Qwen2, Qwen3, Phi-3, Gemma and
+Gemma 2 checkpoints: they differ only in switches of :class:`LlamaConfig`
+(biases, sliding window, RoPE scaling, q/k norms, Gemma's norms, embedding
+scale, soft-capping and alternating windows). Conversion to and from Hugging Face ``transformers`` lives in
 :mod:`lomo_jax.models.convert`.
 
 **Why NNX (not linen).** NNX modules are plain Python objects holding their
@@ -112,10 +113,10 @@ Example::
     llama.update_module(model, params)                          # back into the NNX model
 
 Generation with a KV cache: :func:`lomo_jax.models.generate`. Not
-implemented: dropout, RoPE types other than
-``default``, ``linear`` and ``llama3`` (``from_hf`` raises), Qwen2 checkpoints
-that mix sliding-window and full-attention layers (``from_hf`` raises; a
-sliding window applied to *every* layer, Mistral-style, is supported).
+implemented: dropout, RoPE types other than ``default``, ``linear``,
+``llama3``, ``yarn`` and ``dynamic`` (``from_hf`` raises), partial rotary
+embeddings, Qwen2/Qwen3 checkpoints that mix sliding-window and
+full-attention layers (``from_hf`` raises; Gemma 2's mix is supported).
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ __all__ = [
 
 IGNORE_INDEX = -100
 
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 _ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
@@ -224,8 +226,27 @@ class LlamaConfig:
         layer (Mistral); ``None``: full causal attention.
       qk_norm: RMSNorm (own scale ``[d]``) on every query and key head before
         RoPE (Qwen3).
+      norm_unit_offset: every RMSNorm scales by :math:`1 + w` (weights 0 at
+        init), the product in fp32 before the cast (Gemma).
+      scale_embeddings: :math:`h_0 = E[x] \sqrt{D}` (the factor rounded to fp32,
+        then to ``dtype``; Gemma).
+      post_norms: RMSNorms also on the attention and MLP outputs before each
+        residual add (Gemma 2: ``post_attention_layernorm`` is then the
+        attention's output norm, ``pre_feedforward_layernorm`` the MLP's input norm).
+      query_pre_attn_scalar: scores are scaled by this to the power -1/2
+        instead of ``head_dim`` (Gemma 2).
+      attn_logit_softcapping: scores :math:`s \to c \tanh(s / c)` before the mask
+        (Gemma 2; the model then uses its own XLA attention, not
+        ``jax.nn.dot_product_attention``).
+      final_logit_softcapping: the same on the logits (Gemma 2; the loss then
+        forms the ``[B, T, V]`` logits instead of the chunked cross-entropy).
+      layer_types: per layer ``"sliding_attention"`` or ``"full_attention"``
+        (Gemma 2 alternates them); only a mix is kept (all sliding: the
+        window on every layer; all full: no window). A layer then needs its
+        index (the :class:`lomo_jax.LayeredModel` layer takes ``index``).
       initializer_range: std of the normal initializer of kernels/embeddings.
-      model_type: ``"llama"``, ``"mistral"``, ``"qwen2"`` or ``"qwen3"``; selects the
+      model_type: ``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``, ``"phi3"``,
+        ``"gemma"`` or ``"gemma2"``; selects the
         ``transformers`` config/model class on export.
       dtype: computation dtype (activations, matmuls; softmax, RMSNorm
         statistics and the loss are fp32 regardless).
@@ -253,6 +274,13 @@ class LlamaConfig:
     hidden_act: str = "silu"
     sliding_window: Optional[int] = None
     qk_norm: bool = False
+    norm_unit_offset: bool = False
+    scale_embeddings: bool = False
+    post_norms: bool = False
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    layer_types: Optional[tuple] = None
     initializer_range: float = 0.02
     model_type: str = "llama"
     dtype: Any = jnp.float32
@@ -293,6 +321,7 @@ class LlamaConfig:
             )
         if self.sliding_window is not None and int(self.sliding_window) < 1:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}.")
+        self._set_layer_types(set_)
         rs = self.rope_scaling
         if isinstance(rs, Mapping):
             rs = tuple(sorted((str(k), _freeze(v)) for k, v in rs.items()))
@@ -312,7 +341,38 @@ class LlamaConfig:
         set_("dtype", jnp.dtype(self.dtype))
         set_("param_dtype", jnp.dtype(self.param_dtype))
 
+    def _set_layer_types(self, set_) -> None:
+        """Checks ``layer_types``; keeps it (a tuple) only if it mixes both kinds."""
+        types = self.layer_types
+        if types is None:
+            return
+        types = tuple(types)
+        if len(types) != self.num_hidden_layers or any(t not in _LAYER_TYPES for t in types):
+            raise ValueError(
+                f"layer_types={list(types)} must list one of {_LAYER_TYPES} per layer "
+                f"(num_hidden_layers={self.num_hidden_layers}).")
+        if "sliding_attention" in types and self.sliding_window is None:
+            raise ValueError(f"layer_types={list(types)} has sliding layers but sliding_window=None.")
+        if "full_attention" not in types or "sliding_attention" not in types:
+            types = None
+            if "sliding_attention" not in self.layer_types:
+                set_("sliding_window", None)
+        set_("layer_types", types)
+
     # ---- derived --------------------------------------------------------
+
+    @property
+    def sliding_layers(self) -> Optional[np.ndarray]:
+        """``[L]`` bool, which layers use the window (``None`` unless ``layer_types`` mixes)."""
+        if self.layer_types is None:
+            return None
+        return np.array([t == "sliding_attention" for t in self.layer_types])
+
+    @property
+    def attention_scale(self) -> Optional[float]:
+        """The score scale when it is not ``head_dim ** -0.5`` (else ``None``)."""
+        q = self.query_pre_attn_scalar
+        return None if q is None else float(q) ** -0.5
 
     @property
     def rope_scaling_dict(self) -> Optional[dict]:
@@ -337,6 +397,8 @@ class LlamaConfig:
         """A copy with some fields changed (e.g. ``dtype=jnp.bfloat16``)."""
         if "rope_scaling" not in kw:
             kw["rope_scaling"] = self.rope_scaling_dict
+        if "sliding_window" in kw and "layer_types" not in kw:
+            kw["layer_types"] = None
         return dataclasses.replace(self, **kw)
 
     # ---- transformers ---------------------------------------------------
@@ -368,15 +430,20 @@ def _freeze(v):
 # --------------------------------------------------------------------------
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=None) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=None,
+             unit_offset: bool = False) -> jax.Array:
     r""":math:`w \odot x / \sqrt{\mathrm{mean}(x^2) + \epsilon}`; statistics in
     fp32, the normalized activation cast to ``dtype`` (default ``x.dtype``)
-    before the scale, as in ``transformers``' ``LlamaRMSNorm``."""
+    before the scale, as in ``transformers``' ``LlamaRMSNorm``. With
+    ``unit_offset`` (Gemma) the factor is :math:`1 + w` and the product is
+    taken in fp32, then cast."""
     dtype = x.dtype if dtype is None else dtype
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = (x32 * lax.rsqrt(var + eps)).astype(dtype)
-    return scale.astype(dtype) * y
+    y = x32 * lax.rsqrt(var + eps)
+    if unit_offset:
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(dtype)
+    return scale.astype(dtype) * y.astype(dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -517,16 +584,25 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + _rotate_half(x) * sin
 
 
-def attention_mask(config: LlamaConfig, seq_len: int, padding_mask=None) -> jax.Array:
+def attention_mask(config: LlamaConfig, seq_len: int, padding_mask=None,
+                   sliding=None) -> jax.Array:
     r"""Boolean visibility ``[B or 1, T, T]`` (query, key): causal, inside the
     sliding window if any, and key not padding (``padding_mask [B, T]``, nonzero
     = keep). The model itself passes causality and the window to
     ``jax.nn.dot_product_attention`` as flags and builds only
-    :func:`key_mask`; this dense form is for inspection and tests."""
+    :func:`key_mask`; this dense form is for inspection and tests.
+    ``sliding``: with mixed ``config.layer_types``, whether this layer uses
+    the window (a bool, may be traced); required then."""
     idx = jnp.arange(seq_len)
     vis = idx[None, :] <= idx[:, None]
     if config.sliding_window is not None:
-        vis = vis & (idx[None, :] > idx[:, None] - int(config.sliding_window))
+        in_window = idx[None, :] > idx[:, None] - int(config.sliding_window)
+        if config.layer_types is not None:
+            if sliding is None:
+                raise ValueError("this config mixes sliding and full attention layers "
+                                 "(layer_types): pass the layer's `sliding` flag.")
+            in_window = in_window | ~jnp.asarray(sliding)
+        vis = vis & in_window
     vis = vis[None]
     if padding_mask is not None:
         vis = vis & (jnp.asarray(padding_mask) != 0)[:, None, :]
@@ -619,7 +695,7 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
-def attention(config: LlamaConfig, q, k, v, mask=None) -> jax.Array:
+def attention(config: LlamaConfig, q, k, v, mask=None, sliding=None) -> jax.Array:
     r"""Causal grouped-query attention, ``jax.nn.dot_product_attention``.
 
     ``q [B, T, H, d]``, ``k, v [B, T, K, d]``, ``mask [B, 1, T, T]`` bool or
@@ -639,7 +715,14 @@ def attention(config: LlamaConfig, q, k, v, mask=None) -> jax.Array:
     * ``"auto"`` (default): cuDNN when the program is compiled for a CUDA GPU
       (``lax.platform_dependent``: decided when lowering, so the same traced
       step runs XLA's on CPU/TPU) and the dtype and head size allow it, else XLA.
+
+    Configs with ``attn_logit_softcapping`` or mixed ``layer_types`` (then
+    ``sliding`` is this layer's flag) always use :func:`attend` (XLA, the
+    dense visibility as a bias), whatever the implementation setting.
     """
+    if config.attn_logit_softcapping is not None or config.layer_types is not None:
+        visible = attention_mask(config, q.shape[1], sliding=sliding)[:, None]
+        return attend(config, q, k, v, visible if mask is None else visible & mask)
     window = None
     if config.sliding_window is not None:
         window = (int(config.sliding_window) - 1, 0)
@@ -654,7 +737,8 @@ def attention(config: LlamaConfig, q, k, v, mask=None) -> jax.Array:
             bias = jnp.where(mask, 0.0, jnp.finfo(q.dtype).min).astype(q.dtype)
             bias = jnp.broadcast_to(bias, (b, 1, t, t))
         return jax.nn.dot_product_attention(
-            q, k, v, bias=bias, is_causal=True, local_window_size=window, implementation="cudnn")
+            q, k, v, bias=bias, scale=config.attention_scale, is_causal=True,
+            local_window_size=window, implementation="cudnn")
 
     impl = config.attention_implementation
     if impl == "auto":
@@ -670,10 +754,11 @@ def _xla_attention(config, q, k, v, mask, window):
     def run(q, k, v):
         if mask is None:
             return jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, local_window_size=window, implementation="xla")
-        visible = mask & attention_mask(config, q.shape[1])[:, None]
-        bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+                q, k, v, scale=config.attention_scale, is_causal=True, local_window_size=window,
+                implementation="xla")
+        bias = _visibility_bias(mask & attention_mask(config, q.shape[1])[:, None])
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=config.attention_scale,
+                                            implementation="xla")
 
     if q.dtype != jnp.float16:
         return run(q, k, v)
@@ -682,6 +767,43 @@ def _xla_attention(config, q, k, v, mask, window):
         return run(*(a.astype(jnp.float32) for a in (q, k, v))).astype(q.dtype)
 
     return lax.platform_dependent(q, k, v, cpu=upcast, default=run)
+
+
+def _visibility_bias(visible):
+    """0 where visible, the lowest fp32 value where hidden (added to the scores)."""
+    return jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def attend(config: LlamaConfig, q, k, v, visible) -> jax.Array:
+    r"""XLA attention of ``q [B, C, H, d]`` on ``k, v [B, S, K, d]`` with a dense
+    visibility ``[B or 1, 1, C, S]`` bool (hidden keys get the lowest fp32 value
+    added to their score, so a query that sees none averages all values, as
+    ``transformers``' eager attention). With ``attn_logit_softcapping`` :math:`c`
+    the scores are :math:`c \tanh(s / c)` before the mask (:func:`_softcapped`).
+    Used by :func:`attention` and by the KV-cache decoding."""
+    bias = _visibility_bias(visible)
+    dtype = q.dtype
+    if dtype == jnp.float16:  # XLA:CPU has no fp16 x fp16 -> fp32 matmul
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    if config.attn_logit_softcapping is None:
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=config.attention_scale,
+                                           implementation="xla")
+    else:
+        scale = config.attention_scale or q.shape[-1] ** -0.5
+        out = _softcapped(q, k, v, bias, scale, float(config.attn_logit_softcapping))
+    return out.astype(dtype)
+
+
+def _softcapped(q, k, v, bias, scale, cap):
+    r""":math:`\mathrm{softmax}(c \tanh(q k^\top \sigma / c) + M) v` per query head
+    (grouped-query: head :math:`h` reads kv head :math:`h / G`), fp32 scores."""
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = cap * jnp.tanh(s / cap) + bias[:, :, None]
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, d)
 
 
 def _cudnn_eligible(q) -> bool:
@@ -726,19 +848,23 @@ def _linear(config, d_in, d_out, use_bias, rngs):
 
 
 def _rms_norm_module(config: LlamaConfig, dim: int) -> "RMSNorm":
-    return RMSNorm(dim, config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype)
+    return RMSNorm(dim, config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                   unit_offset=config.norm_unit_offset)
 
 
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned ``scale`` (``transformers``' ``weight``), ones at init."""
 
-    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 unit_offset: bool = False):
+        init = jnp.zeros if unit_offset else jnp.ones  # the factor 1 either way
+        self.scale = nnx.Param(init((dim,), param_dtype))
         self.eps = float(eps)
         self.dtype = dtype
+        self.unit_offset = unit_offset
 
     def __call__(self, x):
-        return rms_norm(x, self.scale[...], self.eps, self.dtype)
+        return rms_norm(x, self.scale[...], self.eps, self.dtype, self.unit_offset)
 
 
 class LlamaAttention(nnx.Module):
@@ -756,11 +882,12 @@ class LlamaAttention(nnx.Module):
             self.q_norm = _rms_norm_module(c, d)
             self.k_norm = _rms_norm_module(c, d)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, sliding=None):
         """``x [B, T, D]``, ``cos/sin [B, T, d]``, ``mask [B, 1, T, T]`` bool or ``None``
-        (see :func:`key_mask`; causality and the window are added here)."""
+        (see :func:`key_mask`; causality and the window are added here);
+        ``sliding``: see :func:`attention`."""
         q, k, v = self.qkv(x, cos, sin)
-        return self.out(attention(self.config, q, k, v, mask))
+        return self.out(attention(self.config, q, k, v, mask, sliding))
 
     def qkv(self, x, cos, sin):
         """Rotated queries ``[B, T, H, d]``, rotated keys and values ``[B, T, K, d]``
@@ -794,19 +921,42 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
+def branch_names(config: LlamaConfig) -> tuple:
+    """The sub-modules of the attention and the MLP residual branch, in order:
+    input norm, block, then (``post_norms``, Gemma 2) the output norm."""
+    if config.post_norms:
+        return (("input_layernorm", "self_attn", "post_attention_layernorm"),
+                ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"))
+    return ("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")
+
+
+def _branch(modules, h, *args):
+    """``post(block(norm(h), *args))`` for ``modules = (norm, block[, post])``."""
+    x = modules[1](modules[0](h), *args)
+    for m in modules[2:]:
+        x = m(x)
+    return x
+
+
 class LlamaDecoderLayer(nnx.Module):
-    """Pre-norm block: ``h + Attn(norm1(h))`` then ``h + MLP(norm2(h))``."""
+    """Pre-norm block: ``h + Attn(norm1(h))`` then ``h + MLP(norm2(h))`` (with
+    ``post_norms`` each branch's output is normed too, see :func:`branch_names`)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
+        self.config = c
         self.input_layernorm = _rms_norm_module(c, c.hidden_size)
         self.self_attn = LlamaAttention(c, rngs=rngs)
         self.post_attention_layernorm = _rms_norm_module(c, c.hidden_size)
         self.mlp = LlamaMLP(c, rngs=rngs)
+        if c.post_norms:
+            self.pre_feedforward_layernorm = _rms_norm_module(c, c.hidden_size)
+            self.post_feedforward_layernorm = _rms_norm_module(c, c.hidden_size)
 
-    def __call__(self, h, cos, sin, mask):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, h, cos, sin, mask, sliding=None):
+        attn, mlp = ([getattr(self, n) for n in names] for names in branch_names(self.config))
+        h = h + _branch(attn, h, cos, sin, mask, sliding)
+        return h + _branch(mlp, h)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -849,21 +999,22 @@ class LlamaForCausalLM(nnx.Module):
         """Final hidden states after the last layer (before the final norm)."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": position_ids, "segment_ids": segment_ids}
-        cos, sin, mask = _context(self.config, batch)
-        h = self.embed_tokens(jnp.asarray(input_ids))
+        c = self.config
+        cos, sin, mask = _context(c, batch)
+        h = _scale_embedding(c, self.embed_tokens(jnp.asarray(input_ids)))
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(h, layer):
-            return layer(h, cos, sin, mask)
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+        def run(h, layer, i):
+            return layer(h, cos, sin, mask, layer_sliding(c, i))
 
-        return run(h, self.layers)
+        return run(h, self.layers, jnp.arange(c.num_hidden_layers, dtype=jnp.int32))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """Logits ``[B, T, V]`` in ``config.dtype``."""
         h = self.norm(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
         if self.lm_head is None:
-            return self.embed_tokens.attend(h)
-        return self.lm_head(h)
+            return _softcap_logits(self.config, self.embed_tokens.attend(h))
+        return _softcap_logits(self.config, self.lm_head(h))
 
     def loss(self, batch: Mapping[str, Any]) -> jax.Array:
         """Mean next-token cross-entropy (see :func:`causal_lm_loss`,
@@ -977,10 +1128,27 @@ def llama_embed(config: LlamaConfig, embed_params, batch) -> jax.Array:
     """``h_0 = E[input_ids]`` in ``config.dtype``: ``[B, T, D]`` (its gradient is
     summed in fp32 and allocated late, see :mod:`lomo_jax.embedding`)."""
     ids = jnp.asarray(batch["input_ids"])
-    return embedding_lookup(jnp.asarray(embed_params["embedding"]), ids).astype(config.dtype)
+    h = embedding_lookup(jnp.asarray(embed_params["embedding"]), ids).astype(config.dtype)
+    return _scale_embedding(config, h)
 
 
-def llama_layer(config: LlamaConfig, layer_params, h, batch) -> jax.Array:
+def _scale_embedding(config: LlamaConfig, h):
+    r""":math:`h \sqrt{D}` for ``scale_embeddings`` (the factor rounded to fp32,
+    then to ``h``'s dtype, as ``transformers``' Gemma), else ``h``."""
+    if not config.scale_embeddings:
+        return h
+    return h * jnp.asarray(np.float32(math.sqrt(config.hidden_size)), h.dtype)
+
+
+def layer_sliding(config: LlamaConfig, index):
+    """Whether layer ``index`` (may be traced) uses the sliding window, for a
+    config with mixed ``layer_types``; ``None`` otherwise (no index needed)."""
+    if config.layer_types is None:
+        return None
+    return jnp.asarray(config.sliding_layers)[index]
+
+
+def llama_layer(config: LlamaConfig, layer_params, h, batch, index=None) -> jax.Array:
     """One decoder layer on one (unstacked) slice of ``params["layers"]``.
 
     The layer's own NNX sub-modules (norms, attention, MLP) are merged from the
@@ -989,30 +1157,33 @@ def llama_layer(config: LlamaConfig, layer_params, h, batch) -> jax.Array:
     :func:`lomo_jax.grad_order.param_grads_first`, so the backward finishes the
     MLP's weight gradients (and frees its ``[B, T, F]`` activations) before
     the attention's backward starts. RoPE tables and the mask are rebuilt from
-    ``batch`` (cheap; XLA hoists them).
+    ``batch`` (cheap; XLA hoists them). ``index``: the layer's position, needed
+    (only) by configs with mixed ``layer_types``.
     """
-    context = _context(config, batch)
-    attn = {k: layer_params[k] for k in ("input_layernorm", "self_attn")}
-    mlp = {k: layer_params[k] for k in ("post_attention_layernorm", "mlp")}
+    context = _context(config, batch) + (layer_sliding(config, index),)
+    attn_names, mlp_names = branch_names(config)
+    attn = {k: layer_params[k] for k in attn_names}
+    mlp = {k: layer_params[k] for k in mlp_names}
     h = h + param_grads_first(functools.partial(_attention_branch, config))(attn, h, context)
     return h + param_grads_first(functools.partial(_mlp_branch, config))(mlp, h)
 
 
-def _attention_branch(config, p, h, cos, sin, mask):
-    norm = _merge_submodule(config, "input_layernorm", p["input_layernorm"])
-    return _merge_submodule(config, "self_attn", p["self_attn"])(norm(h), cos, sin, mask)
+def _merged_branch(config, names, p, h, *args):
+    return _branch([_merge_submodule(config, n, p[n]) for n in names], h, *args)
+
+
+def _attention_branch(config, p, h, cos, sin, mask, sliding=None):
+    return _merged_branch(config, branch_names(config)[0], p, h, cos, sin, mask, sliding)
 
 
 def _mlp_branch(config, p, h):
-    norm = _merge_submodule(config, "post_attention_layernorm", p["post_attention_layernorm"])
-    return _merge_submodule(config, "mlp", p["mlp"])(norm(h))
+    return _merged_branch(config, branch_names(config)[1], p, h)
 
 
 @functools.lru_cache(maxsize=64)
 def _submodule_templates(config: LlamaConfig) -> dict:
     layer = nnx.eval_shape(lambda: LlamaDecoderLayer(config, rngs=nnx.Rngs(0)))
-    return {name: nnx.split(getattr(layer, name)) for name in
-            ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")}
+    return {name: nnx.split(getattr(layer, name)) for name in sum(branch_names(config), ())}
 
 
 def _merge_submodule(config: LlamaConfig, name: str, params):
@@ -1026,7 +1197,8 @@ def _merge_submodule(config: LlamaConfig, name: str, params):
 def _head_input_and_weight(config: LlamaConfig, head_params, h, embed_params):
     """``(x, w, transposed)``: the normed ``h`` and the output projection, the
     tied embedding (``[V, D]``, ``transposed``) or the LM head (``[D, V]``)."""
-    x = rms_norm(h, jnp.asarray(head_params["norm"]), config.rms_norm_eps, config.dtype)
+    x = rms_norm(h, jnp.asarray(head_params["norm"]), config.rms_norm_eps, config.dtype,
+                 config.norm_unit_offset)
     if not config.tie_word_embeddings:
         return x, jnp.asarray(head_params["lm_head"]), False
     if embed_params is None:
@@ -1038,8 +1210,14 @@ def _head_logits(config: LlamaConfig, head_params, h, embed_params=None) -> jax.
     x, w, transposed = _head_input_and_weight(config, head_params, h, embed_params)
     w = w.astype(config.dtype)
     if transposed:
-        return jnp.dot(x, w.T)
-    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        return _softcap_logits(config, jnp.dot(x, w.T))
+    return _softcap_logits(config, lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))))
+
+
+def _softcap_logits(config: LlamaConfig, logits):
+    r""":math:`c \tanh(z / c)` for ``final_logit_softcapping`` :math:`c`, else ``z``."""
+    cap = config.final_logit_softcapping
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) -> jax.Array:
@@ -1050,6 +1228,9 @@ def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) ->
     vocabulary chunks: the ``[B, T, V]`` logits, their softmax and their
     cotangent never exist whole.
     """
+    if config.final_logit_softcapping is not None:  # not in the chunked cross-entropy
+        return causal_lm_loss(_head_logits(config, head_params, h, embed_params),
+                              default_labels(batch))
     x, w, transposed = _head_input_and_weight(config, head_params, h, embed_params)
     targets = next_token_targets(default_labels(batch))
     return linear_cross_entropy(x, w, targets, transposed=transposed, ignore_index=IGNORE_INDEX)
@@ -1058,11 +1239,12 @@ def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) ->
 def llama_hidden(config: LlamaConfig, params, batch) -> jax.Array:
     """Hidden states after the last layer (``lax.scan`` over the stacked layers)."""
 
-    def body(h, p):
-        return llama_layer(config, p, h, batch), None
+    def body(h, xs):
+        p, i = xs
+        return llama_layer(config, p, h, batch, i), None
 
     h = llama_embed(config, params["embed"], batch)
-    h, _ = lax.scan(body, h, params["layers"])
+    h, _ = lax.scan(body, h, (params["layers"], jnp.arange(config.num_hidden_layers)))
     return h
 
 
@@ -1105,7 +1287,11 @@ def llama_layered_model(config: LlamaConfig):
     def layer(p, h, batch):
         return llama_layer(config, p, h, batch)
 
+    def indexed_layer(p, h, batch, *, index):  # mixed windows: the layer needs its index
+        return llama_layer(config, p, h, batch, index)
+
     def head(p, h, batch, embed_params=None):
         return llama_head(config, p, h, batch, embed_params=embed_params)
 
-    return LayeredModel(embed, layer, head, tied=bool(config.tie_word_embeddings))
+    return LayeredModel(embed, layer if config.layer_types is None else indexed_layer, head,
+                        tied=bool(config.tie_word_embeddings))
