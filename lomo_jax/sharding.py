@@ -56,11 +56,11 @@ Example (one host, 8 devices; ``params`` may be arrays or
     import jax, jax.numpy as jnp, lomo_jax
     from jax.sharding import AxisType
     from lomo_jax import sharding as lsh
-    from lomo_jax.models import llama
+    from lomo_jax.models import llama, sharding as msh
 
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     tx = lomo_jax.adalomo(1e-3)
-    sh = lsh.llama_shardings(cfg, mesh, tx)            # FusedShardings(params, opt_state, batch)
+    sh = msh.llama_shardings(cfg, mesh, tx)            # FusedShardings(params, opt_state, batch)
 
     # create params and state directly sharded (never whole on one device):
     params = jax.jit(lambda: llama.init_params(cfg, 0), out_shardings=sh.params)()
@@ -112,7 +112,6 @@ __all__ = [
     "batch_sharding",
     "fused_shardings",
     "layer_placement",
-    "llama_shardings",
     "param_shardings",
     "state_shardings",
 ]
@@ -535,52 +534,6 @@ def fused_shardings(
     )
 
 
-def llama_shardings(
-    config_or_params,
-    mesh: Mesh,
-    tx: optax.GradientTransformation,
-    *,
-    fsdp_axis: AxisNames = "fsdp",
-    batch_axes: Optional[AxisNames] = None,
-    min_size: int = DEFAULT_MIN_SIZE,
-    **init_kwargs,
-) -> FusedShardings:
-    r"""FSDP shardings of the fused step for :mod:`lomo_jax.models.llama`.
-
-    ``config_or_params`` is a :class:`~lomo_jax.models.llama.LlamaConfig`
-    (shapes from ``llama.param_shapes``; nothing is allocated) or LLaMA
-    plain-dict parameters. With the default rule every layer kernel is split
-    along its first axis after the layer axis (``D`` of ``[L, D, F]`` MLP and
-    attention kernels, ``F`` of the down projection), the embedding and LM
-    head along ``D`` (see :func:`param_shardings`); norm scales are replicated
-    (below ``min_size``).
-
-    Example::
-
-        mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-        sh = lomo_jax.sharding.llama_shardings(cfg, mesh, tx)
-        params = jax.jit(lambda: llama.init_params(cfg, 0), out_shardings=sh.params)()
-
-    Returns:
-      :class:`FusedShardings`, as :func:`fused_shardings`.
-    """
-    from lomo_jax.models import llama  # lazy: flax is only needed for LLaMA
-
-    if isinstance(config_or_params, llama.LlamaConfig):
-        params = llama.param_shapes(config_or_params)
-    else:
-        params = config_or_params
-    return fused_shardings(
-        tx,
-        params,
-        mesh,
-        fsdp_axis=fsdp_axis,
-        batch_axes=batch_axes,
-        min_size=min_size,
-        **init_kwargs,
-    )
-
-
 def abstract_like(shardings, tree):
     """``jax.ShapeDtypeStruct``\\ s of ``tree`` carrying ``shardings`` (a
     pytree of the same structure, or one sharding for every leaf), for
@@ -588,7 +541,7 @@ def abstract_like(shardings, tree):
 
     Example::
 
-        sh = lomo_jax.sharding.llama_shardings(cfg, mesh, tx)
+        sh = lomo_jax.sharding.fused_shardings(tx, llama.param_shapes(cfg), mesh)
         p = lomo_jax.sharding.abstract_like(sh.params, llama.param_shapes(cfg))
         s = lomo_jax.sharding.abstract_like(
             sh.opt_state, jax.eval_shape(lambda q: lomo_jax.fused_init(tx, q), p))
@@ -604,3 +557,13 @@ def abstract_like(shardings, tree):
         tree,
     )
 
+
+
+def __getattr__(name):
+    """``llama_shardings`` lives with the model (:mod:`lomo_jax.models.sharding`);
+    it is imported on first use so this module needs no model code (nor flax)."""
+    if name == "llama_shardings":
+        from lomo_jax.models.sharding import llama_shardings
+
+        return llama_shardings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Model definitions for lomo_jax's fused step, with Hugging Face conversion.
 
-* :mod:`lomo_jax.models.llama` -- a LLaMA/Mistral/Qwen2-style causal LM in
+* :mod:`lomo_jax.models.llama` -- a LLaMA-style causal LM (also Mistral, Qwen2/3, Phi-3, Gemma 1/2) in
   Flax NNX with stacked decoder layers, plus its pure-function
   :class:`lomo_jax.LayeredModel` view (:func:`llama_layered_model`).
 * :mod:`lomo_jax.models.convert` -- ``transformers`` ``state_dict`` /
@@ -45,11 +45,11 @@ from lomo_jax.models.llama import (
 
 
 def _family(cfg):
-    """The model module of ``cfg``'s family (one today: Llama, Mistral and Qwen2
-    are switches of :class:`LlamaConfig`)."""
+    """The model module of ``cfg``'s family (one today: Llama, Mistral, Qwen2,
+    Qwen3, Phi-3, Gemma and Gemma 2 are switches of :class:`LlamaConfig`)."""
     if isinstance(cfg, LlamaConfig):
         return llama
-    raise TypeError(f"cfg must be a lomo_jax.models.LlamaConfig (Llama, Mistral, Qwen2); got "
+    raise TypeError(f"cfg must be a lomo_jax.models.LlamaConfig (any supported family); got "
                     f"{type(cfg).__name__}.")
 
 

@@ -29,7 +29,7 @@ Example::
 
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(...))
     cfg, params = convert.from_hf_model(hf)                  # or:
-    cfg = llama.LlamaConfig.from_hf(hf.config)
+    cfg = convert.config_from_hf(hf.config)                  # = llama.LlamaConfig.from_hf
     params = convert.params_from_hf(hf.state_dict(), cfg)
     cfg, params = convert.load_pretrained("path/to/dir")     # safetensors, sharded or not
     ...                                                       # train with lomo_jax
@@ -52,6 +52,8 @@ import numpy as np
 from lomo_jax.models.llama import LlamaConfig
 
 __all__ = [
+    "config_from_hf",
+    "config_to_hf",
     "hf_parameter_shapes",
     "params_from_hf",
     "params_to_hf",
@@ -66,6 +68,275 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary_emb\.original_inv_freq$")
+
+
+# --------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------
+
+
+def config_from_hf(hf_config, *, dtype=None, param_dtype=None) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a ``transformers`` config (``LlamaConfig``,
+    ``MistralConfig``, ``Qwen2Config``).
+
+    Reads both the transformers>=5 ``rope_parameters`` dict and the older
+    ``rope_theta`` + ``rope_scaling`` fields. ``dtype``/``param_dtype`` are
+    not taken from the checkpoint (default fp32; pass ``jnp.bfloat16`` for
+    bf16). Also available as ``LlamaConfig.from_hf``.
+
+    Raises:
+      ValueError: unsupported ``model_type``.
+      NotImplementedError: an unsupported RoPE type, or a Qwen2 config mixing
+        sliding-window and full-attention layers.
+    """
+    import jax.numpy as jnp
+
+    mt = getattr(hf_config, "model_type", "llama") or "llama"
+    if mt not in _HF_FAMILY_FIELDS:
+        raise ValueError(
+            f"transformers model_type {mt!r} is not supported by lomo_jax.models.llama "
+            f"(supported: {tuple(_HF_FAMILY_FIELDS)})."
+        )
+    dtype = jnp.float32 if dtype is None else dtype
+    fields = {**_hf_common_fields(hf_config), **_HF_FAMILY_FIELDS[mt](hf_config)}
+    return LlamaConfig(**fields, model_type=mt, dtype=dtype,
+                       param_dtype=dtype if param_dtype is None else param_dtype)
+
+
+def _hf_common_fields(hf_config) -> dict:
+    """The fields every family reads the same way."""
+    g = functools.partial(getattr, hf_config)
+    heads = g("num_attention_heads")
+    theta, scaling = _hf_rope(hf_config)
+    # pretraining_tp only changes how transformers slices its matmuls: same math.
+    return dict(
+        vocab_size=g("vocab_size"),
+        hidden_size=g("hidden_size"),
+        intermediate_size=g("intermediate_size"),
+        num_hidden_layers=g("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=g("num_key_value_heads", None) or heads,
+        head_dim=g("head_dim", None) or g("hidden_size") // heads,
+        rms_norm_eps=float(g("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=int(g("max_position_embeddings", 2048) or 2048),
+        tie_word_embeddings=bool(g("tie_word_embeddings", False)),
+        hidden_act=g("hidden_act", "silu"),
+        initializer_range=float(g("initializer_range", 0.02)),
+        attention_bias=bool(g("attention_bias", False)),
+        mlp_bias=bool(g("mlp_bias", False)),
+    )
+
+
+def _hf_rope(hf_config):
+    """``(rope_theta, rope_scaling dict or None)`` from a transformers config."""
+    rp = getattr(hf_config, "rope_parameters", None)
+    if isinstance(rp, Mapping) and rp:
+        if all(isinstance(v, Mapping) for v in rp.values()):
+            raise NotImplementedError(
+                f"per-layer-type rope_parameters {dict(rp)} are not supported."
+            )
+        theta = rp.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    else:
+        theta = getattr(hf_config, "rope_theta", 10000.0)
+        scaling = getattr(hf_config, "rope_scaling", None)
+        scaling = dict(scaling) if scaling else None
+    if theta is None:
+        theta = 10000.0
+    if scaling is not None:
+        _refuse_partial_rotary(scaling.pop("partial_rotary_factor", None))
+        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+    return theta, scaling
+
+
+def _refuse_partial_rotary(factor) -> None:
+    if factor is not None and float(factor) != 1.0:
+        raise NotImplementedError(
+            f"rope_parameters['partial_rotary_factor']={factor} (RoPE on part of each head) "
+            "is not implemented; only 1.0 is.")
+
+
+def _mistral_fields(hf_config) -> dict:
+    return dict(sliding_window=getattr(hf_config, "sliding_window", None))
+
+
+def _qwen2_fields(hf_config) -> dict:
+    return dict(qkv_bias=True, attention_bias=False, sliding_window=_uniform_window(hf_config))
+
+
+def _uniform_window(hf_config) -> Optional[int]:
+    """The window of a config whose ``layer_types`` are all sliding (``None``
+    when none are); mixing both kinds is refused."""
+    types = list(getattr(hf_config, "layer_types", None) or [])
+    sliding = [t == "sliding_attention" for t in types]
+    if any(sliding) and not all(sliding):
+        raise NotImplementedError(
+            f"this {hf_config.model_type} config mixes sliding-window and full-attention "
+            f"layers (layer_types={types}); the stacked model applies one attention "
+            "pattern to every layer."
+        )
+    return getattr(hf_config, "sliding_window", None) if types and all(sliding) else None
+
+
+def _gemma_fields(hf_config) -> dict:
+    if getattr(hf_config, "use_bidirectional_attention", None):
+        raise NotImplementedError(
+            f"use_bidirectional_attention={hf_config.use_bidirectional_attention} (non-causal "
+            "attention) is not implemented.")
+    act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
+    return dict(norm_unit_offset=True, scale_embeddings=True, hidden_act=act)
+
+
+def _gemma2_fields(hf_config) -> dict:
+    g = functools.partial(getattr, hf_config)
+    return dict(post_norms=True, query_pre_attn_scalar=g("query_pre_attn_scalar"),
+                attn_logit_softcapping=g("attn_logit_softcapping", None),
+                final_logit_softcapping=g("final_logit_softcapping", None),
+                sliding_window=g("sliding_window", None), layer_types=g("layer_types", None))
+
+
+_HF_FAMILY_FIELDS: dict[str, Callable[[Any], dict]] = {
+    "llama": lambda hf_config: {},
+    "mistral": _mistral_fields,
+    "qwen2": _qwen2_fields,
+    "qwen3": lambda hf_config: dict(qk_norm=True, sliding_window=_uniform_window(hf_config)),
+    "phi3": _mistral_fields,  # a window (if any) on every layer; fused weights in the checkpoint
+    "gemma": lambda hf_config: _gemma_fields(hf_config),
+    "gemma2": lambda hf_config: {**_gemma_fields(hf_config), **_gemma2_fields(hf_config)},
+}
+
+
+# Fields written to every family's transformers config under the same name.
+_HF_SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+    "tie_word_embeddings", "hidden_act", "initializer_range")
+
+
+def config_to_hf(cfg: LlamaConfig, **overrides):
+    """The matching ``transformers`` config (``LlamaConfig``, ``MistralConfig``
+    or ``Qwen2Config`` by ``cfg.model_type``); ``overrides`` are passed on
+    (e.g. ``bos_token_id``). Needs ``transformers``. Also available as
+    ``LlamaConfig.to_hf``.
+
+    Raises:
+      ValueError: if the switches cannot be expressed by that class (q/k/v
+        bias without o bias is Qwen2 only, o bias is LLaMA only, ...).
+    """
+    import transformers
+
+    kw = {f: getattr(cfg, f) for f in _HF_SHARED_FIELDS}
+    kw.update(_rope_to_hf(cfg, int(transformers.__version__.split(".")[0])))
+    _check_switches(cfg)
+    cls_name, family_kw = _TO_HF[cfg.model_type](cfg)
+    kw.update(family_kw)
+    kw.update(overrides)
+    return getattr(transformers, cls_name)(**kw)
+
+
+def _rope_to_hf(cfg: LlamaConfig, major: int) -> dict:
+    """``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``."""
+    rope = {"rope_type": cfg.rope_type, "rope_theta": float(cfg.rope_theta)}
+    rope.update({k: v for k, v in (cfg.rope_scaling_dict or {}).items()
+                 if k not in ("type", "rope_type")})
+    if major >= 5:
+        return {"rope_parameters": rope}
+    return {"rope_theta": float(cfg.rope_theta), "rope_scaling": None if cfg.rope_scaling is None
+            else {k: v for k, v in rope.items() if k != "rope_theta"}}
+
+
+def _llama_to_hf(cfg: LlamaConfig):
+    if cfg.qkv_bias and not cfg.attention_bias:
+        raise ValueError(
+            "qkv_bias without attention_bias (bias on q/k/v but not o) has no "
+            "transformers LlamaConfig equivalent; use model_type='qwen2'."
+        )
+    if cfg.sliding_window is not None:
+        raise ValueError("transformers LlamaConfig has no sliding window; use model_type='mistral'.")
+    return "LlamaConfig", dict(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+
+
+def _mistral_to_hf(cfg: LlamaConfig):
+    if cfg.has_qkv_bias or cfg.mlp_bias:
+        raise ValueError("transformers MistralConfig has no attention/MLP biases.")
+    return "MistralConfig", dict(sliding_window=cfg.sliding_window)
+
+
+def _qwen2_to_hf(cfg: LlamaConfig):
+    if not cfg.qkv_bias or cfg.attention_bias or cfg.mlp_bias:
+        raise ValueError(
+            "transformers Qwen2 has bias on q/k/v only: needs qkv_bias=True, "
+            "attention_bias=False, mlp_bias=False."
+        )
+    return "Qwen2Config", dict(use_sliding_window=cfg.sliding_window is not None,
+                               sliding_window=cfg.sliding_window, max_window_layers=0)
+
+
+def _qwen3_to_hf(cfg: LlamaConfig):
+    if cfg.qkv_bias != cfg.attention_bias or cfg.mlp_bias:
+        raise ValueError(
+            "transformers Qwen3 has attention_bias on q/k/v/o together and no MLP bias: needs "
+            f"qkv_bias == attention_bias and mlp_bias=False (got qkv_bias={cfg.qkv_bias}, "
+            f"attention_bias={cfg.attention_bias}, mlp_bias={cfg.mlp_bias}).")
+    return "Qwen3Config", dict(attention_bias=cfg.attention_bias,
+                               use_sliding_window=cfg.sliding_window is not None,
+                               sliding_window=cfg.sliding_window, max_window_layers=0)
+
+
+def _phi3_to_hf(cfg: LlamaConfig):
+    if cfg.has_qkv_bias or cfg.mlp_bias:
+        raise ValueError("transformers Phi3Config has no attention/MLP biases.")
+    return "Phi3Config", dict(sliding_window=cfg.sliding_window)
+
+
+def _gemma_to_hf(cfg: LlamaConfig):
+    if cfg.qkv_bias != cfg.attention_bias or cfg.mlp_bias or cfg.sliding_window is not None:
+        raise ValueError(
+            "transformers Gemma has attention_bias on q/k/v/o together, no MLP bias and no "
+            f"window (got qkv_bias={cfg.qkv_bias}, attention_bias={cfg.attention_bias}, "
+            f"mlp_bias={cfg.mlp_bias}, sliding_window={cfg.sliding_window}).")
+    return "GemmaConfig", dict(attention_bias=cfg.attention_bias)
+
+
+def _gemma2_to_hf(cfg: LlamaConfig):
+    _, kw = _gemma_to_hf(cfg.replace(sliding_window=None))
+    kind = "sliding_attention" if cfg.sliding_window is not None else "full_attention"
+    return "Gemma2Config", dict(
+        kw, hidden_activation=cfg.hidden_act, sliding_window=cfg.sliding_window,
+        layer_types=list(cfg.layer_types or [kind] * cfg.num_hidden_layers),
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        attn_logit_softcapping=cfg.attn_logit_softcapping,
+        final_logit_softcapping=cfg.final_logit_softcapping)
+
+
+_TO_HF = {"llama": _llama_to_hf, "mistral": _mistral_to_hf, "qwen2": _qwen2_to_hf,
+          "qwen3": _qwen3_to_hf, "phi3": _phi3_to_hf, "gemma": _gemma_to_hf,
+          "gemma2": _gemma2_to_hf}
+
+# Switches no transformers config field names: each family's values (others: False).
+_GEMMA = {"norm_unit_offset": True, "scale_embeddings": True}
+_FAMILY_SWITCHES = {"qwen3": {"qk_norm": True}, "gemma": _GEMMA,
+                    "gemma2": {**_GEMMA, "post_norms": True}}
+_SWITCHES = ("qk_norm", "norm_unit_offset", "scale_embeddings", "post_norms")
+_GEMMA2_ONLY = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                "layer_types")
+
+
+def _check_switches(cfg: LlamaConfig) -> None:
+    """Raise if a switch differs from what ``cfg.model_type``'s transformers model does."""
+    want = _FAMILY_SWITCHES.get(cfg.model_type, {})
+    for name in _SWITCHES:
+        if getattr(cfg, name) != want.get(name, False):
+            raise ValueError(
+                f"{name}={getattr(cfg, name)!r} has no transformers equivalent for "
+                f"model_type={cfg.model_type!r} (which has {name}={want.get(name, False)!r}).")
+    for name in _GEMMA2_ONLY if cfg.model_type != "gemma2" else ():
+        if getattr(cfg, name) is not None:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} has no transformers equivalent "
+                             f"for model_type={cfg.model_type!r} (only gemma2 has it).")
 
 
 def _layer_entries(cfg: LlamaConfig):
@@ -85,11 +356,74 @@ def _layer_entries(cfg: LlamaConfig):
         out.append((f"self_attn.{name}.weight", ("self_attn", name, "kernel"), (o, i), True))
         if bias:
             out.append((f"self_attn.{name}.bias", ("self_attn", name, "bias"), (o,), False))
+    if cfg.qk_norm:
+        out += [(f"self_attn.{n}.weight", ("self_attn", n, "scale"), (d,), False)
+                for n in ("q_norm", "k_norm")]
+    if cfg.post_norms:
+        out += [(f"{n}.weight", (n, "scale"), (D,), False)
+                for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")]
     for name, o, i in (("gate_proj", F, D), ("up_proj", F, D), ("down_proj", D, F)):
         out.append((f"mlp.{name}.weight", ("mlp", name, "kernel"), (o, i), True))
         if cfg.mlp_bias:
             out.append((f"mlp.{name}.bias", ("mlp", name, "bias"), (o,), False))
     return out
+
+
+# Checkpoint tensors that hold several of ours stacked on their first axis, by family.
+_FUSED = {"phi3": (("self_attn.qkv_proj.weight", ("self_attn.q_proj.weight",
+                                                   "self_attn.k_proj.weight",
+                                                   "self_attn.v_proj.weight")),
+                   ("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")))}
+
+
+def _fused_parts(cfg: LlamaConfig) -> dict:
+    """``{part name: (fused name, first row, last row + 1)}`` over all layers
+    (HF names; empty for families without fused tensors)."""
+    shapes = {suffix: shape for suffix, _, shape, _ in _layer_entries(cfg)}
+    out = {}
+    for fused, parts in _FUSED.get(cfg.model_type, ()):
+        row = 0
+        for part in parts:
+            for i in range(cfg.num_hidden_layers):
+                out[f"model.layers.{i}.{part}"] = (f"model.layers.{i}.{fused}", row,
+                                                   row + shapes[part][0])
+            row += shapes[part][0]
+    return out
+
+
+def _fuse(tensors: dict, cfg: LlamaConfig) -> dict:
+    """A ``{HF name: numpy array}`` dict with each family's fused tensors
+    concatenated from their parts (in place of the parts)."""
+    groups: dict = {}
+    for part, (fused, _, _) in _fused_parts(cfg).items():
+        groups.setdefault(fused, []).append(tensors.pop(part))
+    for fused, arrays in groups.items():
+        tensors[fused] = np.concatenate(arrays, axis=0)
+    return tensors
+
+
+def _unfused(src: "_Source", cfg: LlamaConfig, rename) -> "_Source":
+    """``src`` with each fused tensor also readable as its parts (row ranges)."""
+    parts = {rename(p): (rename(f), lo, hi) for p, (f, lo, hi) in _fused_parts(cfg).items()}
+    if not parts:
+        return src
+
+    def where(name, index):
+        fused, lo, hi = parts[name]
+        index = tuple(index or ()) or (slice(None),)
+        a, b, step = index[0].indices(hi - lo)
+        return fused, (slice(lo + a, lo + b, step),) + index[1:]
+
+    def read(name, index):
+        return src.read(*where(name, index)) if name in parts else src.read(name, index)
+
+    def shape(name):
+        if name not in parts:
+            return src.shape(name)
+        fused, lo, hi = parts[name]
+        return (hi - lo,) + tuple(src.shape(fused)[1:])
+
+    return _Source(list(src.keys) + list(parts), read, shape)
 
 
 def hf_parameter_shapes(cfg: LlamaConfig, *, include_tied: bool = False) -> dict[str, tuple]:
@@ -101,6 +435,8 @@ def hf_parameter_shapes(cfg: LlamaConfig, *, include_tied: bool = False) -> dict
     for i in range(cfg.num_hidden_layers):
         for suffix, _, shape, _ in _layer_entries(cfg):
             shapes[f"model.layers.{i}.{suffix}"] = shape
+    for part, (fused, lo, hi) in _fused_parts(cfg).items():
+        shapes[fused] = (shapes.get(fused, (0,))[0] + hi - lo,) + shapes.pop(part)[1:]
     shapes["model.norm.weight"] = (D,)
     if not cfg.tie_word_embeddings or include_tied:
         shapes["lm_head.weight"] = (V, D)
@@ -282,6 +618,7 @@ def _convert(src: _Source, cfg: LlamaConfig, dtype, strict: bool) -> dict:
     """numpy params; each stacked leaf is allocated once and read layer by layer
     into its slices (no per-layer copies and stack)."""
     rename = _check_checkpoint(src, cfg, strict)
+    src = _unfused(src, cfg, rename)
     params: dict = {}
     for leaf in _leaves(cfg, rename):
         if not leaf.stacked:
@@ -360,6 +697,7 @@ def params_to_hf(params, cfg: LlamaConfig, *, include_tied: bool = True, framewo
         out["lm_head.weight"] = cast(np.ascontiguousarray(np_params["head"]["lm_head"].T))
     elif include_tied:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    out = _fuse(out, cfg)
     if framework == "np":
         return {k: np.ascontiguousarray(v) for k, v in out.items()}
     if framework != "pt":
@@ -379,7 +717,7 @@ def from_hf_model(hf_model, *, dtype=None, config_dtype=None):
     """
     import jax.numpy as jnp
 
-    cfg = LlamaConfig.from_hf(hf_model.config, dtype=config_dtype or jnp.float32)
+    cfg = config_from_hf(hf_model.config, dtype=config_dtype or jnp.float32)
     return cfg, params_from_hf(hf_model.state_dict(), cfg, dtype=dtype)
 
 
@@ -465,7 +803,7 @@ def load_pretrained(path: str, *, dtype=None, config_dtype=None, strict: bool = 
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    cfg = LlamaConfig.from_hf(hf_config, dtype=config_dtype or jnp.float32)
+    cfg = config_from_hf(hf_config, dtype=config_dtype or jnp.float32)
     src = load_safetensors(path)
     if as_numpy:
         if shardings is not None:
@@ -478,6 +816,7 @@ def load_pretrained(path: str, *, dtype=None, config_dtype=None, strict: bool = 
 def _placed(src: _Source, cfg: LlamaConfig, dtype, strict: bool, shardings) -> dict:
     """jax params, each leaf read onto its sharding (see :func:`load_pretrained`)."""
     rename = _check_checkpoint(src, cfg, strict)
+    src = _unfused(src, cfg, rename)
     shapes = _param_shapes(cfg)
     shardings = _leaf_shardings(shardings, shapes)
     params: dict = {}
@@ -628,7 +967,9 @@ def _without_leading_axis(sharding):
                     f"SingleDeviceSharding, got {type(sharding).__name__}.")
 
 
-_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma": "GemmaForCausalLM",
+         "gemma2": "Gemma2ForCausalLM"}
 
 
 def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtype=None,
@@ -704,7 +1045,7 @@ def _config_to_write(cfg: LlamaConfig, hf_config, first_dtype: np.dtype):
 
 def _check_hf_config(cfg: LlamaConfig, hf_config) -> None:
     """Raise if ``hf_config`` describes another architecture than ``cfg``."""
-    check = LlamaConfig.from_hf(hf_config)
+    check = config_from_hf(hf_config)
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim",
               "tie_word_embeddings", "attention_bias", "qkv_bias", "mlp_bias"):
@@ -716,12 +1057,12 @@ def _check_hf_config(cfg: LlamaConfig, hf_config) -> None:
 
 
 class _Out(NamedTuple):
-    """One tensor to write: its checkpoint name, the params leaf it comes from,
-    its layer in that leaf (``None``: an unstacked leaf), shape and dtype."""
+    """One tensor to write: its checkpoint name, the ``(params leaf, layer)``
+    pieces it is made of (layer ``None``: an unstacked leaf; several: a
+    family's fused tensor, the pieces' rows concatenated), shape and dtype."""
 
     name: str
-    leaf: _Leaf
-    layer: Optional[int]
+    pieces: tuple
     shape: tuple
     dtype: np.dtype
 
@@ -732,21 +1073,29 @@ class _Out(NamedTuple):
 
 def _save_plan(params, cfg: LlamaConfig, dtype) -> list:
     """The tensors of a ``save_pretrained`` checkpoint in checkpoint order:
-    embedding, every layer's tensors (layer-major), final norm, untied head."""
+    embedding, every layer's tensors (layer-major; a fused tensor where its
+    first part would be), final norm, untied head."""
     shapes = hf_parameter_shapes(cfg)
+    fused = _fused_parts(cfg)
     leaves = _leaves(cfg, lambda n: n)
     stacked = [lf for lf in leaves if lf.stacked]
     order = [(leaves[0], None)]
     order += [(lf, i) for i in range(cfg.num_hidden_layers) for lf in stacked]
     order += [(lf, None) for lf in leaves[1:] if not lf.stacked]
-    plan = []
+    pieces: dict = {}  # name -> [(first row, (leaf, layer))], in checkpoint order
     for lf, i in order:
-        name = lf.names[0 if i is None else i]
-        dt = np.dtype(dtype if dtype is not None else _at(params, lf.path).dtype)
+        part = lf.names[0 if i is None else i]
+        name, row = fused[part][:2] if part in fused else (part, 0)
+        pieces.setdefault(name, []).append((row, (lf, i)))
+    plan = []
+    for name, rows in pieces.items():
+        first = rows[0][1][0]
+        dt = np.dtype(dtype if dtype is not None else _at(params, first.path).dtype)
         if dt.name not in _ST_DTYPES:
             raise ValueError(f"save_pretrained: {name} would be {dt}, which safetensors does "
                              f"not store (pass dtype=, e.g. jnp.bfloat16).")
-        plan.append(_Out(name, lf, i, tuple(shapes[name]), dt))
+        plan.append(_Out(name, tuple(p for _, p in sorted(rows, key=lambda r: r[0])),
+                         tuple(shapes[name]), dt))
     return plan
 
 
@@ -796,17 +1145,21 @@ def _gather_weights(params, files: list) -> None:
 
 def _gather(params, t: _Out) -> np.ndarray:
     """Tensor ``t`` on this host (C-contiguous, cast as :func:`params_to_hf`
-    does): for a jax leaf cut out on the leaf's devices
-    (:func:`_device_tensor`), then gathered (:func:`_to_host`)."""
-    a = _at(params, t.leaf.path)
-    stacked = t.layer is not None
-    if isinstance(a, jax.Array):
-        h = _to_host(_device_tensor(a, np.int32(t.layer or 0), stacked, t.leaf.transpose))
-    else:
-        h = np.asarray(a)[t.layer] if stacked else np.asarray(a)
-        h = h.T if t.leaf.transpose else h
-    h = np.ascontiguousarray(h)
+    does): each piece cut out on its leaf's devices (:func:`_device_tensor`)
+    and gathered (:func:`_to_host`); a fused tensor's pieces concatenated."""
+    parts = [_gather_piece(params, leaf, layer) for leaf, layer in t.pieces]
+    h = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
     return h if h.dtype == t.dtype else h.astype(t.dtype)
+
+
+def _gather_piece(params, leaf: _Leaf, layer: Optional[int]) -> np.ndarray:
+    """Layer ``layer`` of ``leaf`` (the leaf if ``None``), in HF's orientation, on this host."""
+    a = _at(params, leaf.path)
+    stacked = layer is not None
+    if isinstance(a, jax.Array):
+        return _to_host(_device_tensor(a, np.int32(layer or 0), stacked, leaf.transpose))
+    h = np.asarray(a)[layer] if stacked else np.asarray(a)
+    return h.T if leaf.transpose else h
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -215,16 +215,17 @@ def forward_cached(cfg: llama.LlamaConfig, params, cache, ids, pos, valid, start
     the updated cache.
     """
     cos, sin = llama.rotary_cos_sin(cfg, pos)
-    vis = llama.attention_mask(cfg, valid.shape[1], valid)         # [B, S, S]
-    vis = lax.dynamic_slice_in_dim(vis, start, ids.shape[1], axis=1)[:, None]
     h = llama.llama_embed(cfg, params["embed"], {"input_ids": ids})
 
     def body(h, xs):
-        p, k, v = xs
+        p, k, v, i = xs
+        vis = llama.attention_mask(cfg, valid.shape[1], valid, llama.layer_sliding(cfg, i))
+        vis = lax.dynamic_slice_in_dim(vis, start, ids.shape[1], axis=1)[:, None]  # [B, 1, C, S]
         h, k, v = _layer_cached(cfg, p, h, k, v, cos, sin, vis, start)
         return h, (k, v)
 
-    h, cache = lax.scan(body, h, (params["layers"], *cache))
+    layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+    h, cache = lax.scan(body, h, (params["layers"], *cache, layers))
     logits = llama._head_logits(cfg, params["head"], h[:, -1:], params["embed"])
     return logits[:, 0].astype(jnp.float32), cache
 
@@ -232,25 +233,16 @@ def forward_cached(cfg: llama.LlamaConfig, params, cache, ids, pos, valid, start
 def _layer_cached(cfg, p, h, k_cache, v_cache, cos, sin, visible, start):
     """One decoder layer (:func:`llama.llama_layer`'s math) against its cache
     ``[B, S, K, d]``; returns ``(h, k_cache, v_cache)``."""
-    norm = llama._merge_submodule(cfg, "input_layernorm", p["input_layernorm"])
-    attn = llama._merge_submodule(cfg, "self_attn", p["self_attn"])
+    names = llama.branch_names(cfg)[0]
+    norm, attn, *post = (llama._merge_submodule(cfg, n, p[n]) for n in names)
     q, k, v = attn.qkv(norm(h), cos, sin)
     k_cache = lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
     v_cache = lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
-    h = h + attn.out(_cached_attention(q, k_cache, v_cache, visible))
-    mlp = {k: p[k] for k in ("post_attention_layernorm", "mlp")}
-    return h + llama._mlp_branch(cfg, mlp, h), k_cache, v_cache
-
-
-def _cached_attention(q, k, v, visible):
-    """``q [B, C, H, d]`` against ``k, v [B, S, K, d]``; hidden keys get the lowest
-    fp32 value added to their score (as the model's XLA attention)."""
-    bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    dtype = q.dtype
-    if dtype == jnp.float16:  # XLA:CPU has no fp16 x fp16 -> fp32 matmul
-        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
-    return out.astype(dtype)
+    o = attn.out(llama.attend(cfg, q, k_cache, v_cache, visible))
+    for m in post:  # post_norms (Gemma 2)
+        o = m(o)
+    h = h + o
+    return h + llama._mlp_branch(cfg, p, h), k_cache, v_cache
 
 
 def _next_token(logits, key, *, temperature, top_k, top_p):

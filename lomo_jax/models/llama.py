@@ -1,8 +1,9 @@
 r"""A LLaMA-architecture causal language model in Flax NNX, layer-stacked.
 
-One code path covers LLaMA (1/2/3), Mistral and Qwen2 checkpoints: they differ
-only in switches of :class:`LlamaConfig` (biases, sliding window, RoPE
-scaling). Conversion to and from Hugging Face ``transformers`` lives in
+One code path covers LLaMA (1/2/3), Mistral, Qwen2, Qwen3, Phi-3, Gemma and
+Gemma 2 checkpoints: they differ only in switches of :class:`LlamaConfig`
+(biases, sliding window, RoPE scaling, q/k norms, Gemma's norms, embedding
+scale, soft-capping and alternating windows). Conversion to and from Hugging Face ``transformers`` lives in
 :mod:`lomo_jax.models.convert`.
 
 **Why NNX (not linen).** NNX modules are plain Python objects holding their
@@ -112,10 +113,10 @@ Example::
     llama.update_module(model, params)                          # back into the NNX model
 
 Generation with a KV cache: :func:`lomo_jax.models.generate`. Not
-implemented: dropout, RoPE types other than
-``default``, ``linear`` and ``llama3`` (``from_hf`` raises), Qwen2 checkpoints
-that mix sliding-window and full-attention layers (``from_hf`` raises; a
-sliding window applied to *every* layer, Mistral-style, is supported).
+implemented: dropout, RoPE types other than ``default``, ``linear``,
+``llama3``, ``yarn`` and ``dynamic`` (``from_hf`` raises), partial rotary
+embeddings, Qwen2/Qwen3 checkpoints that mix sliding-window and
+full-attention layers (``from_hf`` raises; Gemma 2's mix is supported).
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ __all__ = [
 
 IGNORE_INDEX = -100
 
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 _ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -208,8 +210,12 @@ class LlamaConfig:
       rope_scaling: ``None`` (default RoPE) or a ``transformers``-style dict
         with ``rope_type`` in ``"default"``, ``"linear"`` (``factor``),
         ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
-        ``original_max_position_embeddings``).
-      max_position_embeddings: only carried to/from ``transformers`` configs.
+        ``original_max_position_embeddings``), ``"yarn"`` (``factor``,
+        ``original_max_position_embeddings``, optional ``attention_factor``,
+        ``beta_fast``, ``beta_slow``, ``mscale``, ``mscale_all_dim``,
+        ``truncate``) or ``"dynamic"`` (``factor``; see :func:`rope_inv_freq`).
+      max_position_embeddings: the length dynamic RoPE scales beyond; else only
+        carried to/from ``transformers`` configs (and bounds ``generate``).
       tie_word_embeddings: logits use the input embedding (no ``lm_head``).
       attention_bias: bias on q, k, v **and** o projections (as
         ``transformers.LlamaConfig.attention_bias``).
@@ -218,8 +224,29 @@ class LlamaConfig:
       hidden_act: MLP gate activation (``"silu"`` for SwiGLU).
       sliding_window: if set, query ``t`` sees keys ``t - W < s <= t`` in every
         layer (Mistral); ``None``: full causal attention.
+      qk_norm: RMSNorm (own scale ``[d]``) on every query and key head before
+        RoPE (Qwen3).
+      norm_unit_offset: every RMSNorm scales by :math:`1 + w` (weights 0 at
+        init), the product in fp32 before the cast (Gemma).
+      scale_embeddings: :math:`h_0 = E[x] \sqrt{D}` (the factor rounded to fp32,
+        then to ``dtype``; Gemma).
+      post_norms: RMSNorms also on the attention and MLP outputs before each
+        residual add (Gemma 2: ``post_attention_layernorm`` is then the
+        attention's output norm, ``pre_feedforward_layernorm`` the MLP's input norm).
+      query_pre_attn_scalar: scores are scaled by this to the power -1/2
+        instead of ``head_dim`` (Gemma 2).
+      attn_logit_softcapping: scores :math:`s \to c \tanh(s / c)` before the mask
+        (Gemma 2; the model then uses its own XLA attention, not
+        ``jax.nn.dot_product_attention``).
+      final_logit_softcapping: the same on the logits (Gemma 2; the loss then
+        forms the ``[B, T, V]`` logits instead of the chunked cross-entropy).
+      layer_types: per layer ``"sliding_attention"`` or ``"full_attention"``
+        (Gemma 2 alternates them); only a mix is kept (all sliding: the
+        window on every layer; all full: no window). A layer then needs its
+        index (the :class:`lomo_jax.LayeredModel` layer takes ``index``).
       initializer_range: std of the normal initializer of kernels/embeddings.
-      model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``; selects the
+      model_type: ``"llama"``, ``"mistral"``, ``"qwen2"``, ``"qwen3"``, ``"phi3"``,
+        ``"gemma"`` or ``"gemma2"``; selects the
         ``transformers`` config/model class on export.
       dtype: computation dtype (activations, matmuls; softmax, RMSNorm
         statistics and the loss are fp32 regardless).
@@ -246,6 +273,14 @@ class LlamaConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: Optional[int] = None
+    qk_norm: bool = False
+    norm_unit_offset: bool = False
+    scale_embeddings: bool = False
+    post_norms: bool = False
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    layer_types: Optional[tuple] = None
     initializer_range: float = 0.02
     model_type: str = "llama"
     dtype: Any = jnp.float32
@@ -286,6 +321,7 @@ class LlamaConfig:
             )
         if self.sliding_window is not None and int(self.sliding_window) < 1:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}.")
+        self._set_layer_types(set_)
         rs = self.rope_scaling
         if isinstance(rs, Mapping):
             rs = tuple(sorted((str(k), _freeze(v)) for k, v in rs.items()))
@@ -305,7 +341,38 @@ class LlamaConfig:
         set_("dtype", jnp.dtype(self.dtype))
         set_("param_dtype", jnp.dtype(self.param_dtype))
 
+    def _set_layer_types(self, set_) -> None:
+        """Checks ``layer_types``; keeps it (a tuple) only if it mixes both kinds."""
+        types = self.layer_types
+        if types is None:
+            return
+        types = tuple(types)
+        if len(types) != self.num_hidden_layers or any(t not in _LAYER_TYPES for t in types):
+            raise ValueError(
+                f"layer_types={list(types)} must list one of {_LAYER_TYPES} per layer "
+                f"(num_hidden_layers={self.num_hidden_layers}).")
+        if "sliding_attention" in types and self.sliding_window is None:
+            raise ValueError(f"layer_types={list(types)} has sliding layers but sliding_window=None.")
+        if "full_attention" not in types or "sliding_attention" not in types:
+            types = None
+            if "sliding_attention" not in self.layer_types:
+                set_("sliding_window", None)
+        set_("layer_types", types)
+
     # ---- derived --------------------------------------------------------
+
+    @property
+    def sliding_layers(self) -> Optional[np.ndarray]:
+        """``[L]`` bool, which layers use the window (``None`` unless ``layer_types`` mixes)."""
+        if self.layer_types is None:
+            return None
+        return np.array([t == "sliding_attention" for t in self.layer_types])
+
+    @property
+    def attention_scale(self) -> Optional[float]:
+        """The score scale when it is not ``head_dim ** -0.5`` (else ``None``)."""
+        q = self.query_pre_attn_scalar
+        return None if q is None else float(q) ** -0.5
 
     @property
     def rope_scaling_dict(self) -> Optional[dict]:
@@ -330,137 +397,26 @@ class LlamaConfig:
         """A copy with some fields changed (e.g. ``dtype=jnp.bfloat16``)."""
         if "rope_scaling" not in kw:
             kw["rope_scaling"] = self.rope_scaling_dict
+        if "sliding_window" in kw and "layer_types" not in kw:
+            kw["layer_types"] = None
         return dataclasses.replace(self, **kw)
 
     # ---- transformers ---------------------------------------------------
 
     @classmethod
     def from_hf(cls, hf_config, *, dtype=jnp.float32, param_dtype=None) -> "LlamaConfig":
-        """Build from a ``transformers`` ``LlamaConfig``/``MistralConfig``/``Qwen2Config``.
+        """Build from a ``transformers`` config: see
+        :func:`lomo_jax.models.convert.config_from_hf`."""
+        from lomo_jax.models.convert import config_from_hf
 
-        Reads both the transformers>=5 ``rope_parameters`` dict and the older
-        ``rope_theta`` + ``rope_scaling`` fields. ``dtype``/``param_dtype``
-        are not taken from the checkpoint (default fp32; pass
-        ``jnp.bfloat16`` for bf16).
-
-        Raises:
-          ValueError: unsupported ``model_type`` (e.g. ``qwen3``, which adds
-            q/k norms).
-          NotImplementedError: a RoPE type other than default/linear/llama3, a
-            Qwen2 config mixing sliding-window and full-attention layers.
-        """
-        mt = getattr(hf_config, "model_type", "llama") or "llama"
-        if mt not in _SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"transformers model_type {mt!r} is not supported by lomo_jax.models.llama "
-                f"(supported: {_SUPPORTED_MODEL_TYPES})."
-            )
-        g = functools.partial(getattr, hf_config)
-        heads = g("num_attention_heads")
-        theta, scaling = _hf_rope(hf_config)
-        window = None
-        if mt == "mistral":
-            window = g("sliding_window", None)
-        elif mt == "qwen2":
-            types = list(g("layer_types", None) or [])
-            sliding = [t == "sliding_attention" for t in types]
-            if any(sliding) and not all(sliding):
-                raise NotImplementedError(
-                    "this Qwen2 config mixes sliding-window and full-attention layers "
-                    f"(layer_types={types}); the stacked model applies one attention "
-                    "pattern to every layer."
-                )
-            if types and all(sliding):
-                window = g("sliding_window", None)
-        # pretraining_tp only changes how transformers slices its matmuls: same math.
-        return cls(
-            vocab_size=g("vocab_size"),
-            hidden_size=g("hidden_size"),
-            intermediate_size=g("intermediate_size"),
-            num_hidden_layers=g("num_hidden_layers"),
-            num_attention_heads=heads,
-            num_key_value_heads=g("num_key_value_heads", None) or heads,
-            head_dim=g("head_dim", None) or g("hidden_size") // heads,
-            rms_norm_eps=float(g("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            max_position_embeddings=int(g("max_position_embeddings", 2048) or 2048),
-            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
-            attention_bias=bool(g("attention_bias", False)) if mt != "qwen2" else False,
-            qkv_bias=(mt == "qwen2"),
-            mlp_bias=bool(g("mlp_bias", False)),
-            hidden_act=g("hidden_act", "silu"),
-            sliding_window=window,
-            initializer_range=float(g("initializer_range", 0.02)),
-            model_type=mt,
-            dtype=dtype,
-            param_dtype=dtype if param_dtype is None else param_dtype,
-        )
+        return config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
 
     def to_hf(self, **overrides):
-        """The matching ``transformers`` config (``LlamaConfig``, ``MistralConfig``
-        or ``Qwen2Config`` by :attr:`model_type`); ``overrides`` are passed on
-        (e.g. ``bos_token_id``). Needs ``transformers``.
+        """The matching ``transformers`` config: see
+        :func:`lomo_jax.models.convert.config_to_hf`."""
+        from lomo_jax.models.convert import config_to_hf
 
-        Raises:
-          ValueError: if the switches cannot be expressed by that class (q/k/v
-            bias without o bias is Qwen2 only, o bias is LLaMA only, ...).
-        """
-        import transformers
-
-        mt = self.model_type
-        rope = {"rope_type": self.rope_type, "rope_theta": float(self.rope_theta)}
-        rope.update({k: v for k, v in (self.rope_scaling_dict or {}).items() if k not in ("type", "rope_type")})
-        kw = dict(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps,
-            max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act=self.hidden_act,
-            initializer_range=self.initializer_range,
-        )
-        if int(transformers.__version__.split(".")[0]) >= 5:
-            kw["rope_parameters"] = rope
-        else:
-            kw["rope_theta"] = float(self.rope_theta)
-            kw["rope_scaling"] = None if self.rope_scaling is None else {
-                k: v for k, v in rope.items() if k != "rope_theta"
-            }
-        if mt == "llama":
-            if self.qkv_bias and not self.attention_bias:
-                raise ValueError(
-                    "qkv_bias without attention_bias (bias on q/k/v but not o) has no "
-                    "transformers LlamaConfig equivalent; use model_type='qwen2'."
-                )
-            if self.sliding_window is not None:
-                raise ValueError("transformers LlamaConfig has no sliding window; use model_type='mistral'.")
-            cls = transformers.LlamaConfig
-            kw.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-        elif mt == "mistral":
-            if self.has_qkv_bias or self.mlp_bias:
-                raise ValueError("transformers MistralConfig has no attention/MLP biases.")
-            cls = transformers.MistralConfig
-            kw.update(sliding_window=self.sliding_window)
-        else:  # qwen2
-            if not self.qkv_bias or self.attention_bias or self.mlp_bias:
-                raise ValueError(
-                    "transformers Qwen2 has bias on q/k/v only: needs qkv_bias=True, "
-                    "attention_bias=False, mlp_bias=False."
-                )
-            cls = transformers.Qwen2Config
-            kw.update(
-                use_sliding_window=self.sliding_window is not None,
-                sliding_window=self.sliding_window,
-                max_window_layers=0,
-            )
-        kw.update(overrides)
-        return cls(**kw)
+        return config_to_hf(self, **overrides)
 
 
 def _freeze(v):
@@ -469,47 +425,34 @@ def _freeze(v):
     return v
 
 
-def _hf_rope(hf_config):
-    """``(rope_theta, rope_scaling dict or None)`` from a transformers config."""
-    rp = getattr(hf_config, "rope_parameters", None)
-    if isinstance(rp, Mapping) and rp:
-        if all(isinstance(v, Mapping) for v in rp.values()):
-            raise NotImplementedError(
-                f"per-layer-type rope_parameters {dict(rp)} are not supported."
-            )
-        theta = rp.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-    else:
-        theta = getattr(hf_config, "rope_theta", 10000.0)
-        scaling = getattr(hf_config, "rope_scaling", None)
-        scaling = dict(scaling) if scaling else None
-    if theta is None:
-        theta = 10000.0
-    if scaling is not None:
-        if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-            scaling = None
-    return theta, scaling
-
-
 # --------------------------------------------------------------------------
 # Building blocks (pure array functions)
 # --------------------------------------------------------------------------
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=None) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype=None,
+             unit_offset: bool = False) -> jax.Array:
     r""":math:`w \odot x / \sqrt{\mathrm{mean}(x^2) + \epsilon}`; statistics in
     fp32, the normalized activation cast to ``dtype`` (default ``x.dtype``)
-    before the scale, as in ``transformers``' ``LlamaRMSNorm``."""
+    before the scale, as in ``transformers``' ``LlamaRMSNorm``. With
+    ``unit_offset`` (Gemma) the factor is :math:`1 + w` and the product is
+    taken in fp32, then cast."""
     dtype = x.dtype if dtype is None else dtype
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = (x32 * lax.rsqrt(var + eps)).astype(dtype)
-    return scale.astype(dtype) * y
+    y = x32 * lax.rsqrt(var + eps)
+    if unit_offset:
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(dtype)
+    return scale.astype(dtype) * y.astype(dtype)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    r"""The RoPE inverse frequencies :math:`\omega_i`, ``[head_dim // 2]`` fp32
-    (``transformers``' formulas for ``default``, ``linear`` and ``llama3``)."""
+    r"""The RoPE inverse frequencies :math:`\omega_i = \theta^{-2i/d}`, ``[head_dim // 2]``
+    fp32, scaled as ``transformers`` does for ``linear`` (all divided by the
+    factor), ``llama3`` (low frequencies divided, a smooth ramp between) and
+    ``yarn`` (:func:`_yarn_inv_freq`). For ``dynamic`` these are the default
+    frequencies, those of sequences up to ``max_position_embeddings``
+    (:func:`rotary_cos_sin` rescales longer ones)."""
     d = config.head_dim
     base = np.float32(config.rope_theta)
     inv = (np.float32(1.0) / (base ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d)))).astype(
@@ -520,28 +463,113 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     if rtype == "linear":
         inv = (inv / np.float32(sc["factor"])).astype(np.float32)
     elif rtype == "llama3":
-        factor = np.float32(sc["factor"])
-        lo, hi = np.float32(sc["low_freq_factor"]), np.float32(sc["high_freq_factor"])
-        old = np.float32(sc["original_max_position_embeddings"])
-        lo_wl, hi_wl = old / lo, old / hi
-        wl = (np.float32(2 * math.pi) / inv).astype(np.float32)
-        out = np.where(wl > lo_wl, inv / factor, inv).astype(np.float32)
-        smooth = (old / wl - lo) / (hi - lo)
-        smoothed = (1 - smooth) * out / factor + smooth * out
-        medium = ~(wl < hi_wl) & ~(wl > lo_wl)
-        inv = np.where(medium, smoothed, out).astype(np.float32)
+        inv = _llama3_inv_freq(inv, sc)
+    elif rtype == "yarn":
+        inv = _yarn_inv_freq(config, sc)
     return inv
+
+
+def _llama3_inv_freq(inv: np.ndarray, sc: dict) -> np.ndarray:
+    """Llama 3: wavelengths above ``original / low_freq_factor`` divided by the
+    factor, below ``original / high_freq_factor`` kept, a linear blend between."""
+    factor = np.float32(sc["factor"])
+    lo, hi = np.float32(sc["low_freq_factor"]), np.float32(sc["high_freq_factor"])
+    old = np.float32(sc["original_max_position_embeddings"])
+    lo_wl, hi_wl = old / lo, old / hi
+    wl = (np.float32(2 * math.pi) / inv).astype(np.float32)
+    out = np.where(wl > lo_wl, inv / factor, inv).astype(np.float32)
+    smooth = (old / wl - lo) / (hi - lo)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wl < hi_wl) & ~(wl > lo_wl)
+    return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def _yarn_factor(config: LlamaConfig, sc: dict) -> float:
+    return float(sc.get("factor") or
+                 config.max_position_embeddings / sc["original_max_position_embeddings"])
+
+
+def _yarn_inv_freq(config: LlamaConfig, sc: dict) -> np.ndarray:
+    r"""YaRN: :math:`\omega_i = \omega_i/s\,(1 - e_i) + \omega_i\,e_i` with
+    :math:`e_i = 1 - \mathrm{clip}((i - l)/(h - l), 0, 1)`, where :math:`[l, h]`
+    are the dimensions that turn ``beta_fast`` and ``beta_slow`` times over
+    ``original_max_position_embeddings`` positions, :math:`s` the factor."""
+    d, base = config.head_dim, float(config.rope_theta)
+    factor = np.float32(_yarn_factor(config, sc))
+    pos_freqs = (np.float32(base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+                 ).astype(np.float32)
+    lo, hi = _yarn_range(sc, d, base)
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo),
+                   0, 1).astype(np.float32)
+    keep = np.float32(1) - ramp
+    inv = (np.float32(1) / (factor * pos_freqs)) * (1 - keep) + (np.float32(1) / pos_freqs) * keep
+    return inv.astype(np.float32)
+
+
+def _yarn_range(sc: dict, d: int, base: float) -> tuple:
+    """The dimension range ``(l, h)`` of the YaRN ramp (``truncate``: integers)."""
+    omax = sc["original_max_position_embeddings"]
+
+    def dim_of(rotations):
+        return d * math.log(omax / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = dim_of(sc.get("beta_fast") or 32), dim_of(sc.get("beta_slow") or 1)
+    if sc.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, d - 1)
+    return lo, (hi + 0.001 if lo == hi else hi)
+
+
+def rope_attention_factor(config: LlamaConfig) -> float:
+    r"""The factor on ``cos``/``sin`` (1 but for ``yarn``: ``attention_factor``, else
+    :math:`m(s) = 0.1 \ln s + 1` for factor :math:`s > 1`, or
+    :math:`m(s, \mathrm{mscale}) / m(s, \mathrm{mscale\_all\_dim})` with
+    :math:`m(s, a) = 0.1\,a \ln s + 1` when both are set)."""
+    sc = config.rope_scaling_dict or {}
+    if config.rope_type != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    s = _yarn_factor(config, sc)
+
+    def m(a=1.0):
+        return 1.0 if s <= 1 else 0.1 * a * math.log(s) + 1.0
+
+    if sc.get("mscale") and sc.get("mscale_all_dim"):
+        return float(m(sc["mscale"]) / m(sc["mscale_all_dim"]))
+    return m()
+
+
+def _dynamic_inv_freq(config: LlamaConfig, positions: jax.Array) -> jax.Array:
+    r"""Dynamic NTK for the sequence length :math:`s = \max(\text{positions}) + 1`
+    (over the whole batch, as ``transformers``): the default frequencies when
+    :math:`s \le M` (``max_position_embeddings``), else those of the base
+    :math:`\theta\,(f s / M - (f - 1))^{d/(d-2)}`. Traced, so exact for any length."""
+    d, big_m = config.head_dim, config.max_position_embeddings
+    f = float(config.rope_scaling_dict["factor"])
+    s = jnp.max(positions).astype(jnp.int32) + 1
+    sf = jnp.maximum(s, big_m).astype(jnp.float32)
+    base = jnp.float32(config.rope_theta) * ((f * sf / big_m) - (f - 1)) ** (d / (d - 2))
+    inv = 1.0 / base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    return jnp.where(s > big_m, inv, jnp.asarray(rope_inv_freq(config)))
 
 
 def rotary_cos_sin(config: LlamaConfig, positions: jax.Array, dtype=None):
     r"""``cos, sin`` of :math:`p\,\omega` for integer ``positions [B, T]``:
     ``[B, T, head_dim]`` (each frequency twice, halves layout), computed in
-    fp32 then cast to ``dtype``."""
-    inv = jnp.asarray(rope_inv_freq(config))
+    fp32 (times :func:`rope_attention_factor` for ``yarn``) then cast to ``dtype``."""
+    if config.rope_type == "dynamic":
+        inv = _dynamic_inv_freq(config, positions)
+    else:
+        inv = jnp.asarray(rope_inv_freq(config))
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     dtype = config.dtype if dtype is None else dtype
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    factor = rope_attention_factor(config)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def _rotate_half(x):
@@ -556,16 +584,25 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + _rotate_half(x) * sin
 
 
-def attention_mask(config: LlamaConfig, seq_len: int, padding_mask=None) -> jax.Array:
+def attention_mask(config: LlamaConfig, seq_len: int, padding_mask=None,
+                   sliding=None) -> jax.Array:
     r"""Boolean visibility ``[B or 1, T, T]`` (query, key): causal, inside the
     sliding window if any, and key not padding (``padding_mask [B, T]``, nonzero
     = keep). The model itself passes causality and the window to
     ``jax.nn.dot_product_attention`` as flags and builds only
-    :func:`key_mask`; this dense form is for inspection and tests."""
+    :func:`key_mask`; this dense form is for inspection and tests.
+    ``sliding``: with mixed ``config.layer_types``, whether this layer uses
+    the window (a bool, may be traced); required then."""
     idx = jnp.arange(seq_len)
     vis = idx[None, :] <= idx[:, None]
     if config.sliding_window is not None:
-        vis = vis & (idx[None, :] > idx[:, None] - int(config.sliding_window))
+        in_window = idx[None, :] > idx[:, None] - int(config.sliding_window)
+        if config.layer_types is not None:
+            if sliding is None:
+                raise ValueError("this config mixes sliding and full attention layers "
+                                 "(layer_types): pass the layer's `sliding` flag.")
+            in_window = in_window | ~jnp.asarray(sliding)
+        vis = vis & in_window
     vis = vis[None]
     if padding_mask is not None:
         vis = vis & (jnp.asarray(padding_mask) != 0)[:, None, :]
@@ -658,7 +695,7 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
-def attention(config: LlamaConfig, q, k, v, mask=None) -> jax.Array:
+def attention(config: LlamaConfig, q, k, v, mask=None, sliding=None) -> jax.Array:
     r"""Causal grouped-query attention, ``jax.nn.dot_product_attention``.
 
     ``q [B, T, H, d]``, ``k, v [B, T, K, d]``, ``mask [B, 1, T, T]`` bool or
@@ -678,7 +715,14 @@ def attention(config: LlamaConfig, q, k, v, mask=None) -> jax.Array:
     * ``"auto"`` (default): cuDNN when the program is compiled for a CUDA GPU
       (``lax.platform_dependent``: decided when lowering, so the same traced
       step runs XLA's on CPU/TPU) and the dtype and head size allow it, else XLA.
+
+    Configs with ``attn_logit_softcapping`` or mixed ``layer_types`` (then
+    ``sliding`` is this layer's flag) always use :func:`attend` (XLA, the
+    dense visibility as a bias), whatever the implementation setting.
     """
+    if config.attn_logit_softcapping is not None or config.layer_types is not None:
+        visible = attention_mask(config, q.shape[1], sliding=sliding)[:, None]
+        return attend(config, q, k, v, visible if mask is None else visible & mask)
     window = None
     if config.sliding_window is not None:
         window = (int(config.sliding_window) - 1, 0)
@@ -693,7 +737,8 @@ def attention(config: LlamaConfig, q, k, v, mask=None) -> jax.Array:
             bias = jnp.where(mask, 0.0, jnp.finfo(q.dtype).min).astype(q.dtype)
             bias = jnp.broadcast_to(bias, (b, 1, t, t))
         return jax.nn.dot_product_attention(
-            q, k, v, bias=bias, is_causal=True, local_window_size=window, implementation="cudnn")
+            q, k, v, bias=bias, scale=config.attention_scale, is_causal=True,
+            local_window_size=window, implementation="cudnn")
 
     impl = config.attention_implementation
     if impl == "auto":
@@ -709,10 +754,11 @@ def _xla_attention(config, q, k, v, mask, window):
     def run(q, k, v):
         if mask is None:
             return jax.nn.dot_product_attention(
-                q, k, v, is_causal=True, local_window_size=window, implementation="xla")
-        visible = mask & attention_mask(config, q.shape[1])[:, None]
-        bias = jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
+                q, k, v, scale=config.attention_scale, is_causal=True, local_window_size=window,
+                implementation="xla")
+        bias = _visibility_bias(mask & attention_mask(config, q.shape[1])[:, None])
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=config.attention_scale,
+                                            implementation="xla")
 
     if q.dtype != jnp.float16:
         return run(q, k, v)
@@ -721,6 +767,43 @@ def _xla_attention(config, q, k, v, mask, window):
         return run(*(a.astype(jnp.float32) for a in (q, k, v))).astype(q.dtype)
 
     return lax.platform_dependent(q, k, v, cpu=upcast, default=run)
+
+
+def _visibility_bias(visible):
+    """0 where visible, the lowest fp32 value where hidden (added to the scores)."""
+    return jnp.where(visible, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def attend(config: LlamaConfig, q, k, v, visible) -> jax.Array:
+    r"""XLA attention of ``q [B, C, H, d]`` on ``k, v [B, S, K, d]`` with a dense
+    visibility ``[B or 1, 1, C, S]`` bool (hidden keys get the lowest fp32 value
+    added to their score, so a query that sees none averages all values, as
+    ``transformers``' eager attention). With ``attn_logit_softcapping`` :math:`c`
+    the scores are :math:`c \tanh(s / c)` before the mask (:func:`_softcapped`).
+    Used by :func:`attention` and by the KV-cache decoding."""
+    bias = _visibility_bias(visible)
+    dtype = q.dtype
+    if dtype == jnp.float16:  # XLA:CPU has no fp16 x fp16 -> fp32 matmul
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    if config.attn_logit_softcapping is None:
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=config.attention_scale,
+                                           implementation="xla")
+    else:
+        scale = config.attention_scale or q.shape[-1] ** -0.5
+        out = _softcapped(q, k, v, bias, scale, float(config.attn_logit_softcapping))
+    return out.astype(dtype)
+
+
+def _softcapped(q, k, v, bias, scale, cap):
+    r""":math:`\mathrm{softmax}(c \tanh(q k^\top \sigma / c) + M) v` per query head
+    (grouped-query: head :math:`h` reads kv head :math:`h / G`), fp32 scores."""
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = cap * jnp.tanh(s / cap) + bias[:, :, None]
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(b, t, h, d)
 
 
 def _cudnn_eligible(q) -> bool:
@@ -764,16 +847,24 @@ def _linear(config, d_in, d_out, use_bias, rngs):
     )
 
 
+def _rms_norm_module(config: LlamaConfig, dim: int) -> "RMSNorm":
+    return RMSNorm(dim, config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                   unit_offset=config.norm_unit_offset)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm with a learned ``scale`` (``transformers``' ``weight``), ones at init."""
 
-    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 unit_offset: bool = False):
+        init = jnp.zeros if unit_offset else jnp.ones  # the factor 1 either way
+        self.scale = nnx.Param(init((dim,), param_dtype))
         self.eps = float(eps)
         self.dtype = dtype
+        self.unit_offset = unit_offset
 
     def __call__(self, x):
-        return rms_norm(x, self.scale[...], self.eps, self.dtype)
+        return rms_norm(x, self.scale[...], self.eps, self.dtype, self.unit_offset)
 
 
 class LlamaAttention(nnx.Module):
@@ -787,12 +878,16 @@ class LlamaAttention(nnx.Module):
         self.k_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
         self.v_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
         self.o_proj = _linear(c, h * d, c.hidden_size, c.attention_bias, rngs)
+        if c.qk_norm:
+            self.q_norm = _rms_norm_module(c, d)
+            self.k_norm = _rms_norm_module(c, d)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, sliding=None):
         """``x [B, T, D]``, ``cos/sin [B, T, d]``, ``mask [B, 1, T, T]`` bool or ``None``
-        (see :func:`key_mask`; causality and the window are added here)."""
+        (see :func:`key_mask`; causality and the window are added here);
+        ``sliding``: see :func:`attention`."""
         q, k, v = self.qkv(x, cos, sin)
-        return self.out(attention(self.config, q, k, v, mask))
+        return self.out(attention(self.config, q, k, v, mask, sliding))
 
     def qkv(self, x, cos, sin):
         """Rotated queries ``[B, T, H, d]``, rotated keys and values ``[B, T, K, d]``
@@ -800,10 +895,11 @@ class LlamaAttention(nnx.Module):
         c = self.config
         b, t, _ = x.shape
         d, h, kh = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        q = apply_rotary(self.q_proj(x).reshape(b, t, h, d), cos, sin)
-        k = apply_rotary(self.k_proj(x).reshape(b, t, kh, d), cos, sin)
+        q, k = self.q_proj(x).reshape(b, t, h, d), self.k_proj(x).reshape(b, t, kh, d)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).reshape(b, t, kh, d)
-        return q, k, v
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def out(self, o):
         """The output projection of the attention result ``o [B, T, H, d]``."""
@@ -825,21 +921,42 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
+def branch_names(config: LlamaConfig) -> tuple:
+    """The sub-modules of the attention and the MLP residual branch, in order:
+    input norm, block, then (``post_norms``, Gemma 2) the output norm."""
+    if config.post_norms:
+        return (("input_layernorm", "self_attn", "post_attention_layernorm"),
+                ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"))
+    return ("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp")
+
+
+def _branch(modules, h, *args):
+    """``post(block(norm(h), *args))`` for ``modules = (norm, block[, post])``."""
+    x = modules[1](modules[0](h), *args)
+    for m in modules[2:]:
+        x = m(x)
+    return x
+
+
 class LlamaDecoderLayer(nnx.Module):
-    """Pre-norm block: ``h + Attn(norm1(h))`` then ``h + MLP(norm2(h))``."""
+    """Pre-norm block: ``h + Attn(norm1(h))`` then ``h + MLP(norm2(h))`` (with
+    ``post_norms`` each branch's output is normed too, see :func:`branch_names`)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
-        norm = functools.partial(RMSNorm, c.hidden_size, c.rms_norm_eps, dtype=c.dtype,
-                                 param_dtype=c.param_dtype)
-        self.input_layernorm = norm()
+        self.config = c
+        self.input_layernorm = _rms_norm_module(c, c.hidden_size)
         self.self_attn = LlamaAttention(c, rngs=rngs)
-        self.post_attention_layernorm = norm()
+        self.post_attention_layernorm = _rms_norm_module(c, c.hidden_size)
         self.mlp = LlamaMLP(c, rngs=rngs)
+        if c.post_norms:
+            self.pre_feedforward_layernorm = _rms_norm_module(c, c.hidden_size)
+            self.post_feedforward_layernorm = _rms_norm_module(c, c.hidden_size)
 
-    def __call__(self, h, cos, sin, mask):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, h, cos, sin, mask, sliding=None):
+        attn, mlp = ([getattr(self, n) for n in names] for names in branch_names(self.config))
+        h = h + _branch(attn, h, cos, sin, mask, sliding)
+        return h + _branch(mlp, h)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -871,7 +988,7 @@ class LlamaForCausalLM(nnx.Module):
             return LlamaDecoderLayer(c, rngs=rngs)
 
         self.layers = make_layers(rngs)
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        self.norm = _rms_norm_module(c, c.hidden_size)
         if c.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -882,21 +999,22 @@ class LlamaForCausalLM(nnx.Module):
         """Final hidden states after the last layer (before the final norm)."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": position_ids, "segment_ids": segment_ids}
-        cos, sin, mask = _context(self.config, batch)
-        h = self.embed_tokens(jnp.asarray(input_ids))
+        c = self.config
+        cos, sin, mask = _context(c, batch)
+        h = _scale_embedding(c, self.embed_tokens(jnp.asarray(input_ids)))
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(h, layer):
-            return layer(h, cos, sin, mask)
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+        def run(h, layer, i):
+            return layer(h, cos, sin, mask, layer_sliding(c, i))
 
-        return run(h, self.layers)
+        return run(h, self.layers, jnp.arange(c.num_hidden_layers, dtype=jnp.int32))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
         """Logits ``[B, T, V]`` in ``config.dtype``."""
         h = self.norm(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
         if self.lm_head is None:
-            return self.embed_tokens.attend(h)
-        return self.lm_head(h)
+            return _softcap_logits(self.config, self.embed_tokens.attend(h))
+        return _softcap_logits(self.config, self.lm_head(h))
 
     def loss(self, batch: Mapping[str, Any]) -> jax.Array:
         """Mean next-token cross-entropy (see :func:`causal_lm_loss`,
@@ -1010,10 +1128,27 @@ def llama_embed(config: LlamaConfig, embed_params, batch) -> jax.Array:
     """``h_0 = E[input_ids]`` in ``config.dtype``: ``[B, T, D]`` (its gradient is
     summed in fp32 and allocated late, see :mod:`lomo_jax.embedding`)."""
     ids = jnp.asarray(batch["input_ids"])
-    return embedding_lookup(jnp.asarray(embed_params["embedding"]), ids).astype(config.dtype)
+    h = embedding_lookup(jnp.asarray(embed_params["embedding"]), ids).astype(config.dtype)
+    return _scale_embedding(config, h)
 
 
-def llama_layer(config: LlamaConfig, layer_params, h, batch) -> jax.Array:
+def _scale_embedding(config: LlamaConfig, h):
+    r""":math:`h \sqrt{D}` for ``scale_embeddings`` (the factor rounded to fp32,
+    then to ``h``'s dtype, as ``transformers``' Gemma), else ``h``."""
+    if not config.scale_embeddings:
+        return h
+    return h * jnp.asarray(np.float32(math.sqrt(config.hidden_size)), h.dtype)
+
+
+def layer_sliding(config: LlamaConfig, index):
+    """Whether layer ``index`` (may be traced) uses the sliding window, for a
+    config with mixed ``layer_types``; ``None`` otherwise (no index needed)."""
+    if config.layer_types is None:
+        return None
+    return jnp.asarray(config.sliding_layers)[index]
+
+
+def llama_layer(config: LlamaConfig, layer_params, h, batch, index=None) -> jax.Array:
     """One decoder layer on one (unstacked) slice of ``params["layers"]``.
 
     The layer's own NNX sub-modules (norms, attention, MLP) are merged from the
@@ -1022,30 +1157,33 @@ def llama_layer(config: LlamaConfig, layer_params, h, batch) -> jax.Array:
     :func:`lomo_jax.grad_order.param_grads_first`, so the backward finishes the
     MLP's weight gradients (and frees its ``[B, T, F]`` activations) before
     the attention's backward starts. RoPE tables and the mask are rebuilt from
-    ``batch`` (cheap; XLA hoists them).
+    ``batch`` (cheap; XLA hoists them). ``index``: the layer's position, needed
+    (only) by configs with mixed ``layer_types``.
     """
-    context = _context(config, batch)
-    attn = {k: layer_params[k] for k in ("input_layernorm", "self_attn")}
-    mlp = {k: layer_params[k] for k in ("post_attention_layernorm", "mlp")}
+    context = _context(config, batch) + (layer_sliding(config, index),)
+    attn_names, mlp_names = branch_names(config)
+    attn = {k: layer_params[k] for k in attn_names}
+    mlp = {k: layer_params[k] for k in mlp_names}
     h = h + param_grads_first(functools.partial(_attention_branch, config))(attn, h, context)
     return h + param_grads_first(functools.partial(_mlp_branch, config))(mlp, h)
 
 
-def _attention_branch(config, p, h, cos, sin, mask):
-    norm = _merge_submodule(config, "input_layernorm", p["input_layernorm"])
-    return _merge_submodule(config, "self_attn", p["self_attn"])(norm(h), cos, sin, mask)
+def _merged_branch(config, names, p, h, *args):
+    return _branch([_merge_submodule(config, n, p[n]) for n in names], h, *args)
+
+
+def _attention_branch(config, p, h, cos, sin, mask, sliding=None):
+    return _merged_branch(config, branch_names(config)[0], p, h, cos, sin, mask, sliding)
 
 
 def _mlp_branch(config, p, h):
-    norm = _merge_submodule(config, "post_attention_layernorm", p["post_attention_layernorm"])
-    return _merge_submodule(config, "mlp", p["mlp"])(norm(h))
+    return _merged_branch(config, branch_names(config)[1], p, h)
 
 
 @functools.lru_cache(maxsize=64)
 def _submodule_templates(config: LlamaConfig) -> dict:
     layer = nnx.eval_shape(lambda: LlamaDecoderLayer(config, rngs=nnx.Rngs(0)))
-    return {name: nnx.split(getattr(layer, name)) for name in
-            ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")}
+    return {name: nnx.split(getattr(layer, name)) for name in sum(branch_names(config), ())}
 
 
 def _merge_submodule(config: LlamaConfig, name: str, params):
@@ -1059,7 +1197,8 @@ def _merge_submodule(config: LlamaConfig, name: str, params):
 def _head_input_and_weight(config: LlamaConfig, head_params, h, embed_params):
     """``(x, w, transposed)``: the normed ``h`` and the output projection, the
     tied embedding (``[V, D]``, ``transposed``) or the LM head (``[D, V]``)."""
-    x = rms_norm(h, jnp.asarray(head_params["norm"]), config.rms_norm_eps, config.dtype)
+    x = rms_norm(h, jnp.asarray(head_params["norm"]), config.rms_norm_eps, config.dtype,
+                 config.norm_unit_offset)
     if not config.tie_word_embeddings:
         return x, jnp.asarray(head_params["lm_head"]), False
     if embed_params is None:
@@ -1071,8 +1210,14 @@ def _head_logits(config: LlamaConfig, head_params, h, embed_params=None) -> jax.
     x, w, transposed = _head_input_and_weight(config, head_params, h, embed_params)
     w = w.astype(config.dtype)
     if transposed:
-        return jnp.dot(x, w.T)
-    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        return _softcap_logits(config, jnp.dot(x, w.T))
+    return _softcap_logits(config, lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))))
+
+
+def _softcap_logits(config: LlamaConfig, logits):
+    r""":math:`c \tanh(z / c)` for ``final_logit_softcapping`` :math:`c`, else ``z``."""
+    cap = config.final_logit_softcapping
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) -> jax.Array:
@@ -1083,6 +1228,9 @@ def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) ->
     vocabulary chunks: the ``[B, T, V]`` logits, their softmax and their
     cotangent never exist whole.
     """
+    if config.final_logit_softcapping is not None:  # not in the chunked cross-entropy
+        return causal_lm_loss(_head_logits(config, head_params, h, embed_params),
+                              default_labels(batch))
     x, w, transposed = _head_input_and_weight(config, head_params, h, embed_params)
     targets = next_token_targets(default_labels(batch))
     return linear_cross_entropy(x, w, targets, transposed=transposed, ignore_index=IGNORE_INDEX)
@@ -1091,11 +1239,12 @@ def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) ->
 def llama_hidden(config: LlamaConfig, params, batch) -> jax.Array:
     """Hidden states after the last layer (``lax.scan`` over the stacked layers)."""
 
-    def body(h, p):
-        return llama_layer(config, p, h, batch), None
+    def body(h, xs):
+        p, i = xs
+        return llama_layer(config, p, h, batch, i), None
 
     h = llama_embed(config, params["embed"], batch)
-    h, _ = lax.scan(body, h, params["layers"])
+    h, _ = lax.scan(body, h, (params["layers"], jnp.arange(config.num_hidden_layers)))
     return h
 
 
@@ -1138,7 +1287,11 @@ def llama_layered_model(config: LlamaConfig):
     def layer(p, h, batch):
         return llama_layer(config, p, h, batch)
 
+    def indexed_layer(p, h, batch, *, index):  # mixed windows: the layer needs its index
+        return llama_layer(config, p, h, batch, index)
+
     def head(p, h, batch, embed_params=None):
         return llama_head(config, p, h, batch, embed_params=embed_params)
 
-    return LayeredModel(embed, layer, head, tied=bool(config.tie_word_embeddings))
+    return LayeredModel(embed, layer if config.layer_types is None else indexed_layer, head,
+                        tied=bool(config.tie_word_embeddings))

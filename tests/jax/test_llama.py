@@ -154,8 +154,8 @@ def test_masking_semantics():
 def test_config_validation_and_rope():
     with pytest.raises(ValueError, match="multiple of"):
         llama.LlamaConfig(**{**TINY, "num_key_value_heads": 3})
-    with pytest.raises(NotImplementedError, match="yarn"):
-        llama.LlamaConfig(**TINY, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(NotImplementedError, match="longrope"):
+        llama.LlamaConfig(**TINY, rope_scaling={"rope_type": "longrope", "factor": 4.0})
     cfg = llama.LlamaConfig(**TINY, rope_scaling={"rope_type": "default"})
     assert cfg.rope_scaling is None and cfg.rope_type == "default"
     hash(llama.LlamaConfig(**TINY, rope_scaling={"rope_type": "linear", "factor": 2.0}))

@@ -19,7 +19,8 @@ TINY = dict(
 
 def hf_model(kind="llama", seed=0, **kw):
     """A tiny fp32 transformers causal LM with eager attention (``kind`` is
-    ``llama``, ``qwen2`` or ``mistral``); ``kw`` overrides :data:`TINY`."""
+    ``llama``, ``qwen2``, ``mistral``, ``qwen3``, ``gemma``, ``gemma2`` or
+    ``phi3``); ``kw`` overrides :data:`TINY`."""
     import torch
     import transformers
 
@@ -27,6 +28,10 @@ def hf_model(kind="llama", seed=0, **kw):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[kind]
     cfg = cls_cfg(**{**TINY, **kw})
     cfg._attn_implementation = "eager"
