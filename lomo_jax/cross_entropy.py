@@ -86,8 +86,13 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: Literal["mean", "sum"] = "mean",
     chunk_bytes: Optional[int] = None,
+    logit_softcap: Optional[float] = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy of ``x @ W`` against ``labels``, chunked over the vocabulary.
+
+    With ``logit_softcap`` :math:`c` the logits are :math:`c \tanh(z / c)`
+    (Gemma 2's final soft-capping), applied chunk by chunk; its derivative
+    :math:`1 - \tanh^2(z / c)` scales each chunk's cotangent.
 
     Args:
       x: hidden states ``[..., D]`` (the matmul runs in this dtype).
@@ -99,6 +104,7 @@ def linear_cross_entropy(
       reduction: ``"mean"`` over the non-ignored labels (0 if there are none)
         or ``"sum"``.
       chunk_bytes: the working set of one chunk (see :func:`vocab_chunk_size`).
+      logit_softcap: :math:`c > 0`, or ``None`` for plain logits.
 
     Returns:
       The fp32 scalar loss.
@@ -113,6 +119,8 @@ def linear_cross_entropy(
     if w.ndim != 2 or w.shape[1 if transposed else 0] != d:
         want = "[V, D]" if transposed else "[D, V]"
         raise ValueError(f"w must be {want} with D = {d} (x's last axis); got {w.shape}.")
+    if logit_softcap is not None and not float(logit_softcap) > 0:
+        raise ValueError(f"logit_softcap must be a positive number or None, got {logit_softcap!r}.")
     x2 = x.reshape(-1, d)
     y = labels.reshape(-1).astype(jnp.int32)
     valid = y != ignore_index
@@ -121,7 +129,8 @@ def linear_cross_entropy(
         coef = coef / jnp.maximum(jnp.sum(coef), 1.0)
     vocab = w.shape[0 if transposed else 1]
     chunk = vocab_chunk_size(x2.shape[0], vocab, d, chunk_bytes, jnp.dtype(w.dtype).itemsize)
-    return _cross_entropy(x2, w, jnp.where(valid, y, -1), coef, transposed, chunk)
+    cap = None if logit_softcap is None else float(logit_softcap)
+    return _cross_entropy(x2, w, jnp.where(valid, y, -1), coef, transposed, chunk, cap)
 
 
 # --------------------------------------------------------------------------
@@ -133,11 +142,13 @@ def _w_chunk(w, start, size, transposed, dtype):
     return lax.dynamic_slice_in_dim(w, start, size, axis=0 if transposed else 1).astype(dtype)
 
 
-def _logits(x, w_c, transposed):
-    """fp32 logits of one chunk, rounded to ``x.dtype`` as ``x @ w`` would be."""
+def _logits(x, w_c, transposed, cap):
+    """fp32 logits of one chunk, rounded to ``x.dtype`` as ``x @ w`` would be,
+    then soft-capped (:math:`c \tanh(z / c)`) if ``cap`` is set."""
     dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
     z = lax.dot_general(x, w_c, dims, preferred_element_type=jnp.float32)
-    return z.astype(x.dtype).astype(jnp.float32)
+    z = z.astype(x.dtype).astype(jnp.float32)
+    return z if cap is None else cap * jnp.tanh(z / cap)
 
 
 def _scan_chunks(body, carry, vocab, chunk):
@@ -168,13 +179,13 @@ def _late_zeros(after, *shapes_dtypes):
 # --------------------------------------------------------------------------
 
 
-def _lse_and_label_logit(x, w, y, transposed, chunk):
+def _lse_and_label_logit(x, w, y, transposed, chunk, cap):
     vocab = w.shape[0 if transposed else 1]
     n = x.shape[0]
 
     def body(carry, start, size):
         m, s, picked = carry
-        z = _logits(x, _w_chunk(w, start, size, transposed, x.dtype), transposed)
+        z = _logits(x, _w_chunk(w, start, size, transposed, x.dtype), transposed, cap)
         m_new = jnp.maximum(m, jnp.max(z, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
         local = y - start
@@ -188,17 +199,17 @@ def _lse_and_label_logit(x, w, y, transposed, chunk):
     return m + jnp.log(s), picked
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _cross_entropy(x, w, y, coef, transposed, chunk):
-    return _cross_entropy_fwd(x, w, y, coef, transposed, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _cross_entropy(x, w, y, coef, transposed, chunk, cap):
+    return _cross_entropy_fwd(x, w, y, coef, transposed, chunk, cap)[0]
 
 
-def _cross_entropy_fwd(x, w, y, coef, transposed, chunk):
-    lse, picked = _lse_and_label_logit(x, w, y, transposed, chunk)
+def _cross_entropy_fwd(x, w, y, coef, transposed, chunk, cap):
+    lse, picked = _lse_and_label_logit(x, w, y, transposed, chunk, cap)
     return jnp.sum(coef * (lse - picked)), (x, w, y, coef, lse)
 
 
-def _cross_entropy_bwd(transposed, chunk, res, g):
+def _cross_entropy_bwd(transposed, chunk, cap, res, g):
     x, w, y, coef, lse = res
     vocab = w.shape[0 if transposed else 1]
     # lse exists only after the forward: the buffers cannot be allocated earlier.
@@ -208,9 +219,12 @@ def _cross_entropy_bwd(transposed, chunk, res, g):
     def body(carry, start, size):
         dx, dw = carry
         w_c = _w_chunk(w, start, size, transposed, x.dtype)
-        z = _logits(x, w_c, transposed)
+        z = _logits(x, w_c, transposed, cap)
         onehot = (y[:, None] - start) == lax.broadcasted_iota(jnp.int32, z.shape, 1)
-        dz = ((jnp.exp(z - lse[:, None]) - onehot) * scale).astype(x.dtype)
+        dz = (jnp.exp(z - lse[:, None]) - onehot) * scale
+        if cap is not None:  # through c tanh(z / c): times 1 - tanh^2
+            dz = dz * (1.0 - jnp.square(z / cap))
+        dz = dz.astype(x.dtype)
         if transposed:  # z = x w_c^T: dx += dz w_c, dw_c = dz^T x  [C, D]
             dx = dx + jnp.dot(dz, w_c, preferred_element_type=jnp.float32)
             dw_c = lax.dot_general(dz, x, (((0,), (0,)), ((), ())),

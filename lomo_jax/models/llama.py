@@ -238,8 +238,9 @@ class LlamaConfig:
       attn_logit_softcapping: scores :math:`s \to c \tanh(s / c)` before the mask
         (Gemma 2; the model then uses its own XLA attention, not
         ``jax.nn.dot_product_attention``).
-      final_logit_softcapping: the same on the logits (Gemma 2; the loss then
-        forms the ``[B, T, V]`` logits instead of the chunked cross-entropy).
+      final_logit_softcapping: the same on the logits (Gemma 2; applied chunk
+        by chunk in the loss's chunked cross-entropy, so the ``[B, T, V]``
+        logits still never exist whole).
       layer_types: per layer ``"sliding_attention"`` or ``"full_attention"``
         (Gemma 2 alternates them); only a mix is kept (all sliding: the
         window on every layer; all full: no window). A layer then needs its
@@ -1228,12 +1229,10 @@ def llama_head(config: LlamaConfig, head_params, h, batch, embed_params=None) ->
     vocabulary chunks: the ``[B, T, V]`` logits, their softmax and their
     cotangent never exist whole.
     """
-    if config.final_logit_softcapping is not None:  # not in the chunked cross-entropy
-        return causal_lm_loss(_head_logits(config, head_params, h, embed_params),
-                              default_labels(batch))
     x, w, transposed = _head_input_and_weight(config, head_params, h, embed_params)
     targets = next_token_targets(default_labels(batch))
-    return linear_cross_entropy(x, w, targets, transposed=transposed, ignore_index=IGNORE_INDEX)
+    return linear_cross_entropy(x, w, targets, transposed=transposed, ignore_index=IGNORE_INDEX,
+                                logit_softcap=config.final_logit_softcapping)
 
 
 def llama_hidden(config: LlamaConfig, params, batch) -> jax.Array:

@@ -17,6 +17,10 @@ IGNORE = -100
 def reference(x, w, labels, transposed=False, reduction="mean"):
     """``(x @ W).astype(f32)`` and optax's cross-entropy: what autodiff would give."""
     logits = (x @ (w.T if transposed else w)).astype(jnp.float32)
+    return reference_of_logits(logits, labels, reduction)
+
+
+def reference_of_logits(logits, labels, reduction="mean"):
     valid = labels != IGNORE
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
     total = jnp.sum(jnp.where(valid, nll, 0.0))
@@ -58,6 +62,36 @@ def test_value_and_gradients_match_plain_cross_entropy(chunking, transposed, red
     # softmax, label or scale term is off by O(1e-2) of it.
     for ours_g, ref_g in ((gx, rx), (gw, rw)):
         np.testing.assert_allclose(ours_g, ref_g, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_g).max()))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["DV", "VD_tied"])
+def test_logit_softcap_matches_capped_plain_cross_entropy(transposed):
+    """Gemma 2's final soft-cap c tanh(z / c), chunk by chunk (chunks and a tail),
+    equals optax's cross-entropy of the capped logits, value and gradients. The
+    cap is small next to the logits (|z| up to ~6), so tanh bends them: a cap
+    left out of the forward, or its 1 - tanh^2 out of the backward, is off by
+    O(1e-1) of the largest gradient entry."""
+    vocab, chunk_bytes = CHUNKINGS["tail"]
+    x, w, labels = data(vocab=vocab)
+    w_arg = w.T if transposed else w
+    cap = 2.0
+
+    def capped(x, w):
+        logits = (x @ (w.T if transposed else w)).astype(jnp.float32)
+        return reference_of_logits(cap * jnp.tanh(logits / cap), labels)
+
+    def ours(x, w):
+        return linear_cross_entropy(x, w, labels, transposed=transposed, chunk_bytes=chunk_bytes,
+                                    logit_softcap=cap)
+
+    (a, grads), (b, refs) = [jax.value_and_grad(f, argnums=(0, 1))(x, w_arg)
+                             for f in (ours, capped)]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert abs(float(a) - float(reference(x, w_arg, labels, transposed))) > 0.1  # the cap bends
+    for ours_g, ref_g in zip(grads, refs):
+        np.testing.assert_allclose(ours_g, ref_g, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_g).max()))
+    with pytest.raises(ValueError, match="logit_softcap must be a positive"):
+        linear_cross_entropy(x, w, labels, logit_softcap=0.0)
 
 
 def test_the_chunkings_really_differ():
