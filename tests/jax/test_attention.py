@@ -78,7 +78,8 @@ def _compiled_hlo(cfg, batch_extra):
                          ids=["causal", "padding", "packed"])
 def test_gpu_target_uses_cudnn_flash_attention(extra):
     """Compiled for an RTX 4090, the bf16 step runs cuDNN's fused attention in the
-    forward and the backward (with a sliding window too); fp32 runs XLA's."""
+    forward and the backward (with a sliding window too); fp32 runs XLA's
+    (checked for the causal case)."""
     rtx4090_mesh()  # fails (or skips) with the reason when the CUDA plugin is missing
     kw = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=2, sliding_window=64, model_type="mistral")
@@ -89,8 +90,9 @@ def test_gpu_target_uses_cudnn_flash_attention(extra):
     assert any(c.endswith("Softmax") for c in calls), calls  # forward (with a bias: padding)
     assert any(c.endswith("Backward") for c in calls), calls
     assert '"sliding_window_length":64' in bf16.replace(" ", "")
-    fp32 = _compiled_hlo(llama.LlamaConfig(**kw), batch_extra)
-    assert "__cudnn$fmha" not in fp32
+    if not extra:  # the fp32 check once (CI time): cuDNN's fused attention is bf16/fp16 only
+        fp32 = _compiled_hlo(llama.LlamaConfig(**kw), batch_extra)
+        assert "__cudnn$fmha" not in fp32
 
 
 def test_param_grads_first_changes_nothing_but_the_order():
