@@ -22,8 +22,7 @@ the ``int16`` form of :func:`stochastic_round`), fp16 24, four or two
 elements per 64-bit word. On a CPU the generator and the elementwise passes
 are the whole cost, so the optimizers round with :meth:`RoundingNoise.round_into`,
 which works in the fp32 update's own storage and, for bf16, makes the noise in
-the form that needs one integer addition (a mixed ``int32 - int16`` subtraction
-ran at half the speed of a same-dtype addition on 3M-element tensors).
+the form that needs one integer addition and one shift.
 
 Example::
 
@@ -44,6 +43,7 @@ __all__ = ["NOISE_BITS", "RoundingNoise", "is_low_precision", "stochastic_round"
 
 NOISE_BITS = 24
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_LARGEST_FINITE = {dtype: torch.finfo(dtype).max for dtype in _LOW_PRECISION}
 
 
 def is_low_precision(dtype: torch.dtype) -> bool:
@@ -92,9 +92,16 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
     ``int16`` noise on the CPU (where each elementwise pass is the cost) it
     works in ``x``'s own storage, three integer passes and the store, where
     :func:`stochastic_round` allocates; otherwise it is that function."""
+    return _round_into(out, x, noise, finite=None)
+
+
+def _round_into(out, x, noise, finite):
+    """:func:`stochastic_round_into`; ``finite``: :func:`_all_finite_in` of ``x`` where
+    the caller already knows it, else ``None``."""
     if not is_low_precision(out.dtype):
         return out.copy_(x)
-    finite = _all_finite_in(x, out.dtype)
+    if finite is None:
+        finite = _all_finite_in(x, out.dtype)
     if (finite and out.dtype == torch.bfloat16 and noise.dtype == torch.int16
             and x.dtype == torch.float32 and x.is_contiguous()):
         out.view(torch.int16).copy_(_bf16_carry_(x.view(torch.int32), noise))
@@ -122,7 +129,7 @@ def _fp16_by_value(x, r):
 def _nearest_beyond_max(x, rounded, dtype):
     """Magnitudes above ``dtype``'s largest finite value, infinities and NaN: to
     nearest (called only when :func:`_all_finite_in` cannot rule them out)."""
-    big = torch.finfo(dtype).max
+    big = _LARGEST_FINITE[dtype]
     return torch.where(x.abs() <= big, rounded, x.to(dtype))
 
 
@@ -132,9 +139,9 @@ def _all_finite_in(x, dtype) -> bool:
     on an accelerator False (unknown without a host sync)."""
     if x.numel() == 0:
         return True
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return False
-    big = torch.finfo(dtype).max
+    big = _LARGEST_FINITE[dtype]
     lo, hi = torch.aminmax(x)
     return -big <= lo.item() and hi.item() <= big  # False for NaN
 
@@ -209,29 +216,42 @@ class RoundingNoise:
         """Store ``stochastic_round(x, out.dtype, noise)`` in ``out``, bit for bit, where
         ``noise = self.draw(x.shape, x.device, step, index, shard, dtype=form)``
         (``form``: ``int16`` for bf16, ``int32`` for fp16), and return ``out``.
-        ``x`` (fp32) is scratch, as in :func:`stochastic_round_into`. The
-        optimizers' path: bf16 on the CPU takes bf16's rule as one addition,
-        ``(bits + t) >> 16`` with ``t = 2^{15} - 1 - s`` made from the drawn words
-        in the same numpy pass that widens them, where the ``int16`` form costs a
-        mixed-dtype subtraction and an addition."""
-        if (out.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.is_contiguous() and x.numel() > 0 and _all_finite_in(x, out.dtype)):
-            t = self._bf16_addend(x.numel(), self._key(step, index, shard))
-            bits = x.view(torch.int32).view(-1).add_(t).bitwise_right_shift_(16)
-            out.view(torch.int16).copy_(bits.view(x.shape))
-            return out
+        ``x`` (fp32, ``out``'s shape) is scratch, as in :func:`stochastic_round_into`.
+        The optimizers' path: bf16 on the CPU is bf16's rule as one addition and
+        one shift, ``out = (bits + t) >> 16`` with ``t = 2^{15} - 1 - s`` (see
+        :meth:`_bf16_on_cpu`)."""
+        finite = None  # not yet known
+        if out.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.is_cpu and out.is_cpu:
+            finite = _all_finite_in(x, out.dtype)
+            if finite:
+                return self._bf16_on_cpu(out, x, self._key(step, index, shard))
         form = torch.int16 if out.dtype == torch.bfloat16 else torch.int32
-        return stochastic_round_into(out, x, self.draw(x.shape, x.device, step, index, shard,
-                                                        dtype=form))
+        noise = self.draw(x.shape, x.device, step, index, shard, dtype=form)
+        return _round_into(out, x, noise, finite)
 
-    def _bf16_addend(self, n: int, key: int) -> torch.Tensor:
-        """``t = 2^{15} - 1 - s`` (``int32``, in ``[0, 2^{16})``) for the ``n`` int16
-        values ``s`` that :meth:`draw` gives ``key``: with ``u`` the same 16 bits
-        unsigned, ``t = u ^ (2^{15} - 1)``, widened and flipped in one pass."""
-        u = self._cpu_words(-(-n // 4), key).view(np.uint16)[:n]
-        return torch.from_numpy(np.bitwise_xor(u, np.int32(2**15 - 1), dtype=np.int32))
+    def _bf16_on_cpu(self, out, x, key):
+        """:meth:`round_into` for finite fp32 ``x`` into bf16 ``out`` on the CPU, in
+        numpy passes that touch each array once, with no temporary but the drawn
+        words: the addend ``t`` (:meth:`_bf16_addend`), the addition into ``x``'s
+        bits (numpy widens ``t`` inside its buffered loop: 2 bytes of noise an
+        element are read, not 4), and the shift written straight into ``out``'s
+        storage (any strides)."""
+        bits = x.numpy().view(np.int32)  # same item size: a view for any strides
+        np.add(bits, self._bf16_addend(bits.size, key).reshape(bits.shape), out=bits)
+        np.right_shift(bits, 16, out=out.view(torch.int16).numpy(),
+                       casting="unsafe")  # exact: finite patterns + t stay within int32
+        return out
+
+    def _bf16_addend(self, n: int, key: int) -> np.ndarray:
+        """``t = 2^{15} - 1 - s`` (``uint16``) for the ``n`` int16 values ``s`` that
+        :meth:`draw` gives ``key``: with ``u`` the same 16 bits unsigned,
+        ``t = u ^ (2^{15} - 1)``, flipped four at a time in the 64-bit words."""
+        words = self._cpu_words(-(-n // 4), key)
+        np.bitwise_xor(words, _FLIP_EVERY_INT16, out=words)
+        return words.view(np.uint16)[:n]
 
 
+_FLIP_EVERY_INT16 = np.uint64(0x7FFF_7FFF_7FFF_7FFF)
 _MASK64 = 2**64 - 1
 
 

@@ -152,6 +152,31 @@ def test_round_into_equals_round(name):
             out = torch.empty(shape, dtype=tdt)
             assert RoundingNoise(seed=1).round_into(out, v.clone(), 5, 3, (1, 2)) is out
             assert torch.equal(out.view(torch.int16), want.view(torch.int16)), (name, shape)
+            if len(shape) == 2:  # strided (transposed) storage for the value and the parameter
+                out = torch.empty(shape[::-1], dtype=tdt).t()
+                RoundingNoise(seed=1).round_into(out, v.t().contiguous().t(), 5, 3, (1, 2))
+                assert torch.equal(out.view(torch.int16), want.view(torch.int16)), (name, "t")
+
+
+def test_round_into_carries_exactly_at_each_elements_threshold():
+    """bf16 ``round_into`` at its decision boundary, for every element position:
+    each value's low 16 bits are set to its own drawn threshold ``r = s + 2^15``
+    (stays: up needs low bits > r) or to ``r + 1`` (goes up). An addend off by one
+    in any lane of the 64-bit words, or a noise word misaligned with its element,
+    moves these values (random values meet the boundary once in 65536)."""
+    shape, step, index, shard = (8, 131), 5, 3, (1, 2)
+    s = RoundingNoise(seed=1).draw(shape, "cpu", step, index, shard, dtype=torch.int16)
+    r = s.to(torch.int32) + 2**15  # in [0, 2^16)
+    signs = torch.where(torch.arange(s.numel()).reshape(shape) % 3 == 0, -1, 1)
+    high = (torch.tensor(0.75, dtype=torch.bfloat16) * signs).to(torch.bfloat16)
+    high = high.view(torch.int16).to(torch.int32) << 16
+    for low, moves in ((r, False), ((r + 1).clamp(max=2**16 - 1), r < 2**16 - 1)):
+        x = (high | low).view(torch.float32)
+        out = RoundingNoise(seed=1).round_into(torch.empty(shape, dtype=torch.bfloat16),
+                                               x.clone(), step, index, shard)
+        moved = out.view(torch.int16).to(torch.int32) != high >> 16
+        assert torch.equal(moved, moves if torch.is_tensor(moves)
+                           else torch.full(shape, moves)), int((moved != moves).sum())
 
 
 @pytest.mark.parametrize("inplace", [False, True])
