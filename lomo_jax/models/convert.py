@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -1066,16 +1067,20 @@ def _config_to_write(cfg: LlamaConfig, hf_config, first_dtype: np.dtype):
     return hf_config
 
 
+#: LlamaConfig fields that say how a model is computed or initialized, not what it is
+_NOT_ARCHITECTURE = ("dtype", "param_dtype", "attention_implementation", "initializer_range")
+
+
 def _check_hf_config(cfg: LlamaConfig, hf_config) -> None:
-    """Raise if ``hf_config`` describes another architecture than ``cfg``."""
+    """Raise if ``hf_config`` describes another model than ``cfg``: any field
+    :func:`config_from_hf` reads from it (sizes, family switches, RoPE, norms,
+    windows, soft-caps) that differs, except :data:`_NOT_ARCHITECTURE`."""
     check = config_from_hf(hf_config)
-    for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim",
-              "tie_word_embeddings", "attention_bias", "qkv_bias", "mlp_bias"):
-        if getattr(check, f) != getattr(cfg, f):
+    for f in dataclasses.fields(LlamaConfig):
+        if f.name not in _NOT_ARCHITECTURE and getattr(check, f.name) != getattr(cfg, f.name):
             raise ValueError(
-                f"hf_config.{f}={getattr(check, f)!r} does not match the params' "
-                f"config ({getattr(cfg, f)!r})."
+                f"hf_config.{f.name}={getattr(check, f.name)!r} (as lomo_jax reads it) does "
+                f"not match the params' config ({getattr(cfg, f.name)!r})."
             )
 
 

@@ -362,6 +362,14 @@ def test_errors_are_clear_and_nothing_is_written(tmp_path):
         convert.save_pretrained(wrong, cfg, str(path))
     with pytest.raises(ValueError, match=r"model.embed_tokens.weight would be complex64"):
         convert.save_pretrained(params, cfg, str(path), dtype=jnp.complex64)
+    # an hf_config of another model: a size, a norm's epsilon, a family switch (Qwen3's
+    # q/k norms on the same sizes); how the model is computed (dtype) is not compared
+    for other, field in ((cfg.replace(num_key_value_heads=1), "num_key_value_heads"),
+                         (cfg.replace(rms_norm_eps=1e-5), "rms_norm_eps"),
+                         (cfg.replace(model_type="qwen3", qk_norm=True), "qk_norm")):
+        with pytest.raises(ValueError, match=rf"hf_config.{field}=.* does not match"):
+            convert.save_pretrained(params, cfg, str(path), hf_config=convert.config_to_hf(other))
+    convert._check_hf_config(cfg, convert.config_to_hf(cfg.replace(dtype=jnp.bfloat16)))
     assert not path.exists()
 
 
