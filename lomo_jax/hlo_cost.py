@@ -48,7 +48,6 @@ KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
              "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
              "f8e4m3fn": 1, "f8e5m2": 1}
-_SHAPE = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$")
 _OP = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.*?)\s([a-z][a-z0-9-]*)\(([^)]*)\)(.*)$")
 _CALLEE = re.compile(r"\b(?:body|calls|branch_computations|true_computation|"
@@ -120,10 +119,14 @@ def _computations(text: str) -> Tuple[Dict[str, List[str]], str]:
 
 def _shapes(result: str) -> Tuple[str, int]:
     """The array shapes in an instruction's result type, and their total bytes."""
-    found = _SHAPE.findall(result)
-    nbytes = sum(_ITEMSIZE.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                 for dt, dims in found)
-    return ", ".join(f"{dt}[{dims}]" for dt, dims in found), nbytes
+    arrays = _arrays(result)
+    return ", ".join(a.shape for a in arrays), sum(a.nbytes for a in arrays)
+
+
+def _op_name(line: str) -> str:
+    """The ``op_name`` of an instruction's metadata (``""`` if none)."""
+    m = re.search(r'op_name="([^"]*)"', line)
+    return m.group(1) if m else ""
 
 
 def _group_size(line: str) -> int:
@@ -203,15 +206,15 @@ def collectives(compiled_or_text) -> List[Collective]:
         shape, nbytes = _shapes(instr.result)
         # an async pair's groups are on its -start (the -done's operand)
         start = by_name.get(instr.operands[0]) if instr.opcode.endswith("-done") else None
-        op_name = re.search(r'op_name="([^"]*)"', (start or instr).line)
-        found.append(Collective(kind, shape, nbytes, _group_size((start or instr).line),
-                                count, comp, op_name.group(1) if op_name else ""))
+        line = (start or instr).line
+        found.append(Collective(kind, shape, nbytes, _group_size(line), count, comp,
+                                _op_name(line)))
     return found
 
 
 def _dims(result: str) -> List[int]:
     """The dimensions of the first array in a result type."""
-    found = _SHAPE.search(result)
+    found = _ARRAY.search(result)
     return [int(d) for d in found.group(2).split(",") if d] if found else []
 
 
@@ -231,7 +234,7 @@ def _attention_flops(instr: _Instr) -> int:
     that backward (both recomputed scores and four gradient matmuls)."""
     b, h, tq, d = _dims(instr.result)
     layouts = re.search(r"operand_layout_constraints=\{(.*?)\}\s*,\s*[a-z_]+=", instr.line)
-    operands = _SHAPE.findall(layouts.group(1)) if layouts else []
+    operands = _ARRAY.findall(layouts.group(1)) if layouts else []
     tk = int(operands[1][1].split(",")[1]) if len(operands) > 1 else tq  # K: [B, Tk, H, D]
     forward = 4 * b * h * tq * tk * d
     return forward * 5 // 2 if "Backward" in instr.line else forward
@@ -318,8 +321,7 @@ def host_transfers(compiled_or_text) -> List[HostTransfer]:
         start = by_name.get(instr.operands[0])
         moved = start and _moved(start, instr)
         if moved:
-            op_name = re.search(r'op_name="([^"]*)"', start.line)
-            found.append(HostTransfer(*moved, count, op_name.group(1) if op_name else ""))
+            found.append(HostTransfer(*moved, count, _op_name(start.line)))
     return found
 
 

@@ -1,4 +1,5 @@
-"""The RTX 4090 target mesh for the deviceless GPU-target tests.
+"""The RTX 4090 target mesh for the deviceless GPU-target tests, and the byte
+count their memory bounds are written in.
 
 They need JAX's CUDA plugin (``requirements-test.txt`` installs it on Linux
 x86-64; the root conftest sets ``JAX_PLATFORMS=cpu`` so that it compiles
@@ -8,9 +9,17 @@ under the root conftest's rule, and is skipped with ``LOMO_ALLOW_MISSING_DEPS=1`
 
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lomo_jax import aot
+
+
+def nbytes(tree) -> int:
+    """Bytes of every array (or ``ShapeDtypeStruct``) in ``tree``, unsharded."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def rtx4090_mesh():

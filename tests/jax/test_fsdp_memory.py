@@ -33,7 +33,6 @@ shard's two.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 
@@ -41,16 +40,12 @@ import lomo_jax
 from lomo_jax import aot, hlo_cost
 from lomo_jax import sharding as lsh
 from lomo_jax.models import llama
-from tests.jax.gpu_target import rtx4090_mesh
+from tests.jax.gpu_target import nbytes, rtx4090_mesh
 
 N_DEVICES, N_LAYERS, SEQ = 8, 4, 512
 CFG = llama.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
                         num_hidden_layers=N_LAYERS, num_attention_heads=8,
                         dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-
-
-def nbytes(tree):
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ import pytest
 import lomo_jax
 from lomo_jax import aot, hlo_cost
 from lomo_jax.models import llama
-from tests.jax.gpu_target import rtx4090_mesh
+from tests.jax.gpu_target import nbytes, rtx4090_mesh
 
 GIB = 2**30
 
@@ -45,10 +45,6 @@ TRANSFORMS = {
     "adamw": lambda: optax.adamw(1e-3),
 }
 STATE_IS_PARAM_SIZED = {"lomo": False, "adalomo": False, "adamw": True}
-
-
-def nbytes(tree):
-    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def compile_step(cfg, tx, batch_shape, mesh, **kw):
