@@ -250,7 +250,7 @@ def main():
                 rows.append(row)
                 print(f"| {framework} | {optimizer} | {lr:g} | {setting} | {row['after']:.4f} | "
                       f"{red:.4f} | {row['vs_fp32']:.2f} | {row['changed']:.1%} | "
-                      f"{row['ms']:.1f} | {row['vs_nearest']:.2f} |", flush=True)
+                      f"{row['ms']:.1f} | {row['vs_nearest']:.3f} |", flush=True)
     print(f"\n(total {time.time() - t_start:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"before": before, "rows": rows}))
