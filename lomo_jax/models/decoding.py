@@ -219,8 +219,8 @@ def forward_cached(cfg: llama.LlamaConfig, params, cache, ids, pos, valid, start
 
     def body(h, xs):
         p, k, v, i = xs
-        vis = llama.attention_mask(cfg, valid.shape[1], valid, llama.layer_sliding(cfg, i))
-        vis = lax.dynamic_slice_in_dim(vis, start, ids.shape[1], axis=1)[:, None]  # [B, 1, C, S]
+        vis = llama.attention_mask(cfg, valid.shape[1], valid, llama.layer_sliding(cfg, i),
+                                   query_start=start, num_queries=ids.shape[1])[:, None]  # [B,1,C,S]
         h, k, v = _layer_cached(cfg, p, h, k, v, cos, sin, vis, start)
         return h, (k, v)
 

@@ -586,18 +586,22 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention_mask(config: LlamaConfig, seq_len: int, padding_mask=None,
-                   sliding=None) -> jax.Array:
-    r"""Boolean visibility ``[B or 1, T, T]`` (query, key): causal, inside the
+                   sliding=None, *, query_start=0, num_queries=None) -> jax.Array:
+    r"""Boolean visibility ``[B or 1, Q, T]`` (query, key): causal, inside the
     sliding window if any, and key not padding (``padding_mask [B, T]``, nonzero
     = keep). The model itself passes causality and the window to
     ``jax.nn.dot_product_attention`` as flags and builds only
-    :func:`key_mask`; this dense form is for inspection and tests.
+    :func:`key_mask`; this dense form is for inspection, tests and decoding.
     ``sliding``: with mixed ``config.layer_types``, whether this layer uses
-    the window (a bool, may be traced); required then."""
-    idx = jnp.arange(seq_len)
-    vis = idx[None, :] <= idx[:, None]
+    the window (a bool, may be traced); required then. The queries are
+    positions ``query_start .. query_start + num_queries - 1`` (``query_start``
+    may be traced; default: all ``T``, so ``Q = T``) -- a decoding step builds
+    only its own rows."""
+    keys = jnp.arange(seq_len)
+    queries = keys if num_queries is None else query_start + jnp.arange(num_queries)
+    vis = keys[None, :] <= queries[:, None]
     if config.sliding_window is not None:
-        in_window = idx[None, :] > idx[:, None] - int(config.sliding_window)
+        in_window = keys[None, :] > queries[:, None] - int(config.sliding_window)
         if config.layer_types is not None:
             if sliding is None:
                 raise ValueError("this config mixes sliding and full attention layers "

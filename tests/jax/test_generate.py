@@ -299,3 +299,23 @@ def test_family_agnostic_entry_points():
     for fn in (lambda c: models.logits(c, params, batch), models.layered_model):
         with pytest.raises(TypeError, match="LlamaConfig.*got dict"):
             fn({"model_type": "gemma"})
+
+
+@pytest.mark.parametrize("window, layer_types, sliding", [
+    (None, None, None), (3, None, None),
+    (3, ("sliding_attention", "full_attention"), True),
+    (3, ("sliding_attention", "full_attention"), False)])
+def test_attention_mask_rows_are_the_full_masks_rows(window, layer_types, sliding):
+    """A decoding step builds only its own queries' rows of the mask (at a traced
+    start): the rows of the full ``[T, T]`` mask, with padding, the window and a
+    mixed config's per-layer flag."""
+    cfg = llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                            num_hidden_layers=2, num_attention_heads=2,
+                            sliding_window=window, layer_types=layer_types)
+    pad = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 8 + [0, 0]])
+    full = llama.attention_mask(cfg, 10, pad, sliding)
+    rows = jax.jit(lambda s, c: llama.attention_mask(cfg, 10, pad, sliding, query_start=s,
+                                                     num_queries=c), static_argnums=1)
+    for start, count in ((0, 10), (4, 3), (9, 1)):
+        np.testing.assert_array_equal(rows(start, count), full[:, start:start + count])
+    assert not np.array_equal(rows(4, 3), full[:, 3:6])  # the rows are where they claim
