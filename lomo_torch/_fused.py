@@ -383,16 +383,18 @@ class FusedOptimizer(Optimizer):
         """The fp32 tensor to do the update on: ``p`` itself, or an fp32 copy."""
         return p if p.dtype == torch.float32 else p.float()
 
-    def _write_back(self, name, p, w):
+    def _write_back(self, name, p, w, finite=None):
         """Store the new fp32 value ``w`` of parameter ``name`` in ``p`` (the tensor
         updated in place: the parameter or this rank's shard), rounded to
-        ``p``'s dtype: to nearest, or stochastically."""
+        ``p``'s dtype: to nearest, or stochastically (``finite=True``: ``w`` is
+        proven to lie within ``p``'s finite range, see ``RoundingNoise.round_into``)."""
         if w is p:
             return
         if self._noise is not None and is_low_precision(p.dtype):
             spec = self._specs.get(name)
             self._noise.round_into(p, w, self.step_num, self._param_index[name],
-                                   shard=spec.shard if spec is not None else 0)  # w: scratch
+                                   shard=spec.shard if spec is not None else 0,
+                                   finite=finite)  # w: scratch
         else:
             p.copy_(w)
 

@@ -212,17 +212,19 @@ class RoundingNoise:
         return (r >> (32 - NOISE_BITS)).bitwise_and_(2**NOISE_BITS - 1)
 
     def round_into(self, out: torch.Tensor, x: torch.Tensor, step: int, index: int,
-                   shard=0) -> torch.Tensor:
+                   shard=0, *, finite=None) -> torch.Tensor:
         """Store ``stochastic_round(x, out.dtype, noise)`` in ``out``, bit for bit, where
         ``noise = self.draw(x.shape, x.device, step, index, shard, dtype=form)``
         (``form``: ``int16`` for bf16, ``int32`` for fp16), and return ``out``.
         ``x`` (fp32, ``out``'s shape) is scratch, as in :func:`stochastic_round_into`.
         The optimizers' path: bf16 on the CPU is bf16's rule as one addition and
         one shift, ``out = (bits + t) >> 16`` with ``t = 2^{15} - 1 - s`` (see
-        :meth:`_bf16_on_cpu`)."""
-        finite = None  # not yet known
+        :meth:`_bf16_on_cpu`). ``finite=True``: the caller has proven that every
+        value lies within ``out.dtype``'s finite range (no NaN), and the min/max
+        pass that would check it is skipped; ``None``: not known."""
         if out.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.is_cpu and out.is_cpu:
-            finite = _all_finite_in(x, out.dtype)
+            if finite is None:
+                finite = _all_finite_in(x, out.dtype)
             if finite:
                 return self._bf16_on_cpu(out, x, self._key(step, index, shard))
         form = torch.int16 if out.dtype == torch.bfloat16 else torch.int32

@@ -277,6 +277,51 @@ def test_bf16_updates_count_in_expectation(cls):
     assert 0.8 < results[True][1] < 1.2, results  # stochastic keeps it in expectation
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adalomo_skips_the_range_check_where_its_rms_values_prove_it(dtype, monkeypatch):
+    """AdaLomo proves from rms(p) and rms(update) that the new values are finite
+    and in range: on the CPU the rounding's min/max pass is skipped, and not a
+    bit changes against the same training with the check."""
+    import lomo_torch.rounding as rounding
+
+    checks = []
+    check = rounding._all_finite_in
+    monkeypatch.setattr(rounding, "_all_finite_in", lambda x, d: checks.append(1) or check(x, d))
+    trained = {}
+    for proof in (True, False):
+        if not proof:
+            monkeypatch.setattr(lomo_torch.AdaLomo, "_known_finite", lambda *a: None)
+        model, x, y = model_and_data(dtype)
+        checks.clear()
+        train(model, lomo_torch.AdaLomo(model, lr=1e-3, stochastic_rounding=True, seed=2),
+              x, y, 3, lr=1e-3)
+        trained[proof] = ([p.detach().clone() for p in model.parameters()], len(checks))
+    (with_proof, n_with), (without, n_without) = trained[True], trained[False]
+    assert n_with == 0 and n_without >= 3 * 4, (n_with, n_without)
+    assert all(torch.equal(p, q) for p, q in zip(with_proof, without))
+
+
+def test_adalomo_range_proof_refuses_what_it_cannot_bound():
+    model, _, _ = model_and_data(torch.bfloat16)
+    opt = lomo_torch.AdaLomo(model, lr=1e-3, stochastic_rounding=True, seed=0)
+    opt._step_lr = 1e-3
+    p, t = model[0].weight, torch.tensor
+    assert opt._known_finite(p, t(0.02), t(1.0), 10**6) is True
+    big = torch.finfo(torch.bfloat16).max
+    assert opt._known_finite(p, t(big / 20), t(1.0), 100) is None  # sqrt(n) rms(p) > max / 4
+    opt._step_lr = 1e36  # the update's term decides: lr_t = 2e34, times sqrt(n) min(rms(u), 1)
+    assert opt._known_finite(p, t(0.02), t(1.0), 10**8) is None
+    assert opt._known_finite(p, t(0.02), t(1e-6), 10**8) is True
+    assert opt._known_finite(p, t(0.02), t(1e9), 10**6) is True  # rms(u) clipped to 1
+    opt._step_lr = 1e-3
+    for nan_or_inf in (float("nan"), float("inf")):
+        assert opt._known_finite(p, t(nan_or_inf), t(1.0), 10) is None
+        assert opt._known_finite(p, t(0.02), t(nan_or_inf), 10) is None
+    assert opt._known_finite(p.float(), t(0.02), t(1.0), 10) is None  # fp32: nothing to round
+    plain = lomo_torch.AdaLomo(model, lr=1e-3)
+    assert plain._known_finite(p, t(0.02), t(1.0), 10) is None  # no stochastic rounding
+
+
 @pytest.mark.parametrize("cls", [lomo_torch.Lomo, lomo_torch.AdaLomo])
 def test_resume_is_bit_exact(cls):
     model, x, y = model_and_data(torch.bfloat16)
