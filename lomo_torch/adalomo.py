@@ -192,7 +192,8 @@ class AdaLomo(FusedOptimizer):
     def _known_finite(self, p, p_rms, u_rms, n):
         r"""``True`` where the new value of ``p`` (``n`` elements in all shards) is
         proven to lie within its bf16/fp16 finite range by the step's own RMS
-        values, so that stochastic rounding skips its min/max pass; else ``None``
+        values, so that stochastic rounding skips its min/max pass (fp16, and bf16
+        where the one-pass kernel does not apply); else ``None``
         (not known: the rounding checks). Finite RMS values mean finite elements,
         and with :math:`|x_i| \le \|x\|_2 = \sqrt{n}\,\mathrm{rms}(x)` every new
         element is at most

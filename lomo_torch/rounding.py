@@ -20,9 +20,13 @@ carries the seed and the step) draws what the uninterrupted run would have.
 Every generated bit is used: bf16 takes 16 per element (all its rule reads;
 the ``int16`` form of :func:`stochastic_round`), fp16 24, four or two
 elements per 64-bit word. On a CPU the generator and the elementwise passes
-are the whole cost, so the optimizers round with :meth:`RoundingNoise.round_into`,
-which works in the fp32 update's own storage and, for bf16, makes the noise in
-the form that needs one integer addition and one shift.
+are the whole cost, so the optimizers round with :meth:`RoundingNoise.round_into`:
+for bf16, one pass of the compiled ``lomo_torch._rounding_kernel`` (built with
+the package where a C compiler is at hand), which steps numpy's PCG64 inline
+(the same words: four runs of them, each from the state jumped ahead to it, so
+their multiplications overlap) and draws, adds, shifts and checks the range at
+once; or else numpy passes in the fp32 update's own storage. The same bits
+either way.
 
 Example::
 
@@ -37,6 +41,11 @@ import math
 
 import numpy as np
 import torch
+
+try:  # bf16's rule in one pass on the CPU; optional (see the module docstring)
+    from lomo_torch import _rounding_kernel
+except ImportError:  # built without a C compiler: numpy makes the same bits
+    _rounding_kernel = None
 
 __all__ = ["NOISE_BITS", "RoundingNoise", "is_low_precision", "stochastic_round",
            "stochastic_round_into"]
@@ -184,8 +193,9 @@ class RoundingNoise:
 
     def _cpu_words(self, count: int, key: int) -> np.ndarray:
         """:meth:`_words` on the CPU, as numpy ``uint64``."""
+        state, inc = _pcg64_state(key)
         self._pcg.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
-                           "state": {"state": key << 64 | _mix(key), "inc": _mix(key, 1) | 1}}
+                           "state": {"state": state, "inc": inc}}
         return self._pcg.random_raw(count)
 
     def _key(self, step, index, shard):
@@ -218,11 +228,15 @@ class RoundingNoise:
         (``form``: ``int16`` for bf16, ``int32`` for fp16), and return ``out``.
         ``x`` (fp32, ``out``'s shape) is scratch, as in :func:`stochastic_round_into`.
         The optimizers' path: bf16 on the CPU is bf16's rule as one addition and
-        one shift, ``out = (bits + t) >> 16`` with ``t = 2^{15} - 1 - s`` (see
-        :meth:`_bf16_on_cpu`). ``finite=True``: the caller has proven that every
-        value lies within ``out.dtype``'s finite range (no NaN), and the min/max
-        pass that would check it is skipped; ``None``: not known."""
+        one shift, ``out = (bits + t) >> 16`` with ``t = 2^{15} - 1 - s``: one
+        compiled pass that also checks the range (:meth:`_bf16_in_one_pass`), or
+        numpy passes (:meth:`_bf16_on_cpu`). ``finite=True``: the caller has
+        proven that every value lies within ``out.dtype``'s finite range (no NaN),
+        and the numpy path skips the min/max pass that would check it; ``None``:
+        not known."""
         if out.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.is_cpu and out.is_cpu:
+            if _rounding_kernel is not None and x.is_contiguous() and out.is_contiguous():
+                return self._bf16_in_one_pass(out, x, step, index, shard)
             if finite is None:
                 finite = _all_finite_in(x, out.dtype)
             if finite:
@@ -230,6 +244,19 @@ class RoundingNoise:
         form = torch.int16 if out.dtype == torch.bfloat16 else torch.int32
         noise = self.draw(x.shape, x.device, step, index, shard, dtype=form)
         return _round_into(out, x, noise, finite)
+
+    def _bf16_in_one_pass(self, out, x, step, index, shard):
+        """:meth:`round_into` for contiguous fp32 ``x`` into contiguous bf16 ``out`` on
+        the CPU: ``lomo_torch._rounding_kernel`` steps the same PCG64 as
+        :meth:`_cpu_words` inline, reads ``x`` once and writes ``out`` once; where
+        it finds a value beyond bf16's finite range (or NaN) the general path
+        rounds again from ``x``, which it only read."""
+        state, inc = _pcg64_state(self._key(step, index, shard))
+        if _rounding_kernel.bf16_round_into(x.numpy(), out.view(torch.int16).numpy(),
+                                            state >> 64, state & _MASK64, inc >> 64, inc & _MASK64):
+            return out
+        noise = self.draw(x.shape, x.device, step, index, shard, dtype=torch.int16)
+        return _round_into(out, x, noise, finite=False)
 
     def _bf16_on_cpu(self, out, x, key):
         """:meth:`round_into` for finite fp32 ``x`` into bf16 ``out`` on the CPU, in
@@ -255,6 +282,11 @@ class RoundingNoise:
 
 _FLIP_EVERY_INT16 = np.uint64(0x7FFF_7FFF_7FFF_7FFF)
 _MASK64 = 2**64 - 1
+
+
+def _pcg64_state(key: int):
+    """(state, inc) of the PCG64 generator that ``key`` selects (numpy's state dict)."""
+    return key << 64 | _mix(key), _mix(key, 1) | 1
 
 
 def _mix(*values: int) -> int:

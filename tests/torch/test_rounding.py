@@ -125,8 +125,23 @@ def test_noise_is_uniform(form):
     assert torch.all((share - 1 / 8).abs() < 5 * (1 / 8 * 7 / 8 / n) ** 0.5), share
 
 
+@pytest.fixture(params=["kernel", "numpy"])
+def bf16_path(request, monkeypatch):
+    """Each bf16 CPU path of ``RoundingNoise.round_into``: the one-pass compiled
+    kernel (built by ``pip install`` here: there is a C compiler), and the numpy
+    passes that a build without one falls back to."""
+    import lomo_torch.rounding as rounding
+
+    if request.param == "kernel":
+        assert rounding._rounding_kernel is not None, (
+            "lomo_torch._rounding_kernel was not built: reinstall with a C compiler at hand")
+    else:
+        monkeypatch.setattr(rounding, "_rounding_kernel", None)
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(DTYPES))
-def test_round_into_equals_round(name):
+def test_round_into_equals_round(name, bf16_path):
     """The optimizers' in-place path stores what stochastic_round returns, bit for
     bit: ordinary values (in place), and values beyond the largest finite one and
     NaN (its fallback); for bf16 with both noise forms."""
@@ -158,7 +173,7 @@ def test_round_into_equals_round(name):
                 assert torch.equal(out.view(torch.int16), want.view(torch.int16)), (name, "t")
 
 
-def test_round_into_carries_exactly_at_each_elements_threshold():
+def test_round_into_carries_exactly_at_each_elements_threshold(bf16_path):
     """bf16 ``round_into`` at its decision boundary, for every element position:
     each value's low 16 bits are set to its own drawn threshold ``r = s + 2^15``
     (stays: up needs low bits > r) or to ``r + 1`` (goes up). An addend off by one
@@ -198,6 +213,67 @@ def test_bf16_rule_is_exact_over_every_noise_value(inplace):
                 out = stochastic_round(x, torch.bfloat16, noise)
             ups = int((out.view(torch.int16).to(torch.int32) != hi).sum())
             assert ups == k, (base, k, ups)
+
+
+def _one_pass(x, out, key=12345):
+    from lomo_torch import _rounding_kernel as kernel
+    from lomo_torch.rounding import _MASK64, _pcg64_state
+
+    state, inc = _pcg64_state(key)
+    return kernel.bf16_round_into(x, out, state >> 64, state & _MASK64, inc >> 64, inc & _MASK64)
+
+
+def test_one_pass_kernel_flags_exactly_what_it_cannot_round():
+    """``_rounding_kernel.bf16_round_into`` returns True exactly when every value is
+    finite and at most bf16's largest in magnitude (then ``out`` is the rule's
+    result); one value beyond it, infinite or NaN anywhere in the array makes it
+    False. ``round_into`` then rounds those values to nearest (checked against
+    ``stochastic_round`` in ``test_round_into_equals_round``)."""
+    big = torch.finfo(torch.bfloat16).max
+    above = torch.nextafter(torch.tensor(big), torch.tensor(float("inf"))).item()
+    ok = torch.cat([torch.tensor([big, -big]), torch.randn(62) * 1e30])
+    assert _one_pass(ok.numpy(), np.empty(64, np.int16))
+    for bad in (above, -above, float("inf"), -float("inf"), float("nan")):
+        for at in (0, 37, 63):
+            x = ok.clone()
+            x[at] = bad
+            assert not _one_pass(x.numpy(), np.empty(64, np.int16)), (bad, at)
+
+
+def test_one_pass_kernel_draws_numpys_pcg64_words():
+    """The kernel steps numpy's PCG64 inline: element ``i`` with low bits ``k``
+    rounds up exactly when ``k + (u ^ 0x7FFF) >= 2^16``, ``u`` the ``i``-th 16-bit
+    lane of ``random_raw``'s words in memory order: lengths that end mid-word,
+    fewer words than the kernel's 4 chains, and lengths whose chains (each from
+    the state jumped ahead to its run) span several of its 256-word blocks."""
+    from lomo_torch.rounding import _pcg64_state
+
+    for n in (1, 3, 4, 5, 15, 17, 4099, 8195, 40003):
+        state, inc = _pcg64_state(777)
+        pcg = np.random.PCG64(0)
+        pcg.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
+                     "state": {"state": state, "inc": inc}}
+        u = pcg.random_raw(-(-n // 4)).view(np.uint16)[:n].astype(np.int64)
+        low = np.arange(n) % 65536  # low 16 bits of each value
+        x = ((0x3F80 << 16) | low).astype(np.uint32).view(np.float32)  # 1.0 + low bits
+        out = np.empty(n, np.int16)
+        assert _one_pass(x, out, key=777)
+        want = 0x3F80 + (low + (u ^ 0x7FFF) >= 65536)
+        np.testing.assert_array_equal(out, want, err_msg=f"n={n}")
+
+
+def test_one_pass_kernel_refuses_mismatched_buffers():
+    x, out = np.ones(8, np.float32), np.empty(8, np.int16)
+    with pytest.raises(ValueError, match="out holds 18 bytes; 8 elements of 2"):
+        _one_pass(x, np.empty(9, np.int16))
+    with pytest.raises(ValueError, match="x holds 30 bytes"):
+        _one_pass(x.view(np.uint8)[:30], out)
+    with pytest.raises(ValueError, match="x is not aligned"):
+        _one_pass(np.ones(9, np.float32).view(np.uint8)[2:34], out)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _one_pass(np.ones(16, np.float32)[::2], out)
+    with pytest.raises(TypeError):
+        _one_pass(x, out.tobytes())  # read-only out
 
 
 def test_int16_noise_is_bf16_only():
@@ -284,6 +360,7 @@ def test_adalomo_skips_the_range_check_where_its_rms_values_prove_it(dtype, monk
     bit changes against the same training with the check."""
     import lomo_torch.rounding as rounding
 
+    monkeypatch.setattr(rounding, "_rounding_kernel", None)  # bf16: its check is in-pass
     checks = []
     check = rounding._all_finite_in
     monkeypatch.setattr(rounding, "_all_finite_in", lambda x, d: checks.append(1) or check(x, d))
