@@ -18,17 +18,25 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
+
+#ifndef __SIZEOF_INT128__
+#error "needs unsigned __int128 (GCC or Clang on a 64-bit target); lomo_torch falls back to numpy"
+#endif
 
 #define BF16_MAX_BITS 0x7F7F0000u /* bf16's largest finite value, as fp32 bits */
 
-/* x86-64 Linux: round_run also in an AVX2 build, picked at load time by the CPU */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define ROUND_RUN_CLONES __attribute__((target_clones("avx2", "default")))
-#else
+/* x86-64 with glibc (ifunc) and a compiler that has target_clones: round_run
+ * also in an AVX2 build, picked at load time by the CPU */
 #define ROUND_RUN_CLONES
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#undef ROUND_RUN_CLONES
+#define ROUND_RUN_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
 #endif
 
-typedef unsigned __int128 u128; /* GCC and Clang on 64-bit targets; elsewhere no build */
+typedef unsigned __int128 u128;
 
 /* numpy's PCG64 (pcg64.h): PCG_DEFAULT_MULTIPLIER_128, step, then output */
 static const u128 PCG64_MULTIPLIER =
@@ -63,8 +71,9 @@ pcg64_ahead(u128 state, u128 inc, uint64_t steps)
 /* bf16's rule for `count` elements and their 16-bit noise lanes u. Returns a
  * word whose top bit is set iff some |x| exceeds bf16's largest finite value or
  * is NaN: max - |x| wraps below zero exactly there. Plain 32-bit adds, ands,
- * shifts and a signed narrowing (exact: the arithmetic shift leaves each int16
- * pattern, sign-extended), so the compiler vectorizes it with SSE2 alone. */
+ * shifts and a signed narrowing, which only helps the compiler vectorize it
+ * with SSE2 alone (GCC and Clang shift signed values arithmetically, leaving
+ * each int16 pattern sign-extended: the same bits as an unsigned shift). */
 ROUND_RUN_CLONES static uint32_t
 round_run(const uint32_t *x, uint16_t *out, const uint16_t *u, Py_ssize_t count)
 {
@@ -89,7 +98,7 @@ static int
 bf16_round(const uint32_t *x, uint16_t *out, Py_ssize_t n, u128 state, u128 inc)
 {
     Py_ssize_t words = (n + 3) / 4, run = words / CHAINS, last = words - (CHAINS - 1) * run;
-    uint64_t noise[CHAINS][BLOCK];
+    uint16_t noise[CHAINS][4 * BLOCK]; /* each word's lanes, in memory order */
     u128 s[CHAINS];
     uint32_t beyond = 0;
     for (int c = 0; c < CHAINS; c++)
@@ -97,15 +106,17 @@ bf16_round(const uint32_t *x, uint16_t *out, Py_ssize_t n, u128 state, u128 inc)
     for (Py_ssize_t j0 = 0; j0 < last; j0 += BLOCK) { /* the last run is the longest */
         Py_ssize_t m = last - j0 < BLOCK ? last - j0 : BLOCK;
         for (Py_ssize_t j = 0; j < m; j++) /* a shorter run's extra words go unused */
-            for (int c = 0; c < CHAINS; c++)
-                noise[c][j] = pcg64_next(&s[c], inc);
+            for (int c = 0; c < CHAINS; c++) {
+                uint64_t word = pcg64_next(&s[c], inc);
+                memcpy(&noise[c][4 * j], &word, sizeof word); /* no type punning */
+            }
         for (int c = 0; c < CHAINS; c++) {
             Py_ssize_t length = c < CHAINS - 1 ? run : last;
             Py_ssize_t stop = j0 + m < length ? j0 + m : length; /* the run's words used */
             Py_ssize_t start = 4 * (c * run + j0), end = 4 * (c * run + stop);
             end = end < n ? end : n;
             if (end > start)
-                beyond |= round_run(x + start, out + start, (const uint16_t *)noise[c], end - start);
+                beyond |= round_run(x + start, out + start, noise[c], end - start);
         }
     }
     return !(beyond >> 31);
@@ -138,7 +149,7 @@ static PyObject *
 bf16_round_into(PyObject *self, PyObject *args)
 {
     Py_buffer x, out;
-    unsigned long long state_hi, state_lo, inc_hi, inc_lo;
+    unsigned long long state_hi, state_lo, inc_hi, inc_lo; /* "K": taken modulo 2^64 */
     if (!PyArg_ParseTuple(args, "y*w*KKKK:bf16_round_into", &x, &out,
                           &state_hi, &state_lo, &inc_hi, &inc_lo))
         return NULL;
