@@ -248,15 +248,10 @@ def test_one_pass_kernel_draws_numpys_pcg64_words():
     carry depends on its own lane). Lengths that end mid-word, fewer words than
     the kernel's 4 chains, and lengths whose chains (each from the state jumped
     ahead to its run) span several of its 256-word blocks."""
-    from lomo_torch.rounding import _pcg64_state
-
     rng = np.random.default_rng(0)
     for n in (1, 2, 3, 4, 5, 15, 16, 17, 4099, 8195, 40003):
-        state, inc = _pcg64_state(777)
-        pcg = np.random.PCG64(0)
-        pcg.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
-                     "state": {"state": state, "inc": inc}}
-        u = pcg.random_raw(-(-n // 4)).view(np.uint16)[:n].astype(np.uint32)
+        words = RoundingNoise(0)._cpu_words(-(-n // 4), 777)  # numpy's random_raw
+        u = words.view(np.uint16)[:n].astype(np.uint32)
         x = (rng.standard_normal(n) * 0.02).astype(np.float32)
         out = np.empty(n, np.int16)
         assert _one_pass(x, out, key=777)
