@@ -12,7 +12,12 @@ together under ``directory/<step>/`` by an ``orbax.checkpoint
   everything is on disk, so a process killed while saving leaves the previous
   checkpoints intact (the half-written temporary directory is ignored, and
   deleted the next time a :class:`Checkpointer` opens the directory);
-* keeps the ``max_to_keep`` latest steps;
+* keeps the ``max_to_keep`` latest steps, and prunes **atomically** too: orbax
+  first renames an old step into ``directory/.deleting/`` (orbax's
+  ``todelete_subdir``; from then on it is not listed), and only then is it
+  deleted, so a process killed while pruning never leaves a listed step that
+  cannot be restored; what such a kill leaves in ``.deleting/`` is removed
+  when a writer opens the directory and at every save;
 * handles what orbax refuses: zero-size arrays (AdaLomo keeps empty
   placeholders in its state) are not written but rebuilt from the target;
 * checks the target's structure, shapes and dtypes against the saved ones
@@ -51,13 +56,15 @@ a ``sharding`` or on the default device).
 Notes: restored arrays are *committed* to their devices (as a jitted step's
 outputs are); a step compiled for uncommitted inputs (straight from
 ``jnp.asarray``) compiles once more for them. On GCS, orbax commits with a
-commit file instead of a rename. One writing process per directory; multi-host
+commit file instead of a rename, and orbax deletes old steps in place
+(``todelete_subdir`` is local only). One writing process per directory; multi-host
 saving is orbax's business and not exercised here.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Mapping, Optional
 
 import jax
@@ -68,6 +75,8 @@ __all__ = ["Checkpointer", "save", "restore", "latest_step", "all_steps"]
 
 _FORMAT = "lomo_jax.checkpoint/1"
 _STATE, _META = "state", "meta"
+# orbax's todelete_subdir: pruned steps are renamed in here, then deleted
+_TRASH = ".deleting"
 
 
 def _ocp():
@@ -226,8 +235,11 @@ class Checkpointer:
             # process may be writing into its temporary directory right now)
             cleanup_tmp_directories=not read_only,
             create=not read_only,
+            # prune by renaming first: a step is unlisted before any file goes
+            todelete_subdir=None if read_only else _TRASH,
         )
         self._read_only = bool(read_only)
+        self._async = bool(async_save)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -236,6 +248,7 @@ class Checkpointer:
                 _META: ocp.JsonCheckpointHandler(),
             },
         )
+        self._empty_trash()
 
     # ------------------------------------------------------------ queries
     def latest_step(self) -> Optional[int]:
@@ -280,6 +293,10 @@ class Checkpointer:
                 f"a checkpoint for step {step} already exists in {self.directory}; "
                 "checkpoints are never overwritten in place (that would not be atomic)."
             )
+        writes = force or self._manager.should_save(step)
+        if writes:  # orbax waits for the previous save here anyway
+            self._manager.wait_until_finished()
+            self._empty_trash()
         stripped = _strip_empty(state)
         meta = {
             "format": _FORMAT,
@@ -288,13 +305,16 @@ class Checkpointer:
             "leaves": _leaf_info(state),
             "user": dict(metadata or {}),
         }
-        return self._manager.save(
+        saved = self._manager.save(
             step,
             args=ocp.args.Composite(
                 **{_STATE: ocp.args.StandardSave(stripped), _META: ocp.args.JsonSave(meta)}
             ),
             force=force,
         )
+        if saved and not self._async:  # pruned synchronously: delete now
+            self._empty_trash()
+        return saved
 
     # ------------------------------------------------------------ restore
     def _resolve(self, step):
@@ -346,13 +366,21 @@ class Checkpointer:
         return _fill_empty(restored, abstract), dict(meta["user"])
 
     # ------------------------------------------------------------ lifetime
+    def _empty_trash(self) -> None:
+        """Delete the steps pruning renamed into ``.deleting/`` (also those a
+        killed process left there). Only while no save is in flight."""
+        trash = os.path.join(self.directory, _TRASH)
+        if not self._read_only and os.path.isdir(trash):
+            shutil.rmtree(trash, ignore_errors=True)
+
     def wait_until_finished(self) -> None:
         """Block until an asynchronous save has been committed."""
         self._manager.wait_until_finished()
+        self._empty_trash()
 
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
-        self._manager.wait_until_finished()
+        self.wait_until_finished()
         self._manager.close()
 
     def __enter__(self):

@@ -20,6 +20,14 @@ are ignored by :func:`latest_step`/:func:`load_checkpoint` and removed by the
 next :func:`save_checkpoint` (one writer per directory is assumed). A step is
 never overwritten in place.
 
+**Pruning is atomic too** (``max_to_keep``): an old ``step_<n>`` is first
+renamed to a hidden ``.deleting-step_<n>-*`` directory, which is no checkpoint,
+and only then deleted; a process killed while pruning leaves every listed step
+loadable. A step is listed only when all three files are there. The next
+:func:`save_checkpoint` removes what such a kill left: ``.deleting-*``
+directories and ``step_<n>`` directories missing a file (a deletion killed
+before this rule, or damage).
+
 Example::
 
     from lomo_torch import AdaLomo, checkpoint
@@ -45,6 +53,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -53,13 +62,20 @@ __all__ = ["save_checkpoint", "load_checkpoint", "latest_step", "all_steps", "st
 
 _FORMAT = "lomo_torch.checkpoint/1"
 _MODEL, _TRAIN, _META = "model.safetensors", "train_state.pt", "meta.json"
+_FILES = (_MODEL, _TRAIN, _META)
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-step_"
+_TRASH_PREFIX = ".deleting-"
 
 
 def step_path(directory, step: int) -> str:
     """The directory of checkpoint ``step``."""
     return os.path.join(os.fspath(directory), f"step_{int(step):08d}")
+
+
+def _is_complete(path: str) -> bool:
+    """Whether the checkpoint directory ``path`` holds all its files."""
+    return all(os.path.isfile(os.path.join(path, name)) for name in _FILES)
 
 
 def all_steps(directory) -> list:
@@ -70,7 +86,7 @@ def all_steps(directory) -> list:
     steps = []
     for name in os.listdir(directory):
         m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(directory, name, _META)):
+        if m and _is_complete(os.path.join(directory, name)):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
@@ -97,6 +113,36 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _discard(directory: str, name: str) -> None:
+    """Delete ``directory/name``, renamed first to a ``.deleting-`` name (one
+    atomic step that unlists it) so that a kill never leaves it half-listed."""
+    trash = os.path.join(directory, f"{_TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+    os.rename(os.path.join(directory, name), trash)
+    _fsync_dir(directory)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(directory: str) -> None:
+    """Remove what killed saves and prunings left (single writer assumed):
+    temporary and ``.deleting-`` directories, incomplete ``step_<n>`` ones."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _STEP_RE.match(name) and os.path.isdir(path) and not _is_complete(path):
+            _discard(directory, name)
+
+
+def _prune(directory: str, max_to_keep: int) -> None:
+    """Delete all but the ``max_to_keep`` newest steps; a step that cannot be
+    removed stays complete and listed, with a warning."""
+    for old in all_steps(directory)[:-max_to_keep]:
+        try:
+            _discard(directory, os.path.basename(step_path(directory, old)))
+        except OSError as e:
+            warnings.warn(f"max_to_keep: could not delete {step_path(directory, old)}: {e}")
 
 
 def _rng_state() -> dict:
@@ -151,7 +197,7 @@ def save_checkpoint(
         raise ValueError(f"step must be >= 0, got {step}.")
     directory = os.fspath(directory)
     final = step_path(directory, step)
-    if os.path.exists(final):
+    if _is_complete(final):
         raise FileExistsError(
             f"checkpoint {final} already exists; a step is never overwritten in place "
             "(that could not be atomic). Delete it first or use another step."
@@ -162,11 +208,7 @@ def save_checkpoint(
     except TypeError as e:
         raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
     os.makedirs(directory, exist_ok=True)
-    # leftovers of an earlier save that was killed (single writer per directory)
-    for name in os.listdir(directory):
-        if name.startswith(_TMP_PREFIX):
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-
+    _remove_leftovers(directory)
     tmp = os.path.join(directory, f"{_TMP_PREFIX}{step:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
@@ -188,8 +230,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if max_to_keep is not None:
-        for old in all_steps(directory)[: -int(max_to_keep)]:
-            shutil.rmtree(step_path(directory, old), ignore_errors=True)
+        _prune(directory, int(max_to_keep))
     return final
 
 
@@ -220,7 +261,7 @@ def load_checkpoint(
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {directory}.")
     path = step_path(directory, step)
-    if not os.path.isfile(os.path.join(path, _META)):
+    if not _is_complete(path):
         raise FileNotFoundError(
             f"no checkpoint for step {step} in {directory}; available: {all_steps(directory)}."
         )

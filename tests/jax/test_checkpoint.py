@@ -203,10 +203,26 @@ _CHILD = textwrap.dedent(
         return {"w": jnp.full((256, 1024), float(step), jnp.float32),
                 "b": jnp.arange(7, dtype=jnp.int32) + step}
 
-    ckpt = checkpoint.Checkpointer(directory, max_to_keep=None)
+    keep = None if mode == "before-rename" else 2
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=keep)
     ckpt.save(1, state(1), metadata={"data_position": 1})
     print("committed 1", flush=True)
-    if mode == "before-rename":
+    if mode == "while-pruning":
+        # step 3 prunes step 1: SIGKILL right after one of step 1's files
+        # (its metadata) is unlinked, with the others still there.
+        ckpt.save(2, state(2), metadata={"data_position": 2})
+        print("committed 2", flush=True)
+        unlink = os.unlink
+
+        def killing_unlink(path, *a, **k):
+            unlink(path, *a, **k)
+            if os.path.basename(os.fsdecode(path)) == "metadata":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        os.unlink = killing_unlink
+        ckpt.save(3, state(3), metadata={"data_position": 3})
+        print("not reached", flush=True)
+    elif mode == "before-rename":
         # SIGKILL after the arrays are written, right before orbax's commit
         # (the rename of the temporary directory).
         cls = ocp.path.atomicity.AtomicRenameTemporaryPath
@@ -240,7 +256,7 @@ def _check_all_restore(directory):
     target = {"w": jax.ShapeDtypeStruct((256, 1024), jnp.float32),
               "b": jax.ShapeDtypeStruct((7,), jnp.int32)}
     steps = checkpoint.all_steps(directory)
-    assert steps and steps == list(range(1, len(steps) + 1)), steps
+    assert steps and steps == list(range(steps[0], steps[0] + len(steps))), steps
     for s in steps:
         restored, meta = checkpoint.restore(directory, target, step=s)
         assert meta == {"data_position": s}
@@ -266,9 +282,29 @@ def test_sigkill_before_commit_keeps_previous_checkpoint(tmp_path):
     assert _check_all_restore(tmp_path) == [1, 2]
 
 
+def test_sigkill_while_pruning_never_lists_a_half_deleted_step(tmp_path):
+    """max_to_keep=2: the save of step 3 prunes step 1 and is killed half-way
+    through deleting its files. Step 1 is no longer listed (it was unlisted
+    before any file went); 2 and 3 restore; the next writer removes the rest."""
+    proc = _spawn(tmp_path, "while-pruning")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, out)
+    assert out.split() == ["committed", "1", "committed", "2"], out
+    assert _check_all_restore(tmp_path) == [2, 3]
+    assert os.listdir(tmp_path / ".deleting") == ["1"]  # what the kill left
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        assert sorted(os.listdir(tmp_path)) == ["2", "3"]  # a writer removes it
+        ckpt.save(4, {"w": jnp.full((256, 1024), 4.0), "b": jnp.arange(7, dtype=jnp.int32) + 4},
+                  metadata={"data_position": 4})
+    assert sorted(os.listdir(tmp_path)) == ["3", "4"]  # no leftover of step 1
+    assert _check_all_restore(tmp_path) == [3, 4]
+
+
 def test_sigkill_at_an_arbitrary_moment(tmp_path):
-    """An external SIGKILL while the child saves 1 MiB checkpoints in a loop:
-    every checkpoint that is listed restores exactly; nothing else shows."""
+    """An external SIGKILL while the child saves 1 MiB checkpoints in a loop
+    with max_to_keep=2 (so also while pruning): every checkpoint that is
+    listed restores exactly; nothing else shows; the next save leaves only
+    checkpoints behind."""
     proc = _spawn(tmp_path, "loop")
     committed = []
     try:
@@ -284,6 +320,12 @@ def test_sigkill_at_an_arbitrary_moment(tmp_path):
     steps = _check_all_restore(tmp_path)
     # the kill may land after a commit but before its "committed" line
     assert steps[-1] in (committed[-1], committed[-1] + 1), (steps, committed)
+    nxt = steps[-1] + 1
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        ckpt.save(nxt, {"w": jnp.full((256, 1024), float(nxt)),
+                        "b": jnp.arange(7, dtype=jnp.int32) + nxt},
+                  metadata={"data_position": nxt})
+    assert sorted(os.listdir(tmp_path)) == sorted([str(nxt - 1), str(nxt)])
 
 
 # --------------------------------------------------------------------------
@@ -295,12 +337,15 @@ def test_max_to_keep_and_async_save_before_donation(tmp_path):
     donate = jax.jit(lambda x: x + 1.0, donate_argnums=0)
     x = jnp.zeros((1000,), jnp.float32)
     with checkpoint.Checkpointer(tmp_path, max_to_keep=2, async_save=True) as ckpt:
-        for s in range(1, 5):
+        for s in range(1, 6):
             ckpt.save(s, {"x": x}, metadata={"s": s})
             x = donate(x)  # may donate the buffer while orbax writes in background
+            # save s waited for save s-1, which pruned step s-3, then deleted it
+            assert not (tmp_path / ".deleting" / str(s - 3)).exists()
         ckpt.wait_until_finished()
-        assert ckpt.all_steps() == [3, 4]
-        for s in (3, 4):
+        assert ckpt.all_steps() == [4, 5]
+        assert sorted(os.listdir(tmp_path)) == ["4", "5"]  # pruned steps deleted
+        for s in (4, 5):
             restored, meta = ckpt.restore({"x": x}, step=s)
             assert meta == {"s": s} and np.all(np.asarray(restored["x"]) == s - 1)
 

@@ -219,6 +219,93 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert checkpoint.all_steps(tmp_path) == [1, 2]
 
 
+_PRUNE_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from lomo_torch import checkpoint
+    from tests.torch.helpers import MLP
+
+    directory, last_file = sys.argv[1], sys.argv[2]
+    model = MLP()
+
+    def save(step):
+        with torch.no_grad():
+            model.fc1.bias.fill_(step)
+        checkpoint.save_checkpoint(directory, step, model, metadata={"s": step}, max_to_keep=2)
+
+    for step in (1, 2):
+        save(step)
+        print("committed", step, flush=True)
+    unlink = os.unlink
+
+    def killing_unlink(path, *a, **k):  # die half-way through deleting a step
+        if 1 in checkpoint.all_steps(directory):
+            print("step 1 listed while its files are deleted", flush=True)
+        unlink(path, *a, **k)
+        if os.path.basename(os.fsdecode(path)) == last_file:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.unlink = killing_unlink
+    save(3)  # prunes step 1
+    print("not reached", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("last_file", ["model.safetensors", "meta.json"])
+def test_sigkill_while_pruning_never_lists_a_half_deleted_step(tmp_path, last_file):
+    """max_to_keep=2: the save of step 3 prunes step 1 and is killed right
+    after one of step 1's files is unlinked (the weights: a listed step that
+    could not load; the metadata: an orphan directory). Step 1 is not listed
+    (it was unlisted before its first file went), 2 and 3 load, and the next
+    save removes what is left of step 1."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _PRUNE_CHILD, str(tmp_path), last_file], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout.split() == ["committed", "1", "committed", "2"]
+    assert checkpoint.all_steps(tmp_path) == [2, 3]
+    for s in (2, 3):
+        model = MLP()
+        assert checkpoint.load_checkpoint(tmp_path, model, step=s) == {"s": s, "step": s}
+        assert torch.all(model.fc1.bias == s)
+    checkpoint.save_checkpoint(tmp_path, 4, MLP(), max_to_keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000004"]
+
+
+def test_incomplete_step_directory_is_no_checkpoint(tmp_path):
+    """A step_<n> missing a file (left by a deletion killed before pruning
+    renamed first, or damaged) is not listed, not loadable by number, and the
+    next save removes it, also when it has the number being saved."""
+    model = MLP()
+    for s in (1, 2):
+        checkpoint.save_checkpoint(tmp_path, s, model)
+    os.remove(tmp_path / "step_00000001" / "model.safetensors")
+    os.remove(tmp_path / "step_00000002" / "meta.json")
+    assert checkpoint.all_steps(tmp_path) == [] and checkpoint.latest_step(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 1 .*available: \[\]"):
+        checkpoint.load_checkpoint(tmp_path, MLP(), step=1)
+    checkpoint.save_checkpoint(tmp_path, 2, model)
+    assert sorted(os.listdir(tmp_path)) == ["step_00000002"]
+    assert checkpoint.all_steps(tmp_path) == [2]
+
+
+def test_pruning_that_fails_warns_and_keeps_the_step(tmp_path, monkeypatch):
+    model = MLP()
+    checkpoint.save_checkpoint(tmp_path, 1, model)
+
+    def no_rename(src, dst):
+        raise PermissionError(13, "Permission denied", src)
+
+    monkeypatch.setattr(checkpoint.os, "rename", no_rename)
+    with pytest.warns(UserWarning, match=r"could not delete .*step_00000001.*Permission denied"):
+        checkpoint.save_checkpoint(tmp_path, 2, model, max_to_keep=1)
+    monkeypatch.undo()
+    assert checkpoint.all_steps(tmp_path) == [1, 2]
+    assert checkpoint.load_checkpoint(tmp_path, MLP(), step=1) == {"step": 1}
+
+
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = MLP()
