@@ -13,7 +13,8 @@ parameters) turns on dynamic loss scaling for both optimizers (``FP16_POLICY``,
 as in lomo_jax; ``LOMO_OPTIM_LOSS_SCALE`` gives lomo-optim's scales), with
 overflowing steps skipped without touching parameters or state and no
 ``torch.distributed`` process group needed; AdaLomo on parameters of any
-rank; ``state_dict()`` / ``load_state_dict()`` for exact resumption;
+rank; ``state_dict()`` / ``load_state_dict()`` for exact resumption (into an
+optimizer built with the same settings, else a ``ValueError`` naming them);
 ``grad_norm`` returns the global norm; ``fused_backward(loss)`` without an lr
 uses ``param_groups[0]["lr"]`` (LR schedulers); ``remove_hooks()``.
 

@@ -75,6 +75,11 @@ class AdaLomo(FusedOptimizer):
             norm is not finite, as in :class:`~lomo_torch.Lomo`.
         stochastic_rounding, seed: (keyword only) round new values into bf16/fp16
             parameters stochastically, as in :class:`~lomo_torch.Lomo`.
+
+    Resuming, as :class:`~lomo_torch.Lomo`: :meth:`load_state_dict` needs the same
+    settings (every argument but ``lr`` and ``seed``: also ``loss_scale``, ``eps``,
+    ``clip_threshold``, ``decay_rate``) or raises ``ValueError`` naming them;
+    ``param_groups`` show ``eps``, ``weight_decay`` and the clipping as applied.
     """
 
     def __init__(self, model, lr=1e-3, loss_scale=None, eps=(1e-30, 1e-3), clip_threshold=1.0,
@@ -107,6 +112,11 @@ class AdaLomo(FusedOptimizer):
                          skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
                          seed=seed)
         self._beta = None
+
+    def _extra_settings(self):
+        return {"loss_scale": self.loss_scale, "eps": self.eps,
+                "clip_threshold": self.clip_threshold, "decay_rate": self.decay_rate,
+                "loss_scale_args": self.loss_scale_args}
 
     def _enable_fp16(self):
         init = FP16_POLICY["init_scale"] if self.loss_scale is None else self.loss_scale or 1.0

@@ -58,6 +58,14 @@ class Lomo(FusedOptimizer):
         seed: (keyword only) seed of the rounding noise; ``None`` draws one from
             torch's default generator (rank 0's under DDP/FSDP2). ``state_dict()``
             carries it, so a resumed run draws the same bits.
+
+    Resuming: :meth:`load_state_dict` needs an optimizer built with the same
+    settings as the one that wrote the state_dict (every argument but ``lr`` and
+    ``seed``, which come from the state_dict); a difference raises ``ValueError``
+    naming each setting and loads nothing. ``param_groups`` show
+    ``clip_grad_norm``, ``clip_grad_value`` and ``weight_decay`` as applied (fp16's
+    1.0 included); only ``lr`` is read from there, and a changed setting there is
+    refused by the next :meth:`fused_backward`.
     """
 
     def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
@@ -73,11 +81,20 @@ class Lomo(FusedOptimizer):
                          skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
                          seed=seed)
 
+    def _extra_settings(self):
+        return {"loss_scale_args": self.loss_scale_args}
+
     def _enable_fp16(self):
         self.loss_scaler = DynamicLossScaler(**{**FP16_POLICY, **self.loss_scale_args})
+        if self._fp16_settings():
+            warn_fp16_clip(type(self).__name__)
+
+    def _fp16_settings(self):
+        """As lomo-optim: fp16 without ``clip_grad_norm`` clips at 1.0."""
         if self.clip_grad_norm is None:
             self.clip_grad_norm = 1.0
-            warn_fp16_clip(type(self).__name__)
+            return True
+        return False
 
     def _update(self, name, p, g):
         lr = self._step_lr

@@ -72,11 +72,12 @@ def test_resume_is_bit_exact(opt_name):
 def test_resume_carries_loss_scaler_and_clip_state():
     torch.manual_seed(0)
     model = MLP().half()
-    opt = lomo_torch.Lomo(model, lr=0.05, loss_scale_args={"init_scale": 2.0**20, "scale_window": 4})
+    scaling = {"init_scale": 2.0**20, "scale_window": 4}
+    opt = lomo_torch.Lomo(model, lr=0.05, loss_scale_args=scaling)
     with pytest.warns(UserWarning):
         run(model, opt, mlp_batches(6, dtype=torch.float16), [0.05] * 6)
     sd = torch.load(save(opt.state_dict()), weights_only=True)
-    other = lomo_torch.Lomo(MLP().half(), lr=0.05)
+    other = lomo_torch.Lomo(MLP().half(), lr=0.05, loss_scale_args=scaling)  # the same settings
     other.load_state_dict(sd)
     assert other.clip_grad_norm == 1.0  # set by fp16 detection, restored
     assert other.loss_scaler is not None
