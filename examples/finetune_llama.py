@@ -23,7 +23,9 @@ What it does:
 4. writes ``OUT/loss_and_memory.png``, ``OUT/finetune_report.json`` and a
    transformers checkpoint in ``OUT`` (``--out``, default
    ``runs/finetune_llama``) with the tokenizer and ``generation_config.json``,
-   that ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads.
+   that ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads. Every
+   file is renamed into place once written whole, so a run killed while
+   writing leaves each file of ``OUT`` the previous run's or this one's.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -421,17 +422,27 @@ def print_memory(args, memory):
     print(CAVEAT)
 
 
-def save_outputs(args, out, params, cfg, tokenizer):
-    """A checkpoint like ``--model``'s: its config (token ids kept), the tokenizer and its
-    ``generation_config.json``, with the fine-tuned weights."""
+def save_checkpoint(args, out, params, cfg):
+    """The fine-tuned weights in a checkpoint like ``--model``'s: its ``config.json`` (token
+    ids kept) and its ``generation_config.json`` (which ``cfg`` carries); ``save_pretrained``
+    renames each file into place once written, the weights' index last."""
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
     convert.save_pretrained(params, cfg, str(out), hf_config=hf_config)
-    tokenizer.save_pretrained(str(out))
-    generation = Path(args.model) / "generation_config.json"
-    if generation.is_file() and generation.resolve() != (out / generation.name).resolve():
-        shutil.copyfile(generation, out / generation.name)
+
+
+def write_results(out, tokenizer, report, draw):
+    """The tokenizer, the plot (``draw(path)``) and the report, written into a staging
+    directory and renamed into ``out`` (``convert.write_atomically``): a run killed (or
+    failing) while writing leaves each file the previous run's or this one's. Returns
+    the plot's and the report's paths."""
+    png, report_json = out / "loss_and_memory.png", out / "finetune_report.json"
+    with convert.write_atomically(str(out)) as tmp:
+        tokenizer.save_pretrained(tmp)
+        draw(Path(tmp, png.name))
+        Path(tmp, report_json.name).write_text(json.dumps(report, indent=2))
+    return png, report_json
 
 
 def main(argv=None):
@@ -474,17 +485,16 @@ def main(argv=None):
     if memory:
         print_memory(args, memory)
 
-    png = out / "loss_and_memory.png"
-    plot(png, run["train_losses"], memory, f"{args.optimizer}, {cfg.num_hidden_layers} layers, "
-         f"{args.dtype}", (loss_before, loss_after))
-    save_outputs(args, out, params, cfg, tokenizer)
+    save_checkpoint(args, out, params, cfg)
     report = {"args": vars(args), "loss_before": loss_before, "loss_after": loss_after,
               "sample_prompt": prompt, "sample_before": sample_before,
               "sample_after": sample_after, **run,
               "compile_seconds": t_compile, "wall_seconds": time.perf_counter() - t_start,
               "memory_bytes": {k: v[0] for k, v in memory.items()}}
-    (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {png}, {out / 'finetune_report.json'} and a transformers checkpoint in "
+    title = f"{args.optimizer}, {cfg.num_hidden_layers} layers, {args.dtype}"
+    png, report_json = write_results(out, tokenizer, report, lambda path: plot(
+        path, run["train_losses"], memory, title, (loss_before, loss_after)))
+    print(f"\nwrote {png}, {report_json} and a transformers checkpoint in "
           f"{out}/ (AutoModelForCausalLM.from_pretrained loads it); "
           f"{report['wall_seconds']:.0f} s wall in all")
     return loss_before, loss_after

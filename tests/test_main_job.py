@@ -2,8 +2,9 @@
 fine-tunes the shipped pretrained checkpoint on the corpus's target slice and
 lowers the held-out loss there, reports throughput, wall time and memory (with
 its caveat), writes a plot and a transformers checkpoint (with the tokenizer
-and generation_config.json) that transformers loads with the same logits, and
-fine-tunes that checkpoint again with ``--model``. A bad ``--model`` or
+and generation_config.json) that transformers loads with the same logits, each
+file renamed into place once whole, and fine-tunes that checkpoint again with
+``--model``. A bad ``--model`` or
 ``--tokenizer`` is refused before anything is loaded; the shipped checkpoint
 is small, loads in transformers and lomo_jax alike, and its maker script is
 deterministic."""
@@ -105,11 +106,36 @@ def test_default_fine_tunes_the_shipped_checkpoint(job, trained):
     out, report, proc = trained
     assert report["args"]["model"] == str(PRETRAINED) and report["args"]["tokenizer"] is None
     assert f"model: {PRETRAINED}" in proc.stdout
-    assert filecmp.cmp(out / "generation_config.json", PRETRAINED / "generation_config.json",
-                       shallow=False)
+
+    def read(path):  # as written by this transformers (its version aside)
+        saved = json.loads(path.read_text())
+        return {k: v for k, v in saved.items() if k != "transformers_version"}
+
+    assert read(out / "generation_config.json") == read(PRETRAINED / "generation_config.json")
     assert filecmp.cmp(out / "tokenizer.json", PRETRAINED / "tokenizer.json", shallow=False)
-    config = json.loads((out / "config.json").read_text())
-    assert config["eos_token_id"] == json.loads((PRETRAINED / "config.json").read_text())["eos_token_id"]
+    config, source = read(out / "config.json"), read(PRETRAINED / "config.json")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert config[name] == source[name], name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_results_are_renamed_into_place(job, tmp_path):
+    """The tokenizer, plot and report are written aside and renamed into OUT: a run that
+    dies while writing them leaves the previous run's files whole."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(PRETRAINED))
+    draw = lambda path: path.write_bytes(b"\x89PNG first")  # noqa: E731
+    png, report = job.write_results(tmp_path, tokenizer, {"run": 1}, draw)
+    assert (png.read_bytes(), json.loads(report.read_text())) == (b"\x89PNG first", {"run": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert {"tokenizer.json", "loss_and_memory.png", "finetune_report.json"} <= set(before)
+
+    def dies(path):
+        path.write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt  # e.g. Ctrl-C while matplotlib writes
+
+    with pytest.raises(KeyboardInterrupt):
+        job.write_results(tmp_path, tokenizer, {"run": 2}, dies)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_report_has_throughput_wall_time_and_memory_caveat(job, trained):

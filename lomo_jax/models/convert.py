@@ -18,9 +18,13 @@ otherwise), so torch -> JAX -> torch is bit-exact.
 Reading needs only ``numpy`` and ``safetensors`` (plus ``transformers`` for
 the config); a ``state_dict`` of torch tensors needs ``torch``. Writing a
 ``save_pretrained``-style directory writes ``config.json`` through the
-``transformers`` config class and ``model.safetensors`` (or shards plus
-``model.safetensors.index.json``), loadable by
-``transformers.AutoModelForCausalLM.from_pretrained(path)``.
+``transformers`` config class, ``generation_config.json`` and
+``model.safetensors`` (or shards plus ``model.safetensors.index.json``),
+loadable by ``transformers.AutoModelForCausalLM.from_pretrained(path)``, each
+file renamed into place once written (a killed save leaves the old export).
+Loading checks that floating weights are finite (``check_finite=False`` to
+skip), and the config keeps the checkpoint's special token ids and
+``generation_config.json`` for the save.
 
 Example::
 
@@ -39,13 +43,16 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import json
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+import shutil
+import tempfile
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -62,10 +69,14 @@ __all__ = [
     "load_pretrained",
     "load_safetensors",
     "save_pretrained",
+    "write_atomically",
 ]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+# The special token ids LlamaConfig carries (with generation_config).
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary_emb\.original_inv_freq$")
@@ -76,14 +87,18 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary_emb\.original_i
 # --------------------------------------------------------------------------
 
 
-def config_from_hf(hf_config, *, dtype=None, param_dtype=None) -> LlamaConfig:
+def config_from_hf(hf_config, *, dtype=None, param_dtype=None,
+                   generation_config=None) -> LlamaConfig:
     """A :class:`LlamaConfig` from a ``transformers`` config (``LlamaConfig``,
     ``MistralConfig``, ``Qwen2Config``).
 
     Reads both the transformers>=5 ``rope_parameters`` dict and the older
     ``rope_theta`` + ``rope_scaling`` fields. ``dtype``/``param_dtype`` are
     not taken from the checkpoint (default fp32; pass ``jnp.bfloat16`` for
-    bf16). Also available as ``LlamaConfig.from_hf``.
+    bf16). Also available as ``LlamaConfig.from_hf``. The special token ids
+    are kept, and ``generation_config`` (a dict or ``transformers.GenerationConfig``:
+    the checkpoint's; default: derived from ``hf_config`` as ``transformers``
+    does for a checkpoint without one), so that a save writes them back.
 
     Raises:
       ValueError: unsupported ``model_type``.
@@ -99,7 +114,8 @@ def config_from_hf(hf_config, *, dtype=None, param_dtype=None) -> LlamaConfig:
             f"(supported: {tuple(_HF_FAMILY_FIELDS)})."
         )
     dtype = jnp.float32 if dtype is None else dtype
-    fields = {**_hf_common_fields(hf_config), **_HF_FAMILY_FIELDS[mt](hf_config)}
+    fields = {**_hf_common_fields(hf_config), **_HF_FAMILY_FIELDS[mt](hf_config),
+              **_hf_token_fields(hf_config, generation_config)}
     return LlamaConfig(**fields, model_type=mt, dtype=dtype,
                        param_dtype=dtype if param_dtype is None else param_dtype)
 
@@ -128,6 +144,19 @@ def _hf_common_fields(hf_config) -> dict:
         attention_bias=bool(g("attention_bias", False)),
         mlp_bias=bool(g("mlp_bias", False)),
     )
+
+
+def _hf_token_fields(hf_config, generation_config) -> dict:
+    """The token ids of ``hf_config`` and the generation config to carry (a
+    dict, without ``transformers_version``)."""
+    if generation_config is None:
+        import transformers
+
+        generation_config = transformers.GenerationConfig.from_model_config(hf_config)
+    if not isinstance(generation_config, Mapping):
+        generation_config = generation_config.to_diff_dict()
+    return dict({f: getattr(hf_config, f, None) for f in _TOKEN_FIELDS},
+                generation_config=dict(generation_config))
 
 
 def _hf_rope(hf_config):
@@ -219,8 +248,9 @@ _HF_SHARED_FIELDS = (
 
 def config_to_hf(cfg: LlamaConfig, **overrides):
     """The matching ``transformers`` config (``LlamaConfig``, ``MistralConfig``
-    or ``Qwen2Config`` by ``cfg.model_type``); ``overrides`` are passed on
-    (e.g. ``bos_token_id``). Needs ``transformers``. Also available as
+    or ``Qwen2Config`` by ``cfg.model_type``), with ``cfg``'s token ids (see
+    :func:`_token_ids_to_hf`); ``overrides`` are passed on (e.g.
+    ``bos_token_id``). Needs ``transformers``. Also available as
     ``LlamaConfig.to_hf``.
 
     Raises:
@@ -234,8 +264,20 @@ def config_to_hf(cfg: LlamaConfig, **overrides):
     _check_switches(cfg)
     cls_name, family_kw = _TO_HF[cfg.model_type](cfg)
     kw.update(family_kw)
+    kw.update(_token_ids_to_hf(cfg))
     kw.update(overrides)
     return getattr(transformers, cls_name)(**kw)
+
+
+def _token_ids_to_hf(cfg: LlamaConfig) -> dict:
+    """The token ids to write: all of them (``None`` as null) for a config read
+    from a checkpoint (``generation_config`` set); for one built by hand only
+    those set (the ``transformers`` class's defaults stand for the others)."""
+    ids = {f: getattr(cfg, f) for f in _TOKEN_FIELDS}
+    ids = {f: list(v) if isinstance(v, tuple) else v for f, v in ids.items()}
+    if cfg.generation_config is None:
+        ids = {f: v for f, v in ids.items() if v is not None}
+    return ids
 
 
 def _rope_to_hf(cfg: LlamaConfig, major: int) -> dict:
@@ -477,13 +519,14 @@ class _Source:
 
     ``read(name, index)`` returns only the ``index`` (a tuple of slices) of a
     tensor, so a loader that places arrays shard by shard reads only what its
-    devices hold."""
+    devices hold. ``where(name)``: the file a tensor is in (``None``: in memory)."""
 
     def __init__(self, keys: Iterable[str], read: Callable[[str, Any], Any],
-                 shape: Callable[[str], tuple]):
+                 shape: Callable[[str], tuple], where: Callable[[str], Optional[str]] = None):
         self.keys = list(keys)
         self._read = read
         self._shape = shape
+        self.where = where or (lambda name: None)
 
     def get(self, name):
         return _to_numpy(self._read(name, None))
@@ -501,6 +544,51 @@ def _mapping_source(sd: Mapping[str, Any]) -> _Source:
         return x if index is None else x[index]
 
     return _Source(sd.keys(), read, lambda n: tuple(sd[n].shape))
+
+
+def _finite_source(src: _Source) -> _Source:
+    """``src`` whose every read of floating data (each chunk, as it is read)
+    raises ``ValueError`` if it holds a NaN or an infinity."""
+
+    def read(name, index):
+        a = src.read(name, index)
+        if not _all_finite(a):
+            raise _nonfinite_error(src, name, index, a)
+        return a
+
+    return _Source(src.keys, read, src.shape, src.where)
+
+
+#: 16-bit floats, checked on their bits (no float temporaries; numpy's isfinite is slow
+#: on them): an exponent of all ones is an infinity or a NaN
+_EXPONENT_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """Whether ``a`` holds no NaN or infinity (``True`` for non-floating dtypes)."""
+    import jax.numpy as jnp
+
+    if a.size == 0 or not jnp.issubdtype(a.dtype, jnp.inexact):
+        return True
+    mask = _EXPONENT_BITS.get(a.dtype.name)
+    if mask is None:
+        return bool(np.isfinite(a).all())
+    bits = np.ascontiguousarray(a).view(np.uint16) & np.uint16(mask)
+    return int(bits.max()) != mask
+
+
+def _nonfinite_error(src: _Source, name: str, index, a: np.ndarray) -> ValueError:
+    """The error for a read ``a`` (``index`` of tensor ``name``) holding a NaN or an
+    infinity: where the first one is, in the whole tensor, and its value."""
+    at = np.argwhere(~np.isfinite(a.astype(np.float32) if a.dtype.itemsize < 4 else a))[0]
+    shape, index = src.shape(name), tuple(index or ())
+    pos = [int(index[k].indices(shape[k])[0] + i * index[k].indices(shape[k])[2])
+           if k < len(index) else int(i) for k, i in enumerate(at)]
+    file = src.where(name)
+    return ValueError(
+        f"{name}{f' (in {file})' if file else ''} holds a non-finite value, "
+        f"{a[tuple(at)]} at index {pos} of its {a.dtype} {list(shape)}: the checkpoint looks "
+        "corrupted. Pass check_finite=False to load non-finite values anyway.")
 
 
 def _shape_error(name: str, got, want, cfg: LlamaConfig) -> ValueError:
@@ -642,7 +730,8 @@ def _as_jax(params):
 
 
 def params_from_hf(state_dict: Mapping[str, Any], cfg: LlamaConfig, *, dtype=None,
-                   strict: bool = True, as_numpy: bool = False) -> dict:
+                   strict: bool = True, as_numpy: bool = False,
+                   check_finite: bool = True) -> dict:
     """Plain-dict params from a ``transformers`` ``state_dict``.
 
     Args:
@@ -654,13 +743,16 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: LlamaConfig, *, dtype=Non
       dtype: cast every array to this dtype (``None``: keep the checkpoint's).
       strict: raise on tensors the config does not use.
       as_numpy: return numpy arrays instead of jax arrays.
+      check_finite: raise on a NaN or an infinity in a floating tensor
+        (``False``: take them as they are).
 
     Raises:
-      ValueError: a missing or unexpected tensor, or a tensor whose shape
+      ValueError: a missing or unexpected tensor, a tensor whose shape
         does not match the config (the message names the tensor and both
-        shapes).
+        shapes), or a non-finite value (the tensor, the index and the value).
     """
-    params = _convert(_mapping_source(state_dict), cfg, dtype, strict)
+    src = _mapping_source(state_dict)
+    params = _convert(_finite_source(src) if check_finite else src, cfg, dtype, strict)
     return params if as_numpy else _as_jax(params)
 
 
@@ -710,16 +802,19 @@ def params_to_hf(params, cfg: LlamaConfig, *, include_tied: bool = True, framewo
     return converted
 
 
-def from_hf_model(hf_model, *, dtype=None, config_dtype=None):
-    """``(LlamaConfig, params)`` from an instantiated ``transformers`` causal LM.
+def from_hf_model(hf_model, *, dtype=None, config_dtype=None, check_finite: bool = True):
+    """``(LlamaConfig, params)`` from an instantiated ``transformers`` causal LM
+    (the config keeps its token ids and ``generation_config``).
 
     ``config_dtype``: ``LlamaConfig.dtype``/``param_dtype`` (default fp32);
-    ``dtype``: cast of the arrays (default: keep the model's).
+    ``dtype``: cast of the arrays (default: keep the model's);
+    ``check_finite``: as :func:`params_from_hf`.
     """
     import jax.numpy as jnp
 
-    cfg = config_from_hf(hf_model.config, dtype=config_dtype or jnp.float32)
-    return cfg, params_from_hf(hf_model.state_dict(), cfg, dtype=dtype)
+    cfg = config_from_hf(hf_model.config, dtype=config_dtype or jnp.float32,
+                         generation_config=getattr(hf_model, "generation_config", None))
+    return cfg, params_from_hf(hf_model.state_dict(), cfg, dtype=dtype, check_finite=check_finite)
 
 
 # --------------------------------------------------------------------------
@@ -729,8 +824,9 @@ def from_hf_model(hf_model, *, dtype=None, config_dtype=None):
 
 def load_safetensors(path: str) -> _Source:
     """Lazy access to the tensors of a ``save_pretrained`` directory: either
-    ``model.safetensors`` or ``model.safetensors.index.json`` + shards (or a
-    single ``.safetensors`` file). Tensors are read on demand (memory-mapped).
+    ``model.safetensors`` or ``model.safetensors.index.json`` + shards (the
+    first when both are there, as ``transformers``), or a single
+    ``.safetensors`` file. Tensors are read on demand (memory-mapped).
 
     Returns an object with ``.keys`` (names), ``.get(name)`` (numpy array),
     ``.read(name, index)`` (only ``index``, a tuple of slices, is read) and
@@ -740,13 +836,13 @@ def load_safetensors(path: str) -> _Source:
     if os.path.isdir(path):
         index = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
         single = os.path.join(path, SAFE_WEIGHTS_NAME)
-        if os.path.exists(index):
+        if os.path.exists(single):
+            files = None
+            path = single
+        elif os.path.exists(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             files = {k: os.path.join(path, v) for k, v in weight_map.items()}
-        elif os.path.exists(single):
-            files = None
-            path = single
         else:
             raise FileNotFoundError(
                 f"{path} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} "
@@ -768,15 +864,16 @@ def load_safetensors(path: str) -> _Source:
     if files is None:
         with safe_open(path, framework="np") as f:
             files = {k: path for k in f.keys()}
-    return _Source(files.keys(), read, shape)
+    return _Source(files.keys(), read, shape, files.get)
 
 
 def load_pretrained(path: str, *, dtype=None, config_dtype=None, strict: bool = True,
-                    as_numpy: bool = False, shardings=None):
+                    as_numpy: bool = False, shardings=None, check_finite: bool = True):
     """``(LlamaConfig, params)`` from a local ``save_pretrained`` directory.
 
     The config is read with ``transformers.AutoConfig.from_pretrained(path)``
-    (local files only), the weights with ``safetensors`` (sharded or not),
+    (local files only; it keeps the token ids and ``generation_config.json``,
+    which :func:`save_pretrained` writes back), the weights with ``safetensors`` (sharded or not),
     tensor by tensor, each placed as it is read: a stacked ``[L, ...]`` leaf is
     allocated on its sharding and each layer is written into its slice in
     place, and only the parts of a tensor that this process's devices hold are
@@ -799,19 +896,33 @@ def load_pretrained(path: str, *, dtype=None, config_dtype=None, strict: bool = 
         ``Mesh`` (``lomo_jax.sharding.param_shardings`` on it), one
         ``Sharding`` for every leaf, or a pytree of shardings with the params'
         structure (e.g. ``lomo_jax.sharding.llama_shardings(...).params``).
+      check_finite: check every chunk of floating data as it is read and raise
+        ``ValueError`` on a NaN or an infinity (naming the tensor, its file, the
+        index and the value; corrupted bytes); ``False`` loads them as they are.
     """
     import jax.numpy as jnp
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    cfg = config_from_hf(hf_config, dtype=config_dtype or jnp.float32)
+    cfg = config_from_hf(hf_config, dtype=config_dtype or jnp.float32,
+                         generation_config=_read_generation_config(path))
     src = load_safetensors(path)
+    src = _finite_source(src) if check_finite else src
     if as_numpy:
         if shardings is not None:
             raise ValueError("load_pretrained: as_numpy=True returns host arrays; "
                              "shardings applies to jax arrays only.")
         return cfg, _convert(src, cfg, dtype, strict)
     return cfg, _placed(src, cfg, dtype, strict, shardings)
+
+
+def _read_generation_config(path: str) -> Optional[dict]:
+    """``path``'s ``generation_config.json`` as a dict (``None`` if there is none)."""
+    file = os.path.join(path, GENERATION_CONFIG_NAME)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
 
 
 def _placed(src: _Source, cfg: LlamaConfig, dtype, strict: bool, shardings) -> dict:
@@ -1000,14 +1111,28 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
                     max_shard_size: Optional[int] = None) -> str:
     """Write a directory ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
-    Writes ``config.json`` (``hf_config`` if given, e.g. the original
-    checkpoint's to keep token ids; else ``cfg.to_hf()``) and the weights as
+    Writes ``config.json`` (``hf_config`` if given; else ``cfg.to_hf()``, with
+    the token ids ``cfg`` carries from the checkpoint it was loaded from),
+    ``generation_config.json`` (the one ``cfg`` carries, else derived from the
+    config as ``transformers`` does) and the weights as
     ``model.safetensors``, or, with ``max_shard_size`` (bytes), as
     ``model-0000k-of-0000n.safetensors`` shards (each at most
     ``max_shard_size`` bytes of tensors, unless one tensor alone is larger)
     plus ``model.safetensors.index.json``. Tied embeddings are written once.
     Names, ``[out, in]`` transposes and the ``dtype`` cast are
     :func:`params_to_hf`'s.
+
+    Atomic: every file is written into a staging directory inside ``path``
+    and only then renamed into place (:func:`write_atomically`), the weights'
+    entry point (the index, or ``model.safetensors``) last; shards get names
+    that no file in ``path`` has (``model-0000k-of-0000n-1.safetensors`` when
+    the plain ones are taken), so the previous export's stay intact until the
+    new index replaces its own; afterwards the files of the previous export
+    that the new one does not use are removed. A save killed at any moment
+    leaves the previous weights or the new ones, never a mix or a torn
+    file. (``config.json`` and ``generation_config.json`` are renamed just
+    before the weights' entry point, when they changed: a kill between those
+    renames pairs them with the previous weights.)
 
     Streaming: the tensors are produced in checkpoint order (embedding,
     layer 0, ..., layer L-1, final norm, head), each stacked ``[L, ...]`` leaf
@@ -1041,9 +1166,7 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
     if hf_config is not None:
         _check_hf_config(cfg, hf_config)  # on every process, before any collective
     if jax.process_index() == 0:
-        os.makedirs(path, exist_ok=True)
-        _config_to_write(cfg, hf_config, plan[0].dtype).save_pretrained(path)
-        _write_weights(params, files, path)
+        _save_files(params, cfg, hf_config, plan[0].dtype, files, path)
     else:
         _gather_weights(params, files)  # the collectives process 0 runs, in its order
     if jax.process_count() > 1:
@@ -1051,6 +1174,135 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
 
         multihost_utils.sync_global_devices("lomo_jax.convert.save_pretrained")
     return path
+
+
+def _save_files(params, cfg: LlamaConfig, hf_config, first_dtype, files: list, path: str) -> None:
+    """Process 0's part of :func:`save_pretrained`: the configs and weights
+    written into a staging directory, renamed into ``path`` (the weights'
+    entry point last), then the previous export's leftovers removed."""
+    os.makedirs(path, exist_ok=True)
+    files = _free_shard_names(files, path)
+    entry = SAFE_WEIGHTS_NAME if _one_file(files) else SAFE_WEIGHTS_INDEX_NAME
+    with write_atomically(path, last=(entry,)) as tmp:
+        _write_configs(cfg, hf_config, first_dtype, tmp)
+        _write_weights(params, files, tmp)
+    _remove_stale(path, {f for f, _ in files} | {entry})
+
+
+def _one_file(files: list) -> bool:
+    return len(files) == 1 and files[0][0] == SAFE_WEIGHTS_NAME
+
+
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}(-\d+)?\.safetensors")
+
+
+def _free_shard_names(files: list, path: str) -> list:
+    """``files`` with shard names no file in ``path`` has (``-1``, ``-2``, ...
+    added when the plain ones are taken), so that no new shard replaces one
+    the current index points to."""
+    if _one_file(files):
+        return files
+    n = len(files)
+    for k in range(len(os.listdir(path)) + 1):
+        names = [f"model-{j:05d}-of-{n:05d}{f'-{k}' if k else ''}.safetensors"
+                 for j in range(1, n + 1)]
+        if not any(os.path.lexists(os.path.join(path, name)) for name in names):
+            return [(name, tensors) for name, (_, tensors) in zip(names, files)]
+    raise AssertionError("unreachable: some suffix is free")  # pragma: no cover
+
+
+def _remove_stale(path: str, keep: set) -> None:
+    """Remove the weight files of a previous export in ``path`` that the new one
+    (``keep``) does not use: first the other entry point, then the shards."""
+    stale = [n for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) if n not in keep]
+    stale += sorted(n for n in os.listdir(path) if _SHARD_NAME.fullmatch(n) and n not in keep)
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, name))
+    _fsync_dir(path)
+
+
+def _write_configs(cfg: LlamaConfig, hf_config, first_dtype, path: str) -> None:
+    """``config.json`` (:func:`_config_to_write`) and ``generation_config.json``
+    (``cfg``'s, else derived from that config, as ``transformers`` does) into ``path``."""
+    import transformers
+
+    config = _config_to_write(cfg, hf_config, first_dtype)
+    config.save_pretrained(path)
+    carried = cfg.generation_config_dict
+    generation = (transformers.GenerationConfig.from_model_config(config) if carried is None
+                  else transformers.GenerationConfig.from_dict(carried))
+    generation.save_pretrained(path)
+
+
+_STAGING_PREFIX = ".lomo_staging-"
+_SAME_FILE_BYTES = 2**20
+
+
+@contextlib.contextmanager
+def write_atomically(path: str, *, last: Sequence[str] = ()):
+    """A new directory (its path, a str) to write files into, moved into ``path`` on a
+    clean exit: each is fsynced, then renamed into place (``os.replace``), the
+    names in ``last`` after the others in that order, so a process killed at
+    any moment leaves each file of ``path`` whole, the old or the new one. A
+    file byte-identical to the one it would replace (small files) is left as
+    it is. On an exception nothing is moved. The directory is made inside
+    ``path`` (the same file system) and removed either way; ones that killed
+    writers left are removed first (one writer per directory at a time)."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.startswith(_STAGING_PREFIX):
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=path)
+    try:
+        yield tmp
+        _move_into(tmp, path, tuple(last))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into(tmp: str, path: str, last: tuple) -> None:
+    """Every file of ``tmp`` fsynced, then renamed into ``path``, ``last`` last."""
+    names = sorted(os.listdir(tmp))
+    dirs = [n for n in names if not os.path.isfile(os.path.join(tmp, n))]
+    if dirs:
+        raise ValueError(f"write_atomically moves files only; {dirs} are not files.")
+    for name in names:
+        _fsync_file(os.path.join(tmp, name))
+    order = [n for n in names if n not in last] + [n for n in last if n in names]
+    for name in order:
+        src, dst = os.path.join(tmp, name), os.path.join(path, name)
+        if not _same_small_file(src, dst):
+            os.replace(src, dst)
+    _fsync_dir(path)
+
+
+def _same_small_file(a: str, b: str) -> bool:
+    """Whether ``b`` exists with the same bytes as ``a`` (files up to 1 MiB)."""
+    if not os.path.isfile(b) or os.path.getsize(a) != os.path.getsize(b) \
+            or os.path.getsize(a) > _SAME_FILE_BYTES:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def _fsync_file(file: str) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    """Make renames in ``path`` durable (where directories can be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without directory fsync
+        pass
+    finally:
+        os.close(fd)
 
 
 def _config_to_write(cfg: LlamaConfig, hf_config, first_dtype: np.dtype):
@@ -1067,15 +1319,17 @@ def _config_to_write(cfg: LlamaConfig, hf_config, first_dtype: np.dtype):
     return hf_config
 
 
-#: LlamaConfig fields that say how a model is computed or initialized, not what it is
-_NOT_ARCHITECTURE = ("dtype", "param_dtype", "attention_implementation", "initializer_range")
+#: LlamaConfig fields that say how a model is computed or initialized, not what it is;
+#: and the special tokens (a given ``hf_config``'s are the ones written)
+_NOT_ARCHITECTURE = ("dtype", "param_dtype", "attention_implementation", "initializer_range",
+                     *_TOKEN_FIELDS, "generation_config")
 
 
 def _check_hf_config(cfg: LlamaConfig, hf_config) -> None:
     """Raise if ``hf_config`` describes another model than ``cfg``: any field
     :func:`config_from_hf` reads from it (sizes, family switches, RoPE, norms,
     windows, soft-caps) that differs, except :data:`_NOT_ARCHITECTURE`."""
-    check = config_from_hf(hf_config)
+    check = config_from_hf(hf_config, generation_config={})
     for f in dataclasses.fields(LlamaConfig):
         if f.name not in _NOT_ARCHITECTURE and getattr(check, f.name) != getattr(cfg, f.name):
             raise ValueError(
@@ -1155,7 +1409,7 @@ def _write_weights(params, files: list, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     for fname, tensors in files:
         _write_safetensors(os.path.join(path, fname), tensors, lambda t: _gather(params, t))
-    if len(files) == 1 and files[0][0] == SAFE_WEIGHTS_NAME:
+    if _one_file(files):
         return
     weight_map = {t.name: fname for fname, tensors in files for t in tensors}
     total = sum(t.nbytes for _, tensors in files for t in tensors)

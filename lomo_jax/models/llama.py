@@ -255,6 +255,17 @@ class LlamaConfig:
       attention_implementation: ``"auto"`` (cuDNN flash attention when compiled
         for a CUDA GPU in bf16/fp16, XLA's otherwise), ``"xla"`` or ``"cudnn"``;
         see :func:`attention`.
+      bos_token_id, eos_token_id, pad_token_id: the checkpoint's special token
+        ids, not used by the model; ``save_pretrained`` writes them back
+        (``eos_token_id`` may be several ids: a tuple). ``None`` is written as
+        null for a config read from a checkpoint (``generation_config`` set);
+        in a config built by hand it leaves the ``transformers`` class's
+        default (Llama: 1, 2, none).
+      generation_config: the checkpoint's ``generation_config.json`` (less
+        ``transformers_version``) that ``save_pretrained`` writes back: a dict,
+        stored as canonical JSON text (hashable); read it with
+        :attr:`generation_config_dict`. ``None``: built by hand (a save then
+        derives one from the token ids, as ``transformers`` does).
     """
 
     vocab_size: int = 32000
@@ -287,6 +298,10 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_implementation: str = "auto"
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[Any] = None
+    pad_token_id: Optional[int] = None
+    generation_config: Optional[Any] = None
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -341,6 +356,38 @@ class LlamaConfig:
         set_("rope_scaling", rs)
         set_("dtype", jnp.dtype(self.dtype))
         set_("param_dtype", jnp.dtype(self.param_dtype))
+        self._set_special_tokens(set_)
+
+    def _set_special_tokens(self, set_) -> None:
+        """Checks the token ids (``eos_token_id`` a tuple if several) and stores
+        ``generation_config`` as canonical JSON text."""
+        import json
+        import numbers
+
+        def token(field, v):
+            if v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool)):
+                return None if v is None else int(v)
+            raise ValueError(f"{field}={v!r} must be an integer token id or None.")
+
+        for f in ("bos_token_id", "pad_token_id"):
+            set_(f, token(f, getattr(self, f)))
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            set_("eos_token_id", tuple(token("eos_token_id", v) for v in eos))
+        else:
+            set_("eos_token_id", token("eos_token_id", eos))
+        gen = self.generation_config
+        if gen is None:
+            return
+        if isinstance(gen, str):
+            gen = json.loads(gen)
+        if not isinstance(gen, Mapping):
+            raise ValueError(f"generation_config must be a dict or None, got {type(gen).__name__}.")
+        gen = {str(k): v for k, v in gen.items() if k != "transformers_version"}
+        try:
+            set_("generation_config", json.dumps(gen, sort_keys=True, separators=(",", ":")))
+        except TypeError as e:
+            raise ValueError(f"generation_config must hold JSON values only: {e}") from None
 
     def _set_layer_types(self, set_) -> None:
         """Checks ``layer_types``; keeps it (a tuple) only if it mixes both kinds."""
@@ -379,6 +426,13 @@ class LlamaConfig:
     def rope_scaling_dict(self) -> Optional[dict]:
         """``rope_scaling`` as a dict (``None`` for the default RoPE)."""
         return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def generation_config_dict(self) -> Optional[dict]:
+        """``generation_config`` as a dict (``None`` if the config carries none)."""
+        import json
+
+        return None if self.generation_config is None else json.loads(self.generation_config)
 
     @property
     def rope_type(self) -> str:

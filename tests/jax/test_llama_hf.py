@@ -221,6 +221,63 @@ def test_save_pretrained_loads_in_transformers(tmp_path, tied, shard):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params2, params)
 
 
+QWEN_GENERATION = dict(bos_token_id=5, eos_token_id=[6, 7], pad_token_id=5, do_sample=True,
+                       temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+
+
+@pytest.mark.parametrize("kind,ids,generation", [
+    ("llama", dict(bos_token_id=0, eos_token_id=0, pad_token_id=0), None),
+    ("qwen2", dict(bos_token_id=5, eos_token_id=[6, 7], pad_token_id=5), QWEN_GENERATION)])
+def test_save_without_hf_config_keeps_the_special_tokens(tmp_path, kind, ids, generation):
+    """load_pretrained -> save_pretrained (no hf_config, as README's snippet) writes the
+    source's token ids into config.json and its generation_config.json back (once
+    1/2/null for this Llama: 2 made generate stop early; null for a Qwen2; none)."""
+    hf = _hf_model(kind, seed=10, **ids)
+    if generation:
+        hf.generation_config = transformers.GenerationConfig(**generation)
+    hf.save_pretrained(tmp_path / "src")
+    cfg, params = convert.load_pretrained(str(tmp_path / "src"), as_numpy=True)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == tuple(
+        tuple(v) if isinstance(v, list) else v for v in ids.values())
+    convert.save_pretrained(params, cfg, str(tmp_path / "out"))
+
+    def read(d, name):
+        text = json.loads((tmp_path / d / name).read_text())
+        text.pop("transformers_version")
+        return text
+
+    src, out = read("src", "config.json"), read("out", "config.json")
+    assert {k: out[k] for k in ids} == {k: src[k] for k in ids} == ids
+    assert read("out", "generation_config.json") == read("src", "generation_config.json")
+    if generation:
+        assert read("out", "generation_config.json")["temperature"] == 0.7
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert loaded.generation_config.eos_token_id == ids["eos_token_id"]
+    # and again: the saved directory loads to the same config
+    assert convert.load_pretrained(str(tmp_path / "out"), as_numpy=True)[0] == cfg
+
+
+def test_hand_built_config_keeps_transformers_defaults(tmp_path):
+    """A config built by hand (no checkpoint) is saved as before: the transformers
+    class's default token ids, and the generation config derived from them."""
+    hf = _hf_model("llama", seed=11)
+    _, params = convert.from_hf_model(hf)
+    cfg = llama.LlamaConfig(**TINY)
+    assert cfg.generation_config is None and cfg.bos_token_id is None
+    convert.save_pretrained(params, cfg, str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["bos_token_id"], saved["eos_token_id"], saved.get("pad_token_id")) == (1, 2, None)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    mine = cfg.replace(eos_token_id=[7, 8], generation_config={"top_k": 3})
+    assert mine.eos_token_id == (7, 8) and mine.generation_config_dict == {"top_k": 3}
+    assert hash(mine) != hash(cfg) and mine.to_hf().eos_token_id == [7, 8]
+    with pytest.raises(ValueError, match=r"pad_token_id='0' must be an integer token id"):
+        llama.LlamaConfig(**TINY, pad_token_id="0")
+    with pytest.raises(ValueError, match=r"generation_config must be a dict"):
+        llama.LlamaConfig(**TINY, generation_config=[("top_k", 3)])
+
+
 def test_load_pretrained_reads_transformers_sharded_dir(tmp_path):
     hf = _hf_model("qwen2", seed=7)
     hf.save_pretrained(tmp_path, max_shard_size="60KB")

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -184,6 +185,81 @@ def test_errors_name_the_problem(tmp_path):
         convert.load_pretrained(str(tmp_path), shardings=tree)
     with pytest.raises(ValueError, match=r"shardings has the structure"):
         convert.load_pretrained(str(tmp_path), shardings={"embed": one})
+
+
+def _poke(file, name, flat_index, value) -> None:
+    """Overwrite element ``flat_index`` of tensor ``name`` in safetensors ``file``
+    with ``value`` (raw bytes: what a corrupted disk or download does)."""
+    with open(file, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(n))[name]
+        dtype = {"F32": np.float32, "BF16": np.dtype("bfloat16")}[entry["dtype"]]
+        f.seek(8 + n + entry["data_offsets"][0] + flat_index * np.dtype(dtype).itemsize)
+        f.write(np.asarray([value], np.float32).astype(dtype).tobytes())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, dtype):
+    """A NaN or an infinity in the file's bytes (every chunk is checked as it is
+    read) is an error naming the tensor, its file, the index and the value, for
+    the placed and the numpy load; check_finite=False loads them."""
+    import torch
+
+    from lomo_jax.models import convert
+
+    hf = _write_tiny(tmp_path, seed=13)
+    if dtype == "bfloat16":
+        hf.to(torch.bfloat16).save_pretrained(str(tmp_path), max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    k_proj = "model.layers.1.self_attn.k_proj.weight"  # [32, 64]: row 9, column 40
+    file = tmp_path / index[k_proj]
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(convert, "_CHUNK_BYTES", 1024)  # the bad row is in a later chunk
+    try:
+        for value, shown in ((float("nan"), "nan"), (float("-inf"), "-inf")):
+            _poke(file, k_proj, 9 * 64 + 40, value)
+            for as_numpy in (False, True):
+                with pytest.raises(ValueError, match=(
+                        rf"{k_proj} \(in {re.escape(str(file))}\) holds a non-finite value, {shown} at index "
+                        rf"\[9, 40\] of its {dtype} \[32, 64\]: the checkpoint looks corrupted. "
+                        r"Pass check_finite=False")):
+                    convert.load_pretrained(str(tmp_path), as_numpy=as_numpy)
+            _, params = convert.load_pretrained(str(tmp_path), as_numpy=True, check_finite=False)
+            got = np.asarray(params["layers"]["self_attn"]["k_proj"]["kernel"][1, 40, 9], np.float32)
+            assert np.isnan(got) if shown == "nan" else got == -np.inf
+    finally:
+        monkey.undo()
+    # a state dict in memory (params_from_hf, from_hf_model) alike
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    sd["model.norm.weight"][3] = float("inf")
+    cfg = convert.config_from_hf(hf.config)
+    with pytest.raises(ValueError, match=r"model.norm.weight holds a non-finite value, inf at "
+                                         r"index \[3\]"):
+        convert.params_from_hf(sd, cfg)
+    assert np.isinf(convert.params_from_hf(sd, cfg, check_finite=False)["head"]["norm"][3])
+
+
+def test_finite_check_on_the_bits_of_16_bit_floats():
+    """float16/bfloat16 are checked on their exponent bits: every infinity and NaN
+    (any sign, any payload) is caught; the largest finite values, subnormals and
+    zeros are not."""
+    import ml_dtypes
+
+    from lomo_jax.models import convert
+
+    for dt in (np.float16, ml_dtypes.bfloat16):
+        info = ml_dtypes.finfo(dt)
+        ok = np.array([0.0, -0.0, float(info.max), float(info.min), float(info.smallest_subnormal),
+                       1.0, -3.5], np.float32).astype(dt)
+        assert convert._all_finite(ok) and convert._all_finite(ok[:0])
+        bits = ok.view(np.uint16)
+        exponent = {np.dtype(np.float16): 0x7C00, np.dtype(ml_dtypes.bfloat16): 0x7F80}[np.dtype(dt)]
+        for bad in (exponent, exponent | 0x8000, exponent | 1, exponent | 0x8000 | (exponent >> 1)):
+            b = bits.copy()
+            b[4] = bad
+            assert not convert._all_finite(b.view(dt)), (np.dtype(dt).name, hex(bad))
+    assert convert._all_finite(np.array([1, 2**31 - 1], np.int32))  # integers: nothing to check
+    assert not convert._all_finite(np.array([1.0, np.nan], np.float64))
 
 
 # --------------------------------------------------------------------------

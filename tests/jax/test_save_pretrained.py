@@ -28,16 +28,27 @@ This file is the worker of both (``python this.py single OUT`` and
   at most one gathered tensor is alive at a time (it is written before the
   next is gathered) - the model is never on the host;
 * clear errors (bad ``max_shard_size``, params that do not match the config,
-  a dtype safetensors cannot store), raised before anything is written.
+  a dtype safetensors cannot store), raised before anything is written;
+* atomic saves: a save of new weights over an old export SIGKILLed before
+  each tensor gather, each rename and each removal (a forked child of one
+  worker, ``python this.py kill OUT``; three cases: shards over shards of the
+  same names, shards over one file, one file over shards) leaves a directory
+  that ``load_pretrained`` reads as the old export exactly or the new one
+  exactly (old up to the entry point's rename, new after), and a save into it
+  afterwards leaves the new export and nothing else; ``write_atomically``
+  moves nothing on an error and leaves unchanged files in place.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import importlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -181,15 +192,12 @@ def _digest(a: np.ndarray) -> list:
     return [a.dtype.name, list(a.shape), hashlib.sha256(_bits(a).tobytes()).hexdigest()]
 
 
-class _StubConfig:
-    """Stands in for ``convert._config_to_write`` in the two-process run: its
-    ``config.json`` names the dtype (the single-process run writes the real one)."""
-
-    def __init__(self, cfg, hf_config, first_dtype):
-        self.text = json.dumps({"stub": True, "dtype": np.dtype(first_dtype).name})
-
-    def save_pretrained(self, path):
-        Path(path, "config.json").write_text(self.text)
+def _stub_configs(cfg, hf_config, first_dtype, path):
+    """Stands in for ``convert._write_configs`` in the two-process run: its
+    ``config.json`` names the dtype (the single-process run writes the real ones)."""
+    Path(path, "config.json").write_text(json.dumps({"stub": True,
+                                                     "dtype": np.dtype(first_dtype).name}))
+    Path(path, "generation_config.json").write_text("{}")
 
 
 def _rank_worker(rank: int, port: int, out: str) -> None:
@@ -203,7 +211,7 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
     from lomo_jax.models import convert
 
-    convert._config_to_write = _StubConfig  # no transformers (+ torch) import: ~4 s saved
+    convert._write_configs = _stub_configs  # no transformers (+ torch) import: ~4 s saved
     if rank == 0:  # process 0 finishes late: the others must still wait for it
         write = convert._write_weights
         convert._write_weights = lambda *a: (write(*a), time.sleep(0.2))[0]
@@ -212,6 +220,97 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
                          done=os.path.join(out, "multi"))
     print(MARK + json.dumps(report), flush=True)
     jax.distributed.shutdown()
+
+
+KILLS = {  # case: (the old export's max_shard_size, the new one's)
+    "shards_over_shards": (SHARD, SHARD),
+    "shards_over_one_file": (None, SHARD),
+    "one_file_over_shards": (SHARD, None),
+}
+
+
+def _hooked(convert, hook) -> None:
+    """Call ``hook(kind)`` before every tensor gather, rename and removal."""
+    gather, replace, remove = convert._gather, os.replace, os.remove
+    convert._gather = lambda *a: (hook("gather"), gather(*a))[1]
+    os.replace = lambda *a, **k: (hook("rename"), replace(*a, **k))[1]
+    os.remove = lambda *a, **k: (hook("remove"), remove(*a, **k))[1]
+
+
+def _killed_save(save, target) -> bool:
+    """Run ``save()`` in a forked child that SIGKILLs itself just before call
+    ``target = (kind, k)`` (the k-th of that kind); whether it died so."""
+    from lomo_jax.models import convert
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        try:
+            seen: dict = {}
+
+            def hook(kind):
+                seen[kind] = seen.get(kind, 0) + 1
+                if (kind, seen[kind]) == target:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            _hooked(convert, hook)
+            save()
+        finally:
+            os._exit(3)  # reached only if the target point never came
+    status = os.waitpid(pid, 0)[1]
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _kill_worker(out: str) -> None:
+    """Per case of :data:`KILLS`: an old export (seed 0) in ``OUT/case/old``; a
+    save of the new weights (seed 1) over a copy of it, killed at each point
+    in turn (before a first, a middle and the last tensor gather, each rename,
+    each removal), in ``OUT/case/NN-kindK``; each killed directory copied and
+    saved into again in ``.../NN-kindK-resaved``. Prints the points in order.
+    The configs are ``OUT/configs.json``'s texts (no transformers import)."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    from lomo_jax.models import convert
+
+    jax.process_index, jax.process_count = (lambda: 0), (lambda: 1)  # the fork stays JAX-free
+    # fsync makes the files durable across a power cut; a killed process's writes are in
+    # the page cache either way (and 200 saves' fsyncs cost ~15 s here)
+    convert._fsync_file = convert._fsync_dir = lambda path: None
+    texts = json.loads(Path(out, "configs.json").read_text())
+    convert._write_configs = lambda cfg, hf, dt, path: [
+        Path(path, n).write_text(t) for n, t in texts.items()]
+    cfg = _cfg(False)
+    old, new = _values(cfg, 0), _values(cfg, 1)
+    report = {}
+    for case, (old_shard, new_shard) in KILLS.items():
+        base = Path(out, case)
+        convert.save_pretrained(old, cfg, str(base / "old"), max_shard_size=old_shard)
+        save = lambda d: convert.save_pretrained(new, cfg, str(d), max_shard_size=new_shard)  # noqa: E731
+        report[case] = []
+        for i, target in enumerate(_kill_points(convert, base, save)):
+            d = base / f"{i:02d}-{target[0]}{target[1]}"
+            shutil.copytree(base / "old", d)
+            killed = _killed_save(functools.partial(save, d), target)
+            shutil.copytree(d, f"{d}-resaved")
+            save(f"{d}-resaved")
+            report[case].append([d.name, killed])
+    print(MARK + json.dumps(report), flush=True)
+
+
+def _kill_points(convert, base: Path, save) -> list:
+    """``(kind, k)`` of a first, a middle and the last gather, every rename and
+    every removal of ``save`` over a copy of ``base/old`` (in ``base/count``)."""
+    counts: dict = {}
+    shutil.copytree(base / "old", base / "count")
+    original = (convert._gather, os.replace, os.remove)
+    _hooked(convert, lambda kind: counts.__setitem__(kind, counts.get(kind, 0) + 1))
+    try:
+        save(base / "count")
+    finally:
+        convert._gather, os.replace, os.remove = original
+    gathers = counts["gather"]
+    return [("gather", k) for k in sorted({1, gathers // 2, gathers})] + [
+        (kind, k) for kind in ("rename", "remove") for k in range(1, counts.get(kind, 0) + 1)]
 
 
 # --------------------------------------------------------------------------
@@ -287,6 +386,9 @@ def test_sharded_save_is_params_to_hf_and_loads_in_transformers(saved, case):
         np.testing.assert_array_equal(_bits(a), _bits(want[name]), err_msg=name)
     shard = CASES[case][2]
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    # the export and nothing else (no staging directory or temporary file is left)
+    assert set(os.listdir(path)) == set(files) | {"config.json", "generation_config.json"} | (
+        set() if shard is None else {"model.safetensors.index.json"})
     if shard is None:
         assert files == ["model.safetensors"]
         assert not (path / "model.safetensors.index.json").exists()
@@ -313,8 +415,9 @@ def test_two_processes_write_once_and_match_one_process(saved):
         single, multi = out / "single" / case, out / "multi" / case
         names = sorted(os.listdir(single))
         assert names == sorted(os.listdir(multi)) and "config.json" in names
+        assert "generation_config.json" in names
         for f in names:
-            if f != "config.json":  # the two-process run writes a stub config
+            if not f.endswith("config.json"):  # the two-process run writes stub configs
                 assert (single / f).read_bytes() == (multi / f).read_bytes(), (case, f)
         dtype = json.loads((multi / "config.json").read_text())["dtype"]
         assert dtype == (CASES[case][1] or "float32"), (case, dtype)
@@ -373,8 +476,105 @@ def test_errors_are_clear_and_nothing_is_written(tmp_path):
     assert not path.exists()
 
 
+def _export(path) -> tuple:
+    """``(cfg, {leaf path: bytes})`` of ``load_pretrained(path, as_numpy=True)``."""
+    import jax
+
+    from lomo_jax.models import convert
+
+    cfg, params = convert.load_pretrained(str(path), as_numpy=True)
+    return cfg, {jax.tree_util.keystr(k): (v.dtype.name, v.shape, v.tobytes())
+                 for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _only_the_export(path) -> set:
+    """The names in ``path`` that are not the export its entry point names."""
+    names = set(os.listdir(path))
+    if "model.safetensors" in names:
+        want = {"model.safetensors"}
+    else:
+        index = json.loads(Path(path, "model.safetensors.index.json").read_text())
+        want = set(index["weight_map"].values()) | {"model.safetensors.index.json"}
+    return names - want - {"config.json", "generation_config.json"}
+
+
+def test_a_killed_save_leaves_the_old_export_or_the_new_one(tmp_path):
+    from lomo_jax.models import convert
+
+    cfg = _cfg(False)
+    configs = tmp_path / "configs"  # the real configs, written here once for the worker
+    convert._write_configs(cfg, None, np.dtype(np.float32), str(configs.mkdir() or configs))
+    (tmp_path / "configs.json").write_text(json.dumps(
+        {f.name: f.read_text() for f in configs.iterdir()}))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__, "kill", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = _report(proc.stdout)
+    for case, points in report.items():
+        old = _export(tmp_path / case / "old")
+        new = _export(tmp_path / case / "count")  # the save that ran to the end
+        assert old[0] == new[0] and old[1] != new[1]
+        assert not _only_the_export(tmp_path / case / "count")
+        seen = []
+        for name, killed in points:
+            d = tmp_path / case / name
+            assert killed, (case, name)  # the child died at that point, by SIGKILL
+            got = _export(d)
+            assert got in (old, new), (case, name, "neither the old export nor the new one")
+            seen.append("old" if got == old else "new")
+            # saved into again: the new export and nothing else (no staging, no stale shard)
+            assert _export(f"{d}-resaved") == new, (case, name)
+            assert not _only_the_export(f"{d}-resaved"), (case, name)
+        # old during every write and rename; new once the entry point (the index, or
+        # model.safetensors) is renamed in - or, over one file, once that is removed
+        # (it is what transformers and load_pretrained read first): the last step
+        commit_is_removal = case == "shards_over_one_file"
+        want = ["new" if "-remove" in n and not commit_is_removal else "old" for n, _ in points]
+        assert seen == want, (case, list(zip([n for n, _ in points], seen)))
+    for case, points in report.items():  # every kind of point was reached
+        assert [sum(f"-{kind}" in n for n, _ in points) > 0 for kind in ("gather", "rename")] \
+            == [True, True], (case, points)
+
+
+def test_write_atomically_moves_nothing_on_an_error_and_keeps_unchanged_files(tmp_path):
+    from lomo_jax.models import convert
+
+    (tmp_path / "a.json").write_text("old a")
+    (tmp_path / "same.json").write_text("same")
+    inode = (tmp_path / "same.json").stat().st_ino
+    with pytest.raises(RuntimeError, match="killed"):
+        with convert.write_atomically(str(tmp_path)) as tmp:
+            Path(tmp, "a.json").write_text("new a")
+            Path(tmp, "b.json").write_text("new b")
+            raise RuntimeError("killed")
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "same.json"]
+    assert (tmp_path / "a.json").read_text() == "old a"
+    stale = tmp_path / ".lomo_staging-left-by-a-killed-writer"
+    stale.mkdir()
+    (stale / "a.json").write_text("torn")
+    order = []
+    replace = os.replace
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", lambda a, b: (order.append(os.path.basename(b)), replace(a, b)))
+        with convert.write_atomically(str(tmp_path), last=("a.json",)) as tmp:
+            for name, text in (("a.json", "new a"), ("b.json", "new b"), ("same.json", "same")):
+                Path(tmp, name).write_text(text)
+    assert order == ["b.json", "a.json"]  # ``last`` last; the unchanged file not replaced
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.json", "same.json"]
+    assert (tmp_path / "a.json").read_text() == "new a"
+    assert (tmp_path / "same.json").stat().st_ino == inode
+    with pytest.raises(ValueError, match=r"moves files only; \['sub'\]"):
+        with convert.write_atomically(str(tmp_path)) as tmp:
+            os.mkdir(os.path.join(tmp, "sub"))
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.json", "same.json"]
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "single":
+    if sys.argv[1] == "kill":
+        _kill_worker(sys.argv[2])
+    elif sys.argv[1] == "single":
         _single_worker(sys.argv[2])
     else:
         _rank_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
