@@ -4,6 +4,8 @@
     python examples/finetune_llama.py --model DIR          # your local transformers checkpoint
     python examples/finetune_llama.py --optimizer adamw    # the baseline, for comparison
     python examples/finetune_llama.py --tiny               # a few seconds (what CI runs)
+    python examples/finetune_llama.py --data examples/data/finetune.jsonl \
+        --eval-data examples/data/eval.jsonl --epochs 1    # your JSONL data, packed
 
 What it does:
 
@@ -26,6 +28,22 @@ What it does:
    that ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads. Every
    file is renamed into place once written whole, so a run killed while
    writing leaves each file of ``OUT`` the previous run's or this one's.
+
+``--data FILE`` fine-tunes on a JSONL file instead (``{"text"}``,
+``{"prompt", "completion"}`` or ``{"messages"}`` records, see ``lomo_jax.data``):
+examples are packed into rows of ``--seq-len`` with ``segment_ids`` (one shape,
+one compile), and ``--epochs N`` runs ``ceil(N * rows / batch-size)`` steps.
+``--eval-data FILE`` is scored before and after: its ``{"prompt", "choices",
+"answer"}`` records give the multiple-choice accuracy, the others the loss on
+their completion tokens (``lomo_jax.models.scoring``). A bad record stops the
+job before training with ``FILE:LINE`` and what is wrong.
+
+Defaults follow the optimizers' authors: AdaLomo normalises each update itself
+and runs without global gradient-norm clipping; LOMO (and AdamW) clip at 1.0
+(``--clip-grad-norm`` sets it, 0 turns it off). The learning rate warms up
+linearly over ``--warmup-steps`` (default a tenth of the steps) and then
+follows ``--schedule`` (cosine by default; linear; constant), the decaying
+ones down to a tenth of ``--lr`` at the last step.
 """
 
 from __future__ import annotations
@@ -58,8 +76,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lomo_jax  # noqa: E402
-from lomo_jax import aot  # noqa: E402
-from lomo_jax.models import convert, generate, llama  # noqa: E402
+from lomo_jax import aot, data  # noqa: E402
+from lomo_jax.models import convert, generate, llama, scoring  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 CORPUS = DATA / "corpus.txt"
@@ -85,10 +103,25 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["adalomo", "lomo", "adamw"], default="adalomo",
                    help="adalomo/lomo: the fused step; adamw: jax.value_and_grad + optax.adamw")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 100; 6 with --tiny)")
+    p.add_argument("--data", metavar="FILE", default=None,
+                   help="JSONL fine-tuning data ({\"text\"}, {\"prompt\", \"completion\"} or "
+                   "{\"messages\"} records), packed into rows (default: the corpus's "
+                   "arithmetic sentences)")
+    p.add_argument("--epochs", type=float, default=None, metavar="N",
+                   help="with --data: N passes over its packed rows, instead of --steps")
+    p.add_argument("--eval-data", metavar="FILE", default=None,
+                   help="JSONL eval data scored before and after: {\"prompt\", \"choices\", "
+                   "\"answer\"} records give the accuracy, the others the held-out loss")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="learning rate after the warmup: cosine or linear decay to lr/10 "
+                   "at the last step, or constant (default cosine)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup from 0 to --lr (default: a tenth of the steps, at least 1)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 3e-2 adalomo, 3e-2 lomo, 3e-3 adamw)")
-    p.add_argument("--clip-grad-norm", type=float, default=1.0,
-                   help="global gradient-norm clipping (LOMO's two passes); 0 turns it off")
+    p.add_argument("--clip-grad-norm", type=float, default=None,
+                   help="global gradient-norm clipping (LOMO's two passes); 0 turns it off "
+                   "(default: off for adalomo, as its authors run it; 1.0 for lomo and adamw)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="parameter dtype (fp16 turns on dynamic loss scaling)")
     p.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
@@ -119,10 +152,17 @@ def check_args(p, args):
         args.lr = 3e-3 if args.optimizer == "adamw" else 3e-2
     if args.tiny:
         args.batch_size, args.seq_len = 4, 32
-    if args.steps is None:
+    if args.clip_grad_norm is None:  # AdaLomo's authors train it without clipping
+        args.clip_grad_norm = 0.0 if args.optimizer == "adalomo" else 1.0
+    if args.clip_grad_norm < 0:
+        p.error(f"--clip-grad-norm must be >= 0 (0: off), got {args.clip_grad_norm}")
+    check_data_args(p, args)
+    if args.steps is None and args.epochs is None:
         args.steps = 6 if args.tiny else 100
-    if args.steps < 1 or args.batch_size < 1 or args.seq_len < 2:
+    if (args.steps is not None and args.steps < 1) or args.batch_size < 1 or args.seq_len < 2:
         p.error("--steps, --batch-size must be >= 1 and --seq-len >= 2")
+    if args.steps is not None and schedule_problem(args):
+        p.error(schedule_problem(args))
     if args.microbatches < 1 or args.batch_size % args.microbatches:
         p.error(f"--microbatches must be >= 1 and divide --batch-size ({args.batch_size}), "
                 f"got {args.microbatches}")
@@ -140,6 +180,45 @@ def check_args(p, args):
     problem = model_dir_problem(args.model, args.tokenizer)
     if problem:
         p.error(problem)
+
+
+def check_data_args(p, args):
+    """``--data``/``--eval-data``/``--epochs``: the files exist, ``--epochs`` needs ``--data``
+    and excludes ``--steps``."""
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path is not None and not Path(path).is_file():
+            p.error(f"{flag} {path}: no such file")
+    if args.epochs is not None:
+        if args.data is None:
+            p.error("--epochs counts passes over --data FILE; without --data use --steps")
+        if args.steps is not None:
+            p.error("give --steps or --epochs, not both")
+        if not args.epochs > 0:
+            p.error(f"--epochs must be positive, got {args.epochs}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+
+
+def schedule_problem(args):
+    """Why ``--warmup-steps`` does not fit in ``args.steps`` steps, or None."""
+    if args.warmup_steps is not None and args.warmup_steps >= args.steps:
+        return (f"--warmup-steps {args.warmup_steps} must be fewer than the {args.steps} "
+                "training steps")
+    return None
+
+
+def make_schedule(kind, lr, steps, warmup=None):
+    """Linear warmup from 0 over ``warmup`` steps (default ``max(1, steps // 10)``), then
+    ``kind``: ``cosine``/``linear`` decay to ``lr / 10`` at the last step, or ``constant``."""
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr / 10)
+    rest = max(1, steps - warmup)
+    after = (optax.constant_schedule(lr) if kind == "constant"
+             else optax.linear_schedule(lr, lr / 10, rest))
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 def has_tokenizer(path):
@@ -342,9 +421,21 @@ def complete(cfg, params, tokenizer, prompt: str, max_new_tokens: int = 8) -> st
     return tokenizer.decode(np.asarray(new[0]).tolist()).split("\n")[0]
 
 
-def plot(path, losses, memory, title, held_out):
-    """Training loss with the held-out ``(before, after)`` losses as lines; the memory bars
-    labelled with their MiB."""
+def plot_eval(a, evals):
+    """``--eval-data``'s completion loss (dotted lines) and accuracy (in the legend) before
+    and after, from the ``(before, after)`` figures of :func:`measure`."""
+    for figures, when, color in zip(evals, ("before", "after"), ("C3", "C2")):
+        if figures["eval_loss"] is not None:
+            a.axhline(figures["eval_loss"], ls=":", lw=1.5, color=color,
+                      label=f"eval loss {when}: {figures['eval_loss']:.3f}")
+    if evals[0]["accuracy"] is not None:
+        a.plot([], [], " ", label=f"choice accuracy: {evals[0]['accuracy']:.3f} before -> "
+               f"{evals[1]['accuracy']:.3f} after")
+
+
+def plot(path, losses, memory, title, held_out, evals=None):
+    """Training loss with the held-out ``(before, after)`` losses as lines (and the eval
+    data's, see :func:`plot_eval`); the memory bars labelled with their MiB."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,6 +446,8 @@ def plot(path, losses, memory, title, held_out):
     a.plot(np.arange(1, len(losses) + 1), losses, lw=1, label="training loss")
     for value, when, color in zip(held_out, ("before", "after"), ("C3", "C2")):
         a.axhline(value, ls="--", lw=1, color=color, label=f"held-out loss {when}: {value:.3f}")
+    if evals is not None:
+        plot_eval(a, evals)
     a.set(xlabel="step", ylabel="loss", title=title)
     a.legend()
     if memory:
@@ -389,15 +482,48 @@ def load_all(args):
     return tokenizer, cfg, params, train, held_out, sample_prompt(parts["held_out"])
 
 
+def load_jsonl(args, tokenizer, cfg):
+    """``(train, packing, eval_data)`` from ``--data`` and ``--eval-data`` (each None when not
+    given): ``train`` endless packed batches, ``packing`` its ``data.packing_report``. Sets
+    ``args.steps`` from ``--epochs``. A bad record, or a bad step count, stops the job here
+    (exit status 1, the reason on stderr) before anything is trained."""
+    train = packing = eval_data = None
+    try:
+        if args.data is not None:
+            tokenized = data.load(args.data, tokenizer, args.seq_len, vocab_size=cfg.vocab_size)
+            packing = data.packing_report(tokenized, args.batch_size, seed=args.seed)
+            train = data.packed_batches(tokenized, args.batch_size, seed=args.seed)
+        if args.eval_data is not None:
+            eval_data = data.load_eval(args.eval_data, tokenizer, args.seq_len,
+                                       vocab_size=cfg.vocab_size)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.epochs is not None:
+        args.steps = max(1, math.ceil(args.epochs * packing["rows"] / args.batch_size))
+    if schedule_problem(args):
+        raise SystemExit(f"error: {schedule_problem(args)}")
+    return train, packing, eval_data
+
+
+def trained_tokens(batch):
+    """Tokens of ``batch`` with a loss: labels not -100 after the first column (every row's
+    first token is predicted from nothing); all of them after the first without labels."""
+    if batch.get("labels") is None:
+        b, t = batch["input_ids"].shape
+        return b * (t - 1)
+    return int(np.sum(np.asarray(batch["labels"])[:, 1:] != data.IGNORE_INDEX))
+
+
 def train_loop(args, step, params, opt_state, data):
     """``args.steps`` steps with a progress bar; returns the new params and the run's figures."""
     from tqdm import tqdm
 
-    losses, tokens, skipped = [], 0, 0
+    losses, tokens, skipped, trained = [], 0, 0, 0
     bar = tqdm(range(args.steps), desc=f"{args.optimizer}", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     for _ in bar:
         batch = next(data)
+        trained += trained_tokens(batch)
         params, opt_state, metrics = step(params, opt_state, batch)
         loss = float(metrics["loss"])  # waits for the step
         skipped += int(metrics.get("skipped", False))
@@ -409,7 +535,8 @@ def train_loop(args, step, params, opt_state, data):
     if not all(math.isfinite(x) for x in losses):
         raise SystemExit("training diverged (non-finite loss); try a lower --lr")
     return params, {"train_losses": losses, "tokens": tokens, "train_seconds": seconds,
-                    "tokens_per_s": tokens / seconds, "skipped_steps": skipped}
+                    "tokens_per_s": tokens / seconds, "skipped_steps": skipped,
+                    "trained_tokens": trained}
 
 
 def print_memory(args, memory):
@@ -445,59 +572,104 @@ def write_results(out, tokenizer, report, draw):
     return png, report_json
 
 
+def measure(cfg, lm, params, tokenizer, held_out, eval_data, prompt, batch_size):
+    """The figures taken before and after training: the corpus's held-out ``loss``, a greedy
+    ``sample`` of ``prompt`` and, with ``--eval-data``, ``eval_loss`` and ``accuracy``
+    (``lomo_jax.models.scoring``; None for a part the file does not have)."""
+    figures = {"loss": evaluate(lm, params, held_out, batch_size),
+               "sample": complete(cfg, params, tokenizer, prompt),
+               "eval_loss": None, "accuracy": None}
+    if eval_data is not None:
+        scored = scoring.evaluate(cfg, params, tokenizer, eval_data, batch_size=batch_size)
+        figures["eval_loss"], figures["accuracy"] = scored["loss"], scored["accuracy"]
+    return figures
+
+
+def describe_data(args, train, held_out, packing):
+    if packing is None:
+        return (f"the corpus's arithmetic sentences, {train.size:,} tokens "
+                f"({held_out.size:,} held out)")
+    return (f"{args.data}, {packing['examples']} examples ({packing['truncated_examples']} "
+            f"cut to --seq-len), {packing['rows']} packed rows "
+            f"({packing['packing_efficiency']:.0%} tokens, the rest padding)")
+
+
+def print_results(args, before, after, run, prompt, sentence, t_compile):
+    skipped = run["skipped_steps"]
+    print(f"\nheld-out loss: {before['loss']:.3f} before -> {after['loss']:.3f} after "
+          f"{args.steps} steps" + (f" ({skipped} fp16 overflow steps skipped)" if skipped else ""))
+    if before["eval_loss"] is not None:
+        print(f"{args.eval_data}: completion loss {before['eval_loss']:.3f} before -> "
+              f"{after['eval_loss']:.3f} after")
+    if before["accuracy"] is not None:
+        print(f"{args.eval_data}: multiple-choice accuracy {before['accuracy']:.3f} before -> "
+              f"{after['accuracy']:.3f} after")
+    print(f"greedy completion of the held-out {prompt!r} ({sentence!r}):\n"
+          f"  before: {before['sample']!r}\n  after:  {after['sample']!r}")
+    print(f"throughput: {run['tokens_per_s']:,.0f} tokens/s over {run['train_seconds']:.1f} s "
+          f"(the step was compiled ahead of time in {t_compile:.1f} s)")
+
+
+def make_report(args, before, after, run, prompt, packing, memory, t_compile, t_start):
+    packed = packing or {}
+    return {"args": vars(args), "loss_before": before["loss"], "loss_after": after["loss"],
+            "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
+            "choice_accuracy_before": before["accuracy"],
+            "choice_accuracy_after": after["accuracy"],
+            "truncated_examples": packed.get("truncated_examples", 0),
+            "packing_efficiency": packed.get("packing_efficiency"), "packing": packing,
+            "sample_prompt": prompt, "sample_before": before["sample"],
+            "sample_after": after["sample"], **run,
+            "compile_seconds": t_compile, "wall_seconds": time.perf_counter() - t_start,
+            "memory_bytes": {k: v[0] for k, v in memory.items()}}
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)  # fails here, before loading anything, on a bad --model/--tokenizer
     where = select_device(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer, cfg, params, train, held_out, (prompt, sentence) = load_all(args)
+    packed, packing, eval_data = load_jsonl(args, tokenizer, cfg)  # fails here on bad data
+    if eval_data is not None and eval_data.choices:
+        item = eval_data.choices[0]
+        prompt, sentence = item["prompt"], item["prompt"] + item["choices"][item["answer"]]
+    out.mkdir(parents=True, exist_ok=True)
     lm = llama.llama_layered_model(cfg)
     print(f"model: {args.model}, {n_params(params) / 1e6:.2f}M parameters, "
           f"{cfg.num_hidden_layers} layers, {args.dtype} ({args.rounding} rounding); "
-          f"fine-tuning data: the corpus's arithmetic sentences, {train.size:,} tokens "
-          f"({held_out.size:,} held out); optimizer: {args.optimizer}, {where}; {describe_batch(args)}")
+          f"fine-tuning data: {describe_data(args, train, held_out, packing)}; "
+          f"optimizer: {args.optimizer}, {where}; {describe_batch(args)}")
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(1, args.steps // 10),
-                                                  args.steps, end_value=args.lr / 10)
+    schedule = make_schedule(args.schedule, args.lr, args.steps, args.warmup_steps)
     step, init = build_step(args, lm, schedule)
-    data = batches(train, args.batch_size, args.seed)
-    batch = next(data)  # compiled for, then trained on first
+    data_it = (batches(train, args.batch_size, args.seed) if packed is None
+               else map(lambda b: jax.tree.map(jnp.asarray, b), packed))
+    batch = next(data_it)  # compiled for, then trained on first
     t_compile = time.perf_counter()
     step = compile_step(step, init, params, batch)  # compiled once, used for training too
     t_compile = time.perf_counter() - t_compile
     opt_state = init(params)
 
-    loss_before = evaluate(lm, params, held_out, args.batch_size)
-    sample_before = complete(cfg, params, tokenizer, prompt)
+    before = measure(cfg, lm, params, tokenizer, held_out, eval_data, prompt, args.batch_size)
     memory = {} if args.no_memory_report else memory_report(args, lm, params, batch, schedule, step)
-    params, run = train_loop(args, step, params, opt_state, itertools.chain([batch], data))
-    loss_after = evaluate(lm, params, held_out, args.batch_size)
-    sample_after = complete(cfg, params, tokenizer, prompt)
+    params, run = train_loop(args, step, params, opt_state, itertools.chain([batch], data_it))
+    after = measure(cfg, lm, params, tokenizer, held_out, eval_data, prompt, args.batch_size)
 
-    skipped = run["skipped_steps"]
-    print(f"\nheld-out loss: {loss_before:.3f} before -> {loss_after:.3f} after "
-          f"{args.steps} steps" + (f" ({skipped} fp16 overflow steps skipped)" if skipped else ""))
-    print(f"greedy completion of the held-out {prompt!r} ({sentence!r}):\n"
-          f"  before: {sample_before!r}\n  after:  {sample_after!r}")
-    print(f"throughput: {run['tokens_per_s']:,.0f} tokens/s over {run['train_seconds']:.1f} s "
-          f"(the step was compiled ahead of time in {t_compile:.1f} s)")
+    print_results(args, before, after, run, prompt, sentence, t_compile)
     if memory:
         print_memory(args, memory)
 
     save_checkpoint(args, out, params, cfg)
-    report = {"args": vars(args), "loss_before": loss_before, "loss_after": loss_after,
-              "sample_prompt": prompt, "sample_before": sample_before,
-              "sample_after": sample_after, **run,
-              "compile_seconds": t_compile, "wall_seconds": time.perf_counter() - t_start,
-              "memory_bytes": {k: v[0] for k, v in memory.items()}}
+    report = make_report(args, before, after, run, prompt, packing, memory, t_compile, t_start)
     title = f"{args.optimizer}, {cfg.num_hidden_layers} layers, {args.dtype}"
     png, report_json = write_results(out, tokenizer, report, lambda path: plot(
-        path, run["train_losses"], memory, title, (loss_before, loss_after)))
+        path, run["train_losses"], memory, title, (before["loss"], after["loss"]),
+        (before, after)))
     print(f"\nwrote {png}, {report_json} and a transformers checkpoint in "
           f"{out}/ (AutoModelForCausalLM.from_pretrained loads it); "
           f"{report['wall_seconds']:.0f} s wall in all")
-    return loss_before, loss_after
+    return before["loss"], after["loss"]
 
 
 if __name__ == "__main__":

@@ -345,3 +345,99 @@ def test_bad_arguments_are_refused(job):
         job.parse_args(["--microbatches", "3"])  # does not divide --batch-size 8
     with pytest.raises(SystemExit):
         job.parse_args(["--optimizer", "adamw", "--microbatches", "2"])
+
+
+# ------------------------------------------- --data / --eval-data (issue 29) -----
+
+FINETUNE = ROOT / "examples" / "data" / "finetune.jsonl"
+EVAL = ROOT / "examples" / "data" / "eval.jsonl"
+
+
+@pytest.fixture(scope="module")
+def trained_jsonl(job, tmp_path_factory):
+    """One tiny run on the shipped JSONL files: a tenth of an epoch of packed rows, scored on
+    the eval file before and after (in-process, no memory report)."""
+    out = tmp_path_factory.mktemp("main_job_jsonl")
+    job.main(["--tiny", "--data", str(FINETUNE), "--eval-data", str(EVAL), "--epochs", "0.1",
+              "--out", str(out), "--no-memory-report"])
+    return out, json.loads((out / "finetune_report.json").read_text())
+
+
+def test_jsonl_run_reports_eval_loss_and_accuracy(trained_jsonl):
+    out, report = trained_jsonl
+    before, after = report["eval_loss_before"], report["eval_loss_after"]
+    assert math.isfinite(before) and math.isfinite(after) and after < before - 0.5
+    for key in ("choice_accuracy_before", "choice_accuracy_after"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["truncated_examples"] == 0 and 0.3 < report["packing_efficiency"] <= 1.0
+    assert report["args"]["clip_grad_norm"] == 0.0  # adalomo: no clipping by default
+    assert (out / "loss_and_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_jsonl_epochs_and_trained_tokens_follow_the_packing(job, trained_jsonl):
+    """--epochs 0.1 runs ceil(0.1 * rows / batch) steps (rows from data.packing_report), and
+    trained_tokens counts the loss tokens of exactly the packed batches those steps took."""
+    from lomo_jax import data
+
+    _, report = trained_jsonl
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(PRETRAINED))
+    tokenized = data.load(FINETUNE, tokenizer, 32)
+    packing = data.packing_report(tokenized, 4, seed=0)
+    steps = math.ceil(0.1 * packing["rows"] / 4)
+    assert report["args"]["steps"] == steps == len(report["train_losses"])
+    assert report["packing"] == packing
+    it = data.packed_batches(tokenized, 4, seed=0)
+    expected = sum(int(np.sum(next(it)["labels"][:, 1:] != data.IGNORE_INDEX))
+                   for _ in range(steps))
+    assert report["trained_tokens"] == expected > 0
+
+
+def test_default_run_has_no_eval_figures(trained):
+    """Without --eval-data the new fields are null; every token after a row's first trains."""
+    _, report, _ = trained
+    for key in ("eval_loss_before", "eval_loss_after", "choice_accuracy_before",
+                "choice_accuracy_after", "packing_efficiency"):
+        assert report[key] is None, key
+    assert report["trained_tokens"] == 12 * 4 * 31 and report["truncated_examples"] == 0
+
+
+def test_bad_data_record_stops_the_job_with_file_and_line(job, tmp_path):
+    """A bad record stops main before training or writing anything: exit status 1 with
+    lomo_jax.data's FILE:LINE message (what Python prints on stderr)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "Ada had two pears."}\n{"prompt": "Ada had"}\n')
+    with pytest.raises(SystemExit) as e:
+        job.main(["--tiny", "--data", str(bad), "--out", str(tmp_path / "out")])
+    assert isinstance(e.value.code, str) and e.value.code.startswith(f"error: {bad}:2: ")
+    assert "'completion'" in e.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_arguments_are_checked(job, tmp_path, capsys):
+    assert job.parse_args([]).clip_grad_norm == 0.0  # AdaLomo's authors: no clipping
+    assert job.parse_args(["--optimizer", "lomo"]).clip_grad_norm == 1.0
+    assert job.parse_args(["--clip-grad-norm", "0.5"]).clip_grad_norm == 0.5
+    assert "--clip-grad-norm must be >= 0" in refused(job, capsys, ["--clip-grad-norm", "-1"])
+    missing = tmp_path / "missing.jsonl"
+    assert f"--data {missing}: no such file" in refused(job, capsys, ["--data", str(missing)])
+    assert f"--eval-data {missing}: no such file" in refused(
+        job, capsys, ["--eval-data", str(missing)])
+    assert "without --data use --steps" in refused(job, capsys, ["--epochs", "1"])
+    assert "not both" in refused(job, capsys, ["--data", str(FINETUNE), "--epochs", "1",
+                                               "--steps", "3"])
+    assert "--epochs must be positive" in refused(job, capsys, ["--data", str(FINETUNE),
+                                                                "--epochs", "0"])
+    assert "--warmup-steps 5 must be fewer than the 5" in refused(
+        job, capsys, ["--steps", "5", "--warmup-steps", "5"])
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_then_follow_kind(job, kind):
+    lr, steps = 0.1, 20
+    s = job.make_schedule(kind, lr, steps, warmup=4)
+    assert float(s(0)) == 0.0 and float(s(2)) == pytest.approx(lr / 2)
+    assert float(s(4)) == pytest.approx(lr)
+    end = {"constant": lr}.get(kind, lr / 10)
+    assert float(s(steps)) == pytest.approx(end, rel=1e-5)
+    assert float(job.make_schedule(kind, lr, steps, warmup=0)(0)) == pytest.approx(lr)
+    assert float(job.make_schedule(kind, lr, steps)(2)) == pytest.approx(lr)  # warmup 2
