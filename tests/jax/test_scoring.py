@@ -183,3 +183,28 @@ def test_agrees_with_lm_evaluation_harness_item_for_item(tok, jax_model, items, 
         np.testing.assert_allclose(got, [r[0] for r in s["filtered_resps"]], rtol=0, atol=ATOL)
         assert s["acc"] == float(pred == item["answer"])
     assert out["results"]["lomo_scoring_test"]["acc,none"] == pytest.approx(ours.accuracy)
+
+
+def test_shipped_lm_eval_task_scores_the_eval_file_as_the_job_does(tok, jax_model, tmp_path,
+                                                                   monkeypatch):
+    """The task README tells users to run (examples/data/lm_eval/counting_choices.yaml,
+    from the repository root) scores every multiple-choice record of the shipped
+    eval file, and its per-item verdicts are score_choices' on the same model."""
+    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM":
+                 "false", "HF_DATASETS_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(ROOT)  # the task's data_files path is relative to the repository root
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    cfg, params = jax_model
+    ours = scoring.score_choices(cfg, params, tok, data.load_eval(EVAL, tok, 128).choices)
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={PRETRAINED},dtype=float32,device=cpu",
+        tasks=["counting_choices"], log_samples=True, batch_size=16,
+        task_manager=TaskManager(include_path=str(ROOT / "examples" / "data" / "lm_eval"),
+                                 include_defaults=False))
+    samples = sorted(out["samples"]["counting_choices"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(ours.predictions) == 48
+    assert [s["acc"] for s in samples] == [float(c) for c in ours.correct]
+    assert out["results"]["counting_choices"]["acc,none"] == pytest.approx(ours.accuracy)
