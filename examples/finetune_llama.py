@@ -44,6 +44,17 @@ and runs without global gradient-norm clipping; LOMO (and AdamW) clip at 1.0
 linearly over ``--warmup-steps`` (default a tenth of the steps) and then
 follows ``--schedule`` (cosine by default; linear; constant), the decaying
 ones down to a tenth of ``--lr`` at the last step.
+
+``--checkpoint-every N`` saves, every N steps, the parameters, the optimizer state
+(with the stochastic-rounding key), the step, the data position and the losses so
+far into ``OUT/checkpoints/`` (``lomo_jax.checkpoint.Checkpointer``: orbax,
+atomic, the 2 latest kept). ``--resume`` continues from the latest one there: a
+run killed at any moment (SIGKILL included) and resumed ends with the weights of
+an uninterrupted run, bit for bit; the report's ``resumed_from_step`` says where
+it picked up (null for a fresh run). A resume whose flags would change the math
+(``RESUME_FLAGS``) is refused naming the flag; ``--resume`` with no checkpoint
+there starts fresh (and says so), so a restart script can always pass it. A
+fresh run with ``--checkpoint-every`` refuses an ``OUT`` that has checkpoints.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ import logging
 import math
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -76,7 +88,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lomo_jax  # noqa: E402
-from lomo_jax import aot, data  # noqa: E402
+from lomo_jax import aot, checkpoint, data  # noqa: E402
 from lomo_jax.models import convert, generate, llama, scoring  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -90,6 +102,11 @@ CAVEAT = ("At this toy size, and in bf16 on a CPU, these compiled-memory figures
           "activations dominate, and XLA:CPU makes f32 copies of bf16 weights around matmuls "
           "(GPUs don't). For real figures: python benchmarks/memory.py --target rtx4090 "
           "(compiles for a GPU target; no GPU needed).")
+# the flags a resumed run must share with the checkpoint's run (they change the math)
+RESUME_FLAGS = ("model", "tokenizer", "data", "optimizer", "steps", "epochs", "schedule",
+                "warmup_steps", "lr", "clip_grad_norm", "dtype", "rounding", "batch_size",
+                "microbatches", "seq_len", "seed", "device")
+KILL_AFTER_STEP = "LOMO_EXAMPLES_KILL_AFTER_STEP"  # tests: SIGKILL this run after that step
 
 
 def parse_args(argv=None):
@@ -135,6 +152,10 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--out", default="runs/finetune_llama", help="output directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a checkpoint into OUT/checkpoints every N steps (0: never)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in OUT/checkpoints (same flags)")
     p.add_argument("--device", choices=["cpu", "gpu", "tpu", "auto"], default="cpu",
                    help="where to train (default cpu, so the run is the same everywhere; "
                    "auto: JAX's default backend)")
@@ -154,6 +175,8 @@ def check_args(p, args):
         args.batch_size, args.seq_len = 4, 32
     if args.clip_grad_norm is None:  # AdaLomo's authors train it without clipping
         args.clip_grad_norm = 0.0 if args.optimizer == "adalomo" else 1.0
+    if args.checkpoint_every < 0:
+        p.error(f"--checkpoint-every must be >= 0 (0: never), got {args.checkpoint_every}")
     if args.clip_grad_norm < 0:
         p.error(f"--clip-grad-norm must be >= 0 (0: off), got {args.clip_grad_norm}")
     check_data_args(p, args)
@@ -291,15 +314,20 @@ def make_windows(tokenizer, text, seq_len, vocab_size):
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
-def batches(train, batch_size, seed):
-    """Endless shuffled batches ``{"input_ids": [B, T]}`` (labels = inputs, shifted inside)."""
+def batches(train, batch_size, seed, start=0):
+    """Endless shuffled batches ``{"input_ids": [B, T]}`` (labels = inputs, shifted inside),
+    from the ``start``-th on: the order depends on ``seed`` alone, so a resumed run
+    draws the batches an uninterrupted one would."""
     if len(train) < batch_size:
         raise ValueError(f"{len(train)} training windows do not fill a batch of {batch_size}")
     rng = np.random.default_rng(seed)
+    drawn = 0
     while True:
         order = rng.permutation(len(train))
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield {"input_ids": jnp.asarray(train[order[i:i + batch_size]])}
+            drawn += 1
+            if drawn > start:
+                yield {"input_ids": jnp.asarray(train[order[i:i + batch_size]])}
 
 
 # --------------------------------------------------------------- model -----
@@ -514,29 +542,144 @@ def trained_tokens(batch):
     return int(np.sum(np.asarray(batch["labels"])[:, 1:] != data.IGNORE_INDEX))
 
 
-def train_loop(args, step, params, opt_state, data):
-    """``args.steps`` steps with a progress bar; returns the new params and the run's figures."""
+def train_loop(args, step, params, opt_state, data, start=0, prior=None, save=None):
+    """Steps ``start + 1 .. args.steps`` with a progress bar, then ``save(k, params, opt_state,
+    totals)`` after each step ``k``; returns the new params and the run's figures (the
+    totals include ``prior``'s, those of the steps before a resume)."""
     from tqdm import tqdm
 
-    losses, tokens, skipped, trained = [], 0, 0, 0
-    bar = tqdm(range(args.steps), desc=f"{args.optimizer}", unit="step", dynamic_ncols=True)
+    totals = {"train_losses": [], "tokens": 0, "skipped_steps": 0, "trained_tokens": 0}
+    totals.update(prior or {})
+    totals["train_losses"] = list(totals["train_losses"])
+    tokens, seconds = 0, 0.0
+    bar = tqdm(range(start, args.steps), desc=f"{args.optimizer}", unit="step",
+               initial=start, total=args.steps, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for _ in bar:
+    for i in bar:
         batch = next(data)
-        trained += trained_tokens(batch)
+        totals["trained_tokens"] += trained_tokens(batch)
         params, opt_state, metrics = step(params, opt_state, batch)
         loss = float(metrics["loss"])  # waits for the step
-        skipped += int(metrics.get("skipped", False))
-        losses.append(loss)
+        totals["skipped_steps"] += int(metrics.get("skipped", False))
+        totals["train_losses"].append(loss)
         tokens += batch["input_ids"].size
+        totals["tokens"] += batch["input_ids"].size
         seconds = time.perf_counter() - t0
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:,.0f}")
+        if save is not None:  # before the next step donates params and opt_state
+            save(i + 1, params, opt_state, totals)
+        kill_hook(i + 1)
     bar.close()
-    if not all(math.isfinite(x) for x in losses):
+    if not all(math.isfinite(x) for x in totals["train_losses"]):
         raise SystemExit("training diverged (non-finite loss); try a lower --lr")
-    return params, {"train_losses": losses, "tokens": tokens, "train_seconds": seconds,
-                    "tokens_per_s": tokens / seconds, "skipped_steps": skipped,
-                    "trained_tokens": trained}
+    return params, {**totals, "train_seconds": seconds,
+                    "tokens_per_s": tokens / seconds if seconds else 0.0}
+
+
+def kill_hook(k):
+    """SIGKILL this process after step ``k`` if ``$LOMO_EXAMPLES_KILL_AFTER_STEP`` is ``k``
+    (the kill/resume test's real kill at a chosen moment)."""
+    if os.environ.get(KILL_AFTER_STEP) == str(k):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------- checkpoints -----
+
+def checkpoint_dir(args):
+    return Path(args.out).resolve() / "checkpoints"  # orbax wants an absolute path
+
+
+def run_flags(args):
+    """The ``RESUME_FLAGS`` as given (before ``--epochs`` sets ``steps``), paths resolved."""
+    flags = {k: getattr(args, k) for k in RESUME_FLAGS}
+    for k in ("model", "tokenizer", "data"):
+        if flags[k] is not None:
+            flags[k] = str(Path(flags[k]).resolve())
+    return flags
+
+
+def flags_problem(saved, now):
+    """The first flag that differs between the checkpointed run and this one, or None."""
+    for k in RESUME_FLAGS:
+        if saved.get(k) != now[k]:
+            return (f"--{k.replace('_', '-')} was {saved.get(k)!r} in the checkpointed run, "
+                    f"now {now[k]!r}")
+    return None
+
+
+def find_resume(args, flags):
+    """``(step, metadata)`` of the checkpoint ``--resume`` continues from, or None (a fresh
+    run). Refuses (exit status 1, before anything is loaded) a resume with other
+    ``RESUME_FLAGS``, and a fresh ``--checkpoint-every`` run into an ``OUT`` with
+    checkpoints (its saves would collide with theirs)."""
+    where = checkpoint_dir(args)
+    step = checkpoint.latest_step(where) if where.is_dir() else None
+    if step is None:
+        if args.resume:
+            print(f"--resume: no checkpoint in {where}; starting from step 0")
+        return None
+    if not args.resume:
+        if args.checkpoint_every:
+            raise SystemExit(f"error: {where} has checkpoints (latest: step {step}); pass "
+                             "--resume to continue that run, or remove them to start afresh")
+        return None
+    with checkpoint.Checkpointer(where, max_to_keep=None, read_only=True) as ckpt:
+        meta = ckpt.metadata(step)
+    problem = flags_problem(meta["flags"], flags)
+    if problem:
+        raise SystemExit(f"error: --resume from {where}/{step}: {problem}; resume with the "
+                         "flags of that run, or use another --out")
+    return step, meta
+
+
+def make_saver(args, flags, packed):
+    """``(save, close)``: ``save(k, params, opt_state, totals)`` writes a checkpoint when ``k``
+    is a multiple of ``--checkpoint-every`` (synchronously: on disk before the next step
+    donates the arrays), with the data position, the totals and the flags."""
+    if not args.checkpoint_every:
+        return None, lambda: None
+    ckpt = checkpoint.Checkpointer(checkpoint_dir(args), max_to_keep=2)
+
+    def save(k, params, opt_state, totals):
+        if k % args.checkpoint_every:
+            return
+        position = packed.get_state() if packed is not None else {"corpus_batches": k}
+        ckpt.save(k, {"params": params, "opt_state": opt_state},
+                  metadata={"step": k, "data": position, "flags": flags, **totals})
+
+    return save, ckpt.close
+
+
+def data_iterator(args, train, packed, resume):
+    """The training batches, from the checkpoint's data position when resuming."""
+    position = resume[1]["data"] if resume else None
+    if packed is None:
+        start = position["corpus_batches"] if position else 0
+        return batches(train, args.batch_size, args.seed, start=start)
+    if position is not None:
+        packed.set_state(position)
+    return map(lambda b: jax.tree.map(jnp.asarray, b), packed)
+
+
+def run_training(args, step, params, opt_state, data_it, packed, flags, resume):
+    """:func:`train_loop` from step 0, or from the checkpoint ``resume`` (its params,
+    optimizer state and totals restored), checkpointing as ``--checkpoint-every`` says."""
+    start, prior = 0, None
+    if resume is not None:
+        start, meta = resume
+        with checkpoint.Checkpointer(checkpoint_dir(args), max_to_keep=None,
+                                     read_only=True) as ckpt:
+            state, _ = ckpt.restore({"params": params, "opt_state": opt_state}, start)
+        params, opt_state = state["params"], state["opt_state"]
+        prior = {k: meta[k] for k in ("train_losses", "tokens", "skipped_steps",
+                                      "trained_tokens")}
+        print(f"--resume: continuing from the checkpoint of step {start}")
+    save, close = make_saver(args, flags, packed)
+    try:
+        params, run = train_loop(args, step, params, opt_state, data_it, start, prior, save)
+    finally:
+        close()
+    return params, {**run, "resumed_from_step": start if resume is not None else None}
 
 
 def print_memory(args, memory):
@@ -627,6 +770,8 @@ def make_report(args, before, after, run, prompt, packing, memory, t_compile, t_
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)  # fails here, before loading anything, on a bad --model/--tokenizer
+    flags = run_flags(args)
+    resume = find_resume(args, flags)  # and here on a resume with other flags
     where = select_device(args)
     out = Path(args.out)
     tokenizer, cfg, params, train, held_out, (prompt, sentence) = load_all(args)
@@ -643,8 +788,7 @@ def main(argv=None):
 
     schedule = make_schedule(args.schedule, args.lr, args.steps, args.warmup_steps)
     step, init = build_step(args, lm, schedule)
-    data_it = (batches(train, args.batch_size, args.seed) if packed is None
-               else map(lambda b: jax.tree.map(jnp.asarray, b), packed))
+    data_it = data_iterator(args, train, packed, resume)
     batch = next(data_it)  # compiled for, then trained on first
     t_compile = time.perf_counter()
     step = compile_step(step, init, params, batch)  # compiled once, used for training too
@@ -653,7 +797,8 @@ def main(argv=None):
 
     before = measure(cfg, lm, params, tokenizer, held_out, eval_data, prompt, args.batch_size)
     memory = {} if args.no_memory_report else memory_report(args, lm, params, batch, schedule, step)
-    params, run = train_loop(args, step, params, opt_state, itertools.chain([batch], data_it))
+    params, run = run_training(args, step, params, opt_state, itertools.chain([batch], data_it),
+                               packed, flags, resume)
     after = measure(cfg, lm, params, tokenizer, held_out, eval_data, prompt, args.batch_size)
 
     print_results(args, before, after, run, prompt, sentence, t_compile)
