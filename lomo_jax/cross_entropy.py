@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lomo_jax.embedding import IndexRange, check_indices, index_ranges
+
 __all__ = ["linear_cross_entropy", "vocab_chunk_size"]
 
 MAX_CHUNK_BYTES = 32 * 2**20
@@ -100,7 +102,11 @@ def linear_cross_entropy(
         ``x @ w.T``, e.g. a tied embedding). Cast to ``x.dtype`` chunk by chunk;
         its gradient has ``w``'s dtype.
       labels: integer ``[...]`` (the shape of ``x`` without its last axis);
-        entries equal to ``ignore_index`` contribute nothing.
+        entries equal to ``ignore_index`` contribute nothing. Any other entry
+        outside ``[0, V)`` is an error: concrete labels raise ``ValueError``
+        naming the value; traced ones (under ``jit``) make the loss, and so
+        every gradient, NaN (never the finite wrong loss of a label logit
+        taken as 0).
       reduction: ``"mean"`` over the non-ignored labels (0 if there are none)
         or ``"sum"``.
       chunk_bytes: the working set of one chunk (see :func:`vocab_chunk_size`).
@@ -124,13 +130,26 @@ def linear_cross_entropy(
     x2 = x.reshape(-1, d)
     y = labels.reshape(-1).astype(jnp.int32)
     valid = y != ignore_index
-    coef = valid.astype(jnp.float32)
-    if reduction == "mean":
-        coef = coef / jnp.maximum(jnp.sum(coef), 1.0)
     vocab = w.shape[0 if transposed else 1]
+    coef = _coefficients(labels, y, valid, vocab, ignore_index, reduction)
     chunk = vocab_chunk_size(x2.shape[0], vocab, d, chunk_bytes, jnp.dtype(w.dtype).itemsize)
     cap = None if logit_softcap is None else float(logit_softcap)
     return _cross_entropy(x2, w, jnp.where(valid, y, -1), coef, transposed, chunk, cap)
+
+
+def _coefficients(labels, y, valid, vocab: int, ignore_index: int, reduction: str):
+    """Each token's weight in the loss: ``valid / count`` (mean) or ``valid``
+    (sum). A label outside ``[0, V)`` that is not ``ignore_index`` raises if
+    concrete; traced, its weight is NaN, so the loss and every gradient are
+    NaN (an elementwise pass over the labels, nothing of the logits' size)."""
+    ranges = index_ranges({"labels": IndexRange(vocab, ignore=ignore_index)})
+    traced = check_indices({"labels": labels}, ranges, "linear_cross_entropy", prefix="")
+    coef = valid.astype(jnp.float32)
+    if reduction == "mean":
+        coef = coef / jnp.maximum(jnp.sum(coef), 1.0)
+    if traced is not None:  # not checked on the host (a tracer)
+        coef = jnp.where(valid & ((y < 0) | (y >= vocab)), jnp.float32(jnp.nan), coef)
+    return coef
 
 
 # --------------------------------------------------------------------------

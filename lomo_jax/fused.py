@@ -100,7 +100,21 @@ trace of ``layer`` is re-raised with the slice's shapes and that hint.
 
 **Donation.** The returned step donates ``params`` and ``opt_state``; passing
 the same arrays again raises an error that names the deleted leaf and says to
-use the returned values.
+use the returned values; one array passed twice (two params leaves, or a
+params leaf also in the batch) is refused naming both paths.
+
+**Bad input** is never applied. Checked while tracing: ``opt_state`` must have
+the structure, shapes and dtypes ``fused_init(tx, params)`` gives these params
+(else an error naming the first leaf that differs). Checked inside the step,
+as reductions to a few scalars (no host sync): the batch's integer entries
+named by ``LayeredModel(index_ranges=...)`` (token ids, labels) must lie in
+their range, and the learning rate each unit's update uses (``lomo`` /
+``adalomo`` with a schedule) must be finite and >= 0. A step that fails is
+skipped as a whole (like an fp16 overflow: every parameter and state bit,
+the loss scale, the skip counter and the key unchanged), reported in
+``metrics["refused"]``, and the next call raises, naming the key, the value
+and the size (or the rate and its schedule step), without waiting
+(:class:`lomo_jax._loss_scale.StepWatch`).
 
 **In place, measured.** ``step`` donates ``params`` and ``opt_state`` and
 every output aliases its donated input (``compiled.memory_analysis()
@@ -168,6 +182,7 @@ import optax
 from jax import lax
 
 from lomo_jax import _loss_scale, _placement
+from lomo_jax import embedding as _ids
 from lomo_jax._layout import Units, abstract as _abstract, describe as _describe
 from lomo_jax._layout import STACKED_HINT, check_stacked as _check_stacked
 from lomo_jax._layout import path_str as _path, split_params as _split_params
@@ -255,6 +270,18 @@ class LayeredModel:
     leaf); if not, a ``params["layers"]`` whose leaves are all 1-D is refused
     as almost surely unstacked (pass ``num_layers`` to allow it).
 
+    ``index_ranges``: ``{batch key: IndexRange(size, ignore=None) or size}``
+    for the integer batch entries that index a table (token ids, labels;
+    :class:`lomo_jax.embedding.IndexRange`), e.g. ``{"input_ids": V,
+    "labels": IndexRange(V, ignore=-100)}`` (what
+    :func:`lomo_jax.models.layered_model` gives). A generic model cannot know
+    which entries these are, so nothing is checked without it. With it, the
+    fused step skips a step whose batch holds a value outside its range (every
+    parameter and state bit unchanged) and raises on the next call, naming the
+    key, the value and the size; :meth:`loss` raises at once on concrete
+    (non-traced) batches and returns NaN under ``jit``. Keys absent from (or
+    ``None`` in) the batch are not checked.
+
     :meth:`loss` is the plain (unfused) composition, for inference/evaluation
     and as the reference the fused step is tested against.
 
@@ -274,6 +301,7 @@ class LayeredModel:
     head: Callable[..., Any]
     tied: bool = False
     num_layers: Optional[int] = None
+    index_ranges: Any = None
     _layer_kw: frozenset = dataclasses.field(
         default=frozenset(), init=False, repr=False, compare=False)
 
@@ -290,6 +318,7 @@ class LayeredModel:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"LayeredModel.num_layers must be a positive int or None, got {n!r}.")
         object.__setattr__(self, "_layer_kw", _layer_kwargs(self.layer))
+        object.__setattr__(self, "index_ranges", _ids.index_ranges(self.index_ranges))
 
     @property
     def takes_key(self) -> bool:
@@ -358,6 +387,7 @@ class LayeredModel:
             raise _deleted_arg_error("params", params, where="LayeredModel.loss")
         n_layers, _ = self.split(params)
         self.check_key(key, "model.loss", "pass model.loss(params, batch, key=k).")
+        nan_if_bad = _ids.check_indices(batch, self.index_ranges, "LayeredModel.loss")
         layer = self.call_layer
         if remat or remat_policy is not None:
             layer = jax.checkpoint(layer, policy=remat_policy)
@@ -371,7 +401,7 @@ class LayeredModel:
         xs = params["layers"]
         if numbered:
             xs = (xs, jnp.arange(n_layers, dtype=jnp.int32))
-        h = self.embed(params["embed"], batch)
+        h = _ids.nan_unless(nan_if_bad, self.embed(params["embed"], batch))  # NaN if bad
         h, _ = lax.scan(body, h, xs)
         return self.call_head(params, h, batch)
 
@@ -604,19 +634,38 @@ def _scale(tree, factor):
     return jax.tree.map(lambda g: g.astype(jnp.float32) * factor, tree)
 
 
-def _apply(tx, grads, state, params, key=None):
+def _apply(tx, grads, state, params, key=None, keep=None, keep_state="select"):
     """One ``tx.update`` + ``apply_updates`` on one unit (embed, head or one
     layer); with a ``key``, bf16/fp16 leaves are rounded stochastically
     (:func:`lomo_jax.rounding.apply_updates`). New state leaves are cast back
     to the dtypes they had, so the state keeps its type across steps (and can
-    be written into the stack)."""
+    be written into the stack).
+
+    ``keep`` (a bool scalar, or None): where False the result is ``params`` and
+    ``state`` bit for bit (a skipped step). The parameters get the update
+    ``-0.0`` instead of theirs (``p + (-0.0)`` is ``p`` for every ``p``, also
+    rounded stochastically), which XLA fuses into the update: a select would
+    hold the old parameters next to the new (a layer's worth on XLA:GPU). The
+    state, by ``keep_state``: ``"select"``; ``"cond"``, chosen by a
+    ``lax.cond`` (the head's: XLA:CPU does not fuse that select into the
+    update and holds the new state next to the old); ``"caller"``, returned
+    as is, for the caller to write only where ``keep`` (the layer scan,
+    :func:`_write_if`). Each measured, ``tests/jax/test_fused_memory.py``.
+    """
     updates, new_state = tx.update(grads, state, params)
+    if keep is not None:
+        updates = jax.tree.map(
+            lambda u: jnp.where(keep, u, jnp.asarray(-0.0, jnp.result_type(u))), updates)
     new_params = apply_updates(params, updates, rng=key)
     new_params = jax.tree.map(lambda n, o: n.astype(jnp.result_type(o)), new_params, params)
     new_state = jax.tree.map(
         lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new_state, state
     )
-    return new_params, new_state
+    if keep is None or keep_state == "caller":
+        return new_params, new_state
+    if keep_state == "cond":
+        return new_params, lax.cond(keep, lambda: new_state, lambda: state)
+    return new_params, _keep_if_not(keep, new_state, state)
 
 
 def _to_micro(tree, m: int):
@@ -687,7 +736,7 @@ def _check_activation(model, layer_slice, h, batch, n_layers, key=None):
     try:
         out = jax.eval_shape(fn, layer_slice, h, jnp.zeros([], jnp.int32), key)
     except Exception as e:  # noqa: BLE001 - re-raised, chained, with context
-        raise _layer_failed(e, layer_slice, h, n_layers) from e
+        raise _layer_failed(e, layer_slice, h, n_layers, batch) from e
     h_abs = _abstract(h)
     ok = jax.tree.structure(out) == jax.tree.structure(h_abs) and all(
         a.shape == b.shape and a.dtype == b.dtype
@@ -702,14 +751,22 @@ def _check_activation(model, layer_slice, h, batch, n_layers, key=None):
         )
 
 
-def _layer_failed(e: Exception, layer_slice, h, n_layers: int) -> Exception:
-    """``e`` (raised inside the user's layer) with the slice's shapes and the
-    stacking hint: same type when it is a builtin exception (the nearest builtin
-    base otherwise, e.g. ``TypeError`` for JAX's concretization errors)."""
+def _layer_failed(e: Exception, layer_slice, h, n_layers: int, batch=None) -> Exception:
+    """``e`` (raised inside the user's layer) with the slice's, ``h``'s and the
+    batch's shapes and two hints (stacking, the batch's shapes): same type when
+    it is a builtin exception (the nearest builtin base otherwise, e.g.
+    ``TypeError`` for JAX's concretization errors)."""
     fmt = lambda t: jax.tree.map(_describe, _abstract(t))  # noqa: E731
+    try:
+        shown = fmt(batch)
+    except Exception:  # noqa: BLE001 - a batch with non-array leaves
+        shown = type(batch).__name__
     msg = (f"model.layer failed on one slice of params['layers'] (L = {n_layers}, slice "
-           f"shapes: {fmt(layer_slice)}, h: {fmt(h)}): {type(e).__name__}: {e}\n"
-           f"{STACKED_HINT} (LayeredModel(..., num_layers=L) checks the layer axis.)")
+           f"shapes: {fmt(layer_slice)}, h: {fmt(h)}, batch: {shown}): "
+           f"{type(e).__name__}: {e}\n"
+           f"{STACKED_HINT} (LayeredModel(..., num_layers=L) checks the layer axis.) "
+           "If the slice is right, check the batch's shapes against what the layer "
+           "expects (e.g. token ids [B, T] with a batch axis, not [T]).")
     base = next(c for c in type(e).__mro__ if c.__module__ == "builtins")
     try:
         return base(msg)
@@ -941,8 +998,9 @@ class _Stages:
         unit is updated as soon as its gradient exists and the gradient dies.
 
         ``factor`` scales every gradient (clip coefficient / loss scale) or is
-        ``None``; ``ok`` (``None`` or a bool scalar) selects new or old values
-        everywhere, so a skipped step leaves every bit unchanged. With
+        ``None``; ``ok`` (``None`` or a bool scalar) keeps the old values
+        everywhere where False (:func:`_apply`'s ``keep``), so a skipped step
+        leaves every bit unchanged. With
         ``guard`` the head's new values must be finite too (checked before
         anything else is written). ``keys``: the stochastic-rounding keys of
         the three units (layer ``i`` folds ``i`` into its unit's key), or
@@ -950,10 +1008,13 @@ class _Stages:
         """
         keys = keys or Units(None, None, None)
         loss, g_head, dh_last = self.head_grads(p, h_last, seed)
-        head_new = _apply(self.tx, _scale(g_head, factor), s.head, p.head, keys.head)
-        if guard:
+        if guard:  # ok needs the head's new values: they are selected
+            head_new = _apply(self.tx, _scale(g_head, factor), s.head, p.head, keys.head)
             ok = ok & jnp.isfinite(loss) & _all_finite(head_new)
-        ph, sh = _keep_if_not(ok, head_new, (p.head, s.head))
+            ph, sh = _keep_if_not(ok, head_new, (p.head, s.head))
+        else:
+            ph, sh = _apply(self.tx, _scale(g_head, factor), s.head, p.head, keys.head, ok,
+                            keep_state="cond")
         # Everything after this point waits for the head's update (so its
         # gradient dies before the layer scan), and layer L-1's slice is read
         # only now (not hoisted to the start of the step).
@@ -961,8 +1022,7 @@ class _Stages:
         pl, sl, dh0 = self._update_layers(pl, sl, hs, self.cotangent_to_layers(dh_last), factor,
                                           ok, keys.layers)
         g_embed = self.embed_grads(p, h_last, self.cotangent_from_layers(dh0), seed)  # old head
-        embed_new = _apply(self.tx, _scale(g_embed, factor), s.embed, p.embed, keys.embed)
-        pe, se = _keep_if_not(ok, embed_new, (p.embed, s.embed))
+        pe, se = _apply(self.tx, _scale(g_embed, factor), s.embed, p.embed, keys.embed, ok)
         return Units(pe, pl, ph), Units(se, sl, sh), loss, ok
 
     def _update_layers(self, pl, sl, hs, dh_last, factor, ok, key=None):
@@ -974,12 +1034,12 @@ class _Stages:
         def body(carry, xs):
             pl, sl, pend_p, pend_s, pend_i, dh = carry
             h_i, i = xs
-            pl, sl = _write(pl, pend_p, pend_i), _write(sl, pend_s, pend_i)
+            pl, sl = _write(pl, pend_p, pend_i), _write_if(ok, sl, pend_s, pend_i)
             p_i, s_i = _index(pl, i), _index(sl, i)
             g_i, dh_prev = self.layer_grads(p_i, self.from_saved(h_i), dh, i)
             key_i = None if key is None else jax.random.fold_in(key, i)
-            new = _apply(self.tx, _scale(g_i, factor), s_i, p_i, key_i)
-            p_new, s_new = _keep_if_not(ok, new, (p_i, s_i))
+            p_new, s_new = _apply(self.tx, _scale(g_i, factor), s_i, p_i, key_i, ok,
+                                  keep_state="caller")
             return (pl, sl, p_new, s_new, i, dh_prev), None
 
         last = jnp.asarray(self.n_layers - 1, self.idx.dtype)
@@ -987,7 +1047,23 @@ class _Stages:
         (pl, sl, pend_p, pend_s, pend_i, dh0), _ = lax.scan(
             body, init, (hs, self.idx), reverse=True
         )
-        return _write(pl, pend_p, pend_i), _write(sl, pend_s, pend_i), dh0
+        return _write(pl, pend_p, pend_i), _write_if(ok, sl, pend_s, pend_i), dh0
+
+
+def _write_if(ok, tree, value, i):
+    """:func:`_write` where ``ok`` (a bool scalar; ``None``: always), else ``tree``
+    unchanged: a scatter to row ``i``, or to row ``L`` (out of range, dropped).
+    For a skipped step's layer state: XLA:GPU holds a select's old operand
+    (about 2 MiB more for AdaLomo at 2048 wide), XLA:CPU a select at the write
+    (a layer's AdamW state); this costs neither (``tests/jax/test_fused_memory.py``)."""
+    if ok is None:
+        return _write(tree, value, i)
+
+    def leaf(x, v):
+        row = jnp.where(ok, i, x.shape[0])
+        return x.at[row].set(v.astype(x.dtype), mode="drop")
+
+    return jax.tree.map(leaf, tree, value)
 
 
 def _keep_if_not(ok, new, old):
@@ -1020,16 +1096,15 @@ def _step_keys(rounding: str, rng, key, takes_key: bool):
 def _train_step(stages: _Stages, config: _StepConfig, p: Units, s: Units, opt_state,
                 draws=None):
     """Forward, the norm pass when needed, the update pass:
-    ``(p, s, metrics, ok, finite, rng)`` (``ok``: the step was applied;
-    ``finite``: the gradient norm was; ``None`` where not computed; ``rng``:
-    the advanced key, or ``None``). ``draws``: :func:`_step_keys`' result if
-    already drawn (for a key-taking layer), else drawn here for rounding."""
+    ``(p, s, metrics, flags, rng)`` (:class:`_Flags`; ``rng``: the advanced key,
+    or ``None``). ``draws``: :func:`_step_keys`' result if already drawn (for a
+    key-taking layer), else drawn here for rounding."""
+    valid, metrics = _input_checks(stages.model, config.tx, stages.batch, s)
     scaling = opt_state.loss_scale is not None
     scale = opt_state.loss_scale.scale if scaling else None
     seed = scale if scaling else jnp.ones([], jnp.float32)
     two_pass = scaling or config.skip_nonfinite or config.clip_grad_norm is not None
     h_last, hs = stages.forward(p)
-    metrics = {}
     factor = ok = finite = None
     if two_pass:
         inv = None if scale is None else 1.0 / scale
@@ -1047,29 +1122,86 @@ def _train_step(stages: _Stages, config: _StepConfig, p: Units, s: Units, opt_st
         finite = jnp.isfinite(sq)
         if scaling or config.skip_nonfinite:  # else clipping alone: never skipped
             ok = finite
+    if valid is not None:
+        ok = valid if ok is None else ok & valid
     rng, keys, _ = draws or _step_keys(config.rounding, opt_state.rng, None, False)
     p, s, loss, ok = stages.update_pass(
         p, s, h_last, hs, seed, factor, ok, guard=config.skip_nonfinite, keys=keys
     )
     metrics["loss"] = loss.astype(jnp.float32)
-    return p, s, metrics, ok, finite, rng
+    return p, s, metrics, _Flags(ok, finite, valid), rng
 
 
-def _pack(p: Units, s: Units, opt_state, metrics, ok, finite, rng, config: _StepConfig):
+class _Flags(NamedTuple):
+    """A step's bool scalars (``None`` where not computed): ``ok``, it was
+    applied; ``finite``, its gradient norm was finite; ``valid``, its input
+    passed :func:`_input_checks` (a refused step also keeps the loss scale,
+    the skip counter and the key)."""
+
+    ok: Optional[jax.Array]
+    finite: Optional[jax.Array]
+    valid: Optional[jax.Array]
+
+
+def _input_checks(model: LayeredModel, tx, batch, s: Units):
+    """``(valid, metrics)``: a bool scalar, the batch's indices are inside
+    ``model.index_ranges`` and the learning rate every unit's update will use
+    is finite and >= 0 (``None`` when neither is checkable); the metrics hold
+    ``refused`` and the values :class:`lomo_jax._loss_scale.StepWatch` reports.
+    Reductions to a few scalars: the ids' min/max, one rate per layer."""
+    metrics, checks = {}, []
+    extremes = _ids.index_extremes(batch, model.index_ranges)
+    if extremes:
+        metrics["index_extremes"] = extremes
+        checks.append(_ids.extremes_ok(extremes, model.index_ranges))
+    rates = _learning_rates(tx, s)
+    if rates is not None:
+        metrics["learning_rate_step"], metrics["learning_rate"], lr_ok = rates
+        checks.append(lr_ok)
+    if not checks:
+        return None, metrics
+    valid = checks[0] if len(checks) == 1 else checks[0] & checks[1]
+    metrics["refused"] = jnp.logical_not(valid)
+    return valid, metrics
+
+
+def _learning_rates(tx, s: Units):
+    """``(step, rate, ok)`` from ``tx.update.learning_rate_at(state) -> (step,
+    rate)`` (``lomo``/``adalomo`` with a schedule, :mod:`lomo_jax.transforms`),
+    evaluated on the state each unit's update reads (every layer's too): ``ok``,
+    all are finite and >= 0; ``step``/``rate``, the first bad one (else the
+    embedding's). ``None`` for a ``tx`` without it."""
+    at = getattr(tx.update, "learning_rate_at", None)
+    if at is None:
+        return None
+    parts = [at(s.embed), jax.vmap(at)(s.layers), at(s.head)]
+    steps = jnp.concatenate([jnp.reshape(t, (-1,)).astype(jnp.int32) for t, _ in parts])
+    rates = jnp.concatenate([jnp.reshape(r, (-1,)).astype(jnp.float32) for _, r in parts])
+    bad = jnp.logical_not(jnp.isfinite(rates) & (rates >= 0))
+    first = jnp.argmax(bad)
+    return steps[first], rates[first], jnp.logical_not(jnp.any(bad))
+
+
+def _pack(p: Units, s: Units, opt_state, metrics, flags: _Flags, rng, config: _StepConfig):
     """New params dict, new :class:`FusedState` (loss scale, skip counter) and metrics."""
+    ok, valid = flags.ok, flags.valid
     new_ls = None
     if opt_state.loss_scale is not None:
         new_ls = _loss_scale.update(
-            opt_state.loss_scale, finite, config.loss_scale_window, config.min_loss_scale
+            opt_state.loss_scale, flags.finite, config.loss_scale_window, config.min_loss_scale
         )
+        new_ls = _keep_if_not(valid, new_ls, opt_state.loss_scale)
         metrics["loss_scale"] = opt_state.loss_scale.scale
     if ok is not None:
         metrics["skipped"] = jnp.logical_not(ok)
     count = opt_state.nonfinite_steps
     if count is not None:
-        if ok is not None:
-            count = count + jnp.logical_not(ok).astype(count.dtype)
+        if ok is not None:  # a refused step is not a non-finite one
+            nonfinite = jnp.logical_not(ok) if valid is None else jnp.logical_not(ok) & valid
+            count = count + nonfinite.astype(count.dtype)
         metrics["nonfinite_steps"] = count
+    if rng is not None and opt_state.rng is not None:
+        rng = _keep_if_not(valid, rng, opt_state.rng)
     new_params = {"embed": p.embed, "layers": p.layers, "head": p.head}
     new_state = FusedState(
         embed=s.embed, layers=PerLayerState(inner_state=s.layers), head=s.head,
@@ -1102,6 +1234,42 @@ def _check_state(opt_state, params, skip_nonfinite: bool, rounding: str) -> None
             "opt_state.rng, which this opt_state lacks; create it with "
             "lomo_jax.fused_init(tx, params, rng=jax.random.key(seed))."
         )
+
+
+def _check_state_fits(tx, opt_state: FusedState, p: Units) -> None:
+    """At trace time: the embed/layers/head parts of ``opt_state`` have the
+    structure, shapes and dtypes that ``fused_init(tx, params)`` makes for these
+    params (``jax.eval_shape``, nothing computed); else a ``ValueError`` naming
+    the first leaf that differs."""
+    want = jax.eval_shape(lambda e, l, h: (tx.init(e), per_layer(tx).init(l), tx.init(h)),
+                          *(_abstract(u) for u in p))
+    got = (opt_state.embed, opt_state.layers, opt_state.head)
+    for name, g, w in zip(("embed", "layers", "head"), got, want):
+        diff = _first_difference(f"opt_state.{name}", g, w)
+        if diff:
+            raise ValueError(
+                f"{diff}. opt_state was made for other params: rebuild it with "
+                "fused_init(tx, params) (with the same tx and the params passed to the step).")
+
+
+def _first_difference(prefix: str, got, want) -> Optional[str]:
+    """The first leaf where ``got`` and ``want`` (pytrees of arrays/structs)
+    differ in path, shape or dtype, as a sentence; ``None`` if they agree."""
+    g = jax.tree_util.tree_flatten_with_path(_abstract(got))[0]
+    w = jax.tree_util.tree_flatten_with_path(want)[0]
+    for (gp, gx), (wp, wx) in zip(g, w):
+        gname, wname = _path(prefix, gp), _path(prefix, wp)
+        if gname != wname:
+            return f"{gname} is where {wname} ({_describe(wx)}) was expected"
+        if gx.shape != wx.shape or gx.dtype != wx.dtype:
+            return f"{gname} is {_describe(gx)}, expected {_describe(wx)}"
+    if len(g) != len(w):
+        extra, whose = (g, "has") if len(g) > len(w) else (w, "lacks")
+        return f"{prefix} {whose} the leaf {_path(prefix, extra[min(len(g), len(w))][0])}"
+    got_def, want_def = jax.tree.structure(got), jax.tree.structure(want)
+    if got_def != want_def:
+        return f"{prefix} has the structure {got_def}, expected {want_def}"
+    return None
 
 
 _ARG_NAMES = ("params", "opt_state", "batch")
@@ -1146,17 +1314,38 @@ def _deleted_arg_error(name: str, tree, where: str = "fused step") -> Exception:
     )
 
 
-class _DonatingStep:
-    """The jitted fused step; ``__call__`` first checks for donated arrays and
-    for an earlier fp16 overflow at the minimum loss scale
-    (:class:`lomo_jax._loss_scale.OverflowWatch`, which never waits).
+def _check_donated_once(named) -> None:
+    """Refuse an array that is passed twice when one of its uses is donated
+    (``params``/``opt_state``): XLA would fail naming a flattened argument."""
+    seen = {}
+    for name, tree in named:
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+                continue
+            here = (name, _path(name, path))
+            first = seen.setdefault(id(x), here)
+            if first != here and not first[0] == name == "batch":  # batch is not donated
+                raise ValueError(
+                    f"fused step: {here[1]} is the same array as {first[1]}, and params and "
+                    "opt_state are donated to the step (their buffers are reused for its "
+                    "outputs), so no buffer of theirs can be passed twice. Pass a copy for "
+                    "one of them (jnp.copy(x)), or keep one leaf and share it inside the "
+                    "model (e.g. LayeredModel(..., tied=True) for a tied embedding).")
 
-    JAX's own error for a deleted (donated) input is a generic "Array has been
-    deleted"; this names the leaf and the fix. Everything else (``lower``,
-    ``trace``, ``eval_shape``, ...) is the wrapped ``jax.jit`` function's.
+
+class _DonatingStep:
+    """The jitted fused step; ``__call__`` first checks for donated arrays, for
+    an array passed twice where one use is donated, and for an earlier step
+    that cannot be skipped again (an fp16 overflow at the minimum loss scale,
+    a refused input: :class:`lomo_jax._loss_scale.StepWatch`, which never waits).
+
+    JAX's own errors for a deleted (donated) input ("Array has been deleted")
+    and for a buffer donated twice (a flattened argument index) name no leaf;
+    these name the leaves and the fix. Everything else (``lower``, ``trace``,
+    ``eval_shape``, ...) is the wrapped ``jax.jit`` function's.
     """
 
-    def __init__(self, jitted, watch: _loss_scale.OverflowWatch, keyed=None):
+    def __init__(self, jitted, watch: _loss_scale.StepWatch, keyed=None):
         self._jitted = jitted
         self._watch = watch
         self._keyed = keyed  # sharded: jit refuses kwargs with in_shardings
@@ -1170,6 +1359,7 @@ class _DonatingStep:
         for name, tree in named:
             if _deleted_leaves(tree):
                 raise _deleted_arg_error(name, tree)
+        _check_donated_once(named)
         self._watch.check()
         fn = self._jitted
         if self._keyed is not None:  # key=k (or a 4th argument) positionally
@@ -1338,7 +1528,12 @@ def fused_train_step(
       clipping, loss scaling or the guard also ``"grad_norm"`` (unclipped,
       unscaled); with loss scaling ``"loss_scale"`` (the scale used); with
       loss scaling or the guard ``"skipped"`` (bool); when ``opt_state`` has
-      the counter, ``"nonfinite_steps"`` (its new value).
+      the counter, ``"nonfinite_steps"`` (its new value). With input checks
+      (``model.index_ranges``, a ``lomo``/``adalomo`` schedule): ``"refused"``
+      (bool, the step was skipped for bad input and the next call raises; it
+      also sets ``"skipped"``), ``"index_extremes"`` (``{key: [min, max]}`` of
+      each ranged batch entry, ignored values aside) and ``"learning_rate"``
+      / ``"learning_rate_step"`` (the rate used and its schedule step).
     """
     if not isinstance(model, LayeredModel):
         raise TypeError(
@@ -1382,6 +1577,7 @@ def fused_train_step(
     def step(params, opt_state, batch, key=None):
         n_layers, p = model.split(params)
         _check_state(opt_state, params, skip_nonfinite, rounding)
+        _check_state_fits(tx, opt_state, p)
         _check_step_key(model, key, opt_state)
         _check_leafwise_on(tx, _abstract(p.embed), _abstract(_index(p.layers, 0)),
                            _abstract(p.head))
@@ -1394,10 +1590,11 @@ def fused_train_step(
                          None if draws is None else draws[2], _layer_placement(shardings, p),
                          offload_saved_inputs)
         s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)
-        p, s, metrics, ok, finite, rng = _train_step(stages, config, p, s, opt_state, draws)
-        return _pack(p, s, opt_state, metrics, ok, finite, rng, config)
+        p, s, metrics, flags, rng = _train_step(stages, config, p, s, opt_state, draws)
+        return _pack(p, s, opt_state, metrics, flags, rng, config)
 
-    return _jit_step(step, shardings, _loss_scale.OverflowWatch(min_loss_scale))
+    watch = _loss_scale.StepWatch(min_loss_scale, model.index_ranges)
+    return _jit_step(step, shardings, watch)
 
 
 def _layer_placement(shardings, p: Units):

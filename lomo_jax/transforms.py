@@ -60,8 +60,10 @@ def _check_learning_rate(learning_rate) -> None:
     steps 0 and 1 and must give finite values there.
 
     Later steps are not probed (a schedule may be fine within its horizon and
-    not beyond it); the fused step's ``skip_nonfinite=True`` guard catches a
-    non-finite rate at run time. Traced values (``optax.inject_hyperparams``
+    not beyond it); the fused step checks the rate of every step it applies
+    (``learning_rate_at``, :func:`_exposing_learning_rate`) and refuses a
+    negative or non-finite one. Used unfused (``tx.update`` in an optax loop),
+    a later bad value is not caught. Traced values (``optax.inject_hyperparams``
     inside ``jit``) and schedules that cannot run eagerly are not checked.
     """
     if callable(learning_rate):
@@ -86,6 +88,27 @@ def _check_learning_rate(learning_rate) -> None:
     if not math.isfinite(learning_rate):
         raise ValueError(f"learning_rate must be a finite number, got {learning_rate!r}.")
     _check_positive("learning_rate", learning_rate, allow_none=False)
+
+
+def _exposing_learning_rate(tx, learning_rate) -> optax.GradientTransformation:
+    """``tx`` (a chain ending in ``scale_by_learning_rate(learning_rate)``) whose
+    ``update`` carries ``learning_rate_at(state) -> (step, rate)``: the step count
+    and the rate an update from ``state`` uses, so the fused step can refuse a
+    step whose rate is negative or not finite before applying it (a schedule
+    is checked eagerly at steps 0 and 1 only). A constant rate was checked when
+    built: ``tx`` is returned as it is."""
+    if not callable(learning_rate):
+        return tx
+
+    def update(updates, state, params=None, **extra_args):
+        return tx.update(updates, state, params, **extra_args)
+
+    def learning_rate_at(state):
+        count = state[-1].count  # scale_by_schedule's: the count this update reads
+        return count, jnp.asarray(learning_rate(count), jnp.float32)
+
+    update.learning_rate_at = learning_rate_at
+    return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _rms(x: Array) -> Array:
@@ -173,10 +196,10 @@ def lomo(
       clip_grad_value: :math:`c`, or ``None``.
     """
     _check_learning_rate(learning_rate)
-    return optax.chain(
+    return _exposing_learning_rate(optax.chain(
         scale_by_lomo(weight_decay=weight_decay, clip_grad_value=clip_grad_value),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), learning_rate)
 
 
 class ScaleByAdaLomoState(NamedTuple):
@@ -353,7 +376,7 @@ def adalomo(
     statistics and RMS are per layer.
     """
     _check_learning_rate(learning_rate)
-    return optax.chain(
+    return _exposing_learning_rate(optax.chain(
         scale_by_adalomo(
             eps=eps,
             clip_threshold=clip_threshold,
@@ -362,4 +385,4 @@ def adalomo(
             clip_grad_value=clip_grad_value,
         ),
         optax.scale_by_learning_rate(learning_rate),
-    )
+    ), learning_rate)

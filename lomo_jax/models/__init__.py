@@ -55,13 +55,19 @@ def _family(cfg):
 
 def logits(cfg, params, batch):
     """Logits ``[B, T, V]`` of ``batch`` (``input_ids``, optional ``attention_mask``,
-    ``position_ids``, ``segment_ids``) for any supported family's ``cfg``."""
+    ``position_ids``, ``segment_ids``) for any supported family's ``cfg``.
+
+    ``input_ids`` outside ``[0, vocab_size)`` raise ``ValueError`` naming the
+    value when concrete; under ``jit`` they read NaN embedding rows, so the
+    logits they reach are NaN, never another token's."""
     return _family(cfg).llama_logits(cfg, params, batch)
 
 
 def layered_model(cfg):
     """The :class:`lomo_jax.LayeredModel` of ``cfg``'s family, for
-    :func:`lomo_jax.fused_train_step`."""
+    :func:`lomo_jax.fused_train_step`, with ``index_ranges``: ``input_ids`` in
+    ``[0, vocab_size)``, ``labels`` there or ``-100`` (a batch outside them is
+    refused by the fused step, see :class:`lomo_jax.LayeredModel`)."""
     return _family(cfg).llama_layered_model(cfg)
 
 

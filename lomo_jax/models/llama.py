@@ -133,7 +133,7 @@ from flax import nnx
 from jax import lax
 
 from lomo_jax.cross_entropy import linear_cross_entropy
-from lomo_jax.embedding import embedding_lookup
+from lomo_jax.embedding import IndexRange, check_indices, embedding_lookup, nan_row_ids
 from lomo_jax.grad_order import param_grads_first
 
 __all__ = [
@@ -164,6 +164,7 @@ __all__ = [
     "llama_layer",
     "llama_head",
     "llama_hidden",
+    "llama_index_ranges",
     "llama_logits",
     "llama_loss",
     "llama_layered_model",
@@ -1059,8 +1060,10 @@ class LlamaForCausalLM(nnx.Module):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "position_ids": position_ids, "segment_ids": segment_ids}
         c = self.config
+        _check_batch(c, batch, ("input_ids",), "LlamaForCausalLM")
         cos, sin, mask = _context(c, batch)
-        h = _scale_embedding(c, self.embed_tokens(jnp.asarray(input_ids)))
+        ids = nan_row_ids(jnp.asarray(input_ids), c.vocab_size)  # traced: NaN rows, not row V-1
+        h = _scale_embedding(c, self.embed_tokens(ids))
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
         def run(h, layer, i):
@@ -1078,6 +1081,7 @@ class LlamaForCausalLM(nnx.Module):
     def loss(self, batch: Mapping[str, Any]) -> jax.Array:
         """Mean next-token cross-entropy (see :func:`causal_lm_loss`,
         :func:`default_labels`)."""
+        _check_batch(self.config, batch, ("labels",), "LlamaForCausalLM.loss")
         h = self.hidden_states(batch["input_ids"], batch.get("attention_mask"),
                                batch.get("position_ids"), batch.get("segment_ids"))
         head = {"norm": self.norm.scale[...]}
@@ -1187,8 +1191,30 @@ def llama_embed(config: LlamaConfig, embed_params, batch) -> jax.Array:
     """``h_0 = E[input_ids]`` in ``config.dtype``: ``[B, T, D]`` (its gradient is
     summed in fp32 and allocated late, see :mod:`lomo_jax.embedding`)."""
     ids = jnp.asarray(batch["input_ids"])
+    if ids.ndim != 2:
+        raise ValueError(f"batch['input_ids'] must be [B, T] (a batch axis, then the sequence), "
+                         f"got shape {list(ids.shape)}; for one sequence pass input_ids[None].")
     h = embedding_lookup(jnp.asarray(embed_params["embedding"]), ids).astype(config.dtype)
     return _scale_embedding(config, h)
+
+
+def llama_index_ranges(config: LlamaConfig) -> dict:
+    """The batch's integer entries that index the vocabulary: ``input_ids`` in
+    ``[0, V)``, ``labels`` in ``[0, V)`` or ``-100`` (for
+    :class:`lomo_jax.LayeredModel`'s ``index_ranges``)."""
+    v = config.vocab_size
+    return {"input_ids": IndexRange(v), "labels": IndexRange(v, ignore=IGNORE_INDEX)}
+
+
+def _check_batch(config: LlamaConfig, batch, keys, where: str) -> None:
+    """Concrete ``batch[k]`` (``k`` in ``keys``) outside :func:`llama_index_ranges`
+    raise ``ValueError`` naming the key, the value and ``vocab_size``. Traced
+    ones cannot raise: an id out of range reads a NaN row
+    (:func:`lomo_jax.embedding.embedding_lookup`) and a label gets a NaN weight
+    (:func:`lomo_jax.cross_entropy.linear_cross_entropy`), so the loss, the
+    gradients and the logits from that token on are NaN, never finite and wrong."""
+    ranges = tuple((k, r) for k, r in sorted(llama_index_ranges(config).items()) if k in keys)
+    check_indices({k: batch.get(k) for k in keys}, ranges, where)
 
 
 def _scale_embedding(config: LlamaConfig, h):
@@ -1300,6 +1326,7 @@ def llama_hidden(config: LlamaConfig, params, batch) -> jax.Array:
         p, i = xs
         return llama_layer(config, p, h, batch, i), None
 
+    _check_batch(config, batch, ("input_ids",), "lomo_jax.models")
     h = llama_embed(config, params["embed"], batch)
     h, _ = lax.scan(body, h, (params["layers"], jnp.arange(config.num_hidden_layers)))
     return h
@@ -1318,6 +1345,7 @@ def llama_logits(config: LlamaConfig, params, batch) -> jax.Array:
 
 def llama_loss(config: LlamaConfig, params, batch) -> jax.Array:
     """The training loss on plain-dict params (same as the LayeredModel's)."""
+    _check_batch(config, batch, ("labels",), "lomo_jax.models")
     h = llama_hidden(config, params, batch)
     return llama_head(config, params["head"], h, batch, embed_params=params["embed"])
 
@@ -1351,4 +1379,5 @@ def llama_layered_model(config: LlamaConfig):
         return llama_head(config, p, h, batch, embed_params=embed_params)
 
     return LayeredModel(embed, layer if config.layer_types is None else indexed_layer, head,
-                        tied=bool(config.tie_word_embeddings))
+                        tied=bool(config.tie_word_embeddings),
+                        index_ranges=llama_index_ranges(config))

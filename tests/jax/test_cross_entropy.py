@@ -1,5 +1,6 @@
 """lomo_jax.cross_entropy: the chunked head loss equals the plain one, value and
-gradients, and never builds the [N, V] logits or their cotangent."""
+gradients, and never builds the [N, V] logits or their cotangent; labels outside
+the vocabulary raise (concrete) or make the loss NaN (traced)."""
 
 import chex
 import jax
@@ -153,3 +154,22 @@ def test_bad_shapes_are_named():
         linear_cross_entropy(x, w, labels[:, :-1])
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(x, w, labels, reduction="max")
+
+
+def test_labels_out_of_range_raise_concrete_and_give_nan_traced():
+    """A label >= V or negative (other than -100) is an error: concrete labels
+    raise naming the value; under jit the loss and the gradients are NaN (before,
+    the label's logit was taken as 0: a finite, wrong loss)."""
+    x, w, labels = data(n=5, vocab=200)
+    for bad in (200, -5):
+        wrong = labels.at[1, 2].set(bad)
+        with pytest.raises(ValueError, match=rf"linear_cross_entropy: labels holds {bad}; its "
+                                             r"entries must lie in \[0, 200\) \(vocab_size = 200\)"
+                                             r" or be -100 \(ignored\)"):
+            linear_cross_entropy(x, w, wrong)
+        loss, (gx, gw) = jax.jit(jax.value_and_grad(linear_cross_entropy, argnums=(0, 1)))(
+            x, w, wrong)
+        assert np.isnan(float(loss)) and np.isnan(np.asarray(gw)).all()
+        assert np.isnan(np.asarray(gx)[1, 2]).all()
+    ok = jax.jit(linear_cross_entropy)(x, w, labels)  # -100 is ignored, not an error
+    np.testing.assert_allclose(ok, reference(x, w, labels), rtol=1e-5)

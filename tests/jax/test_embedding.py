@@ -1,9 +1,11 @@
 """lomo_jax.embedding: the lookup's gradient equals jnp.take's, sums repeated
-tokens in fp32, and is never a dense [V, D] buffer where a norm consumes it."""
+tokens in fp32, and is never a dense [V, D] buffer where a norm consumes it;
+ids outside the table raise (concrete) or read NaN rows (traced)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lomo_jax import aot
 from lomo_jax.embedding import embedding_lookup
@@ -70,3 +72,19 @@ def test_gradient_norm_needs_no_dense_buffer_on_gpu():
 
     assert norm_of_grad(take) >= dense  # the measurement sees a dense gradient
     assert norm_of_grad(embedding_lookup) < dense / 16
+
+
+def test_ids_out_of_range_raise_concrete_and_read_nan_traced():
+    """jnp.take reads row V-1 for id -1 and NaN for id V: concrete ids outside
+    the table raise; traced ones read a NaN row either way."""
+    table, ids, _ = inputs(vocab=10, shape=(2, 3))
+    for bad in (10, -1):
+        wrong = ids.at[1, 1].set(bad)
+        with pytest.raises(ValueError, match=rf"embedding_lookup: ids holds {bad}; its entries "
+                           r"must lie in \[0, 10\) \(the table's row count = 10\)"):
+            embedding_lookup(table, wrong)
+        out = np.asarray(jax.jit(embedding_lookup)(table, wrong))
+        assert np.isnan(out[1, 1]).all()
+        others = np.ones((2, 3), bool)
+        others[1, 1] = False
+        np.testing.assert_array_equal(out[others], np.asarray(take(table, ids))[others])

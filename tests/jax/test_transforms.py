@@ -344,3 +344,23 @@ def test_adalomo_rejects_a_positive_decay_rate():
         with pytest.raises(ValueError, match=r"decay_rate must be <= 0 .*got 0\.5"):
             factory(decay_rate=0.5)
         factory(decay_rate=0.0)  # beta_t = 0: only the current gradient, allowed as in torch
+
+
+@pytest.mark.parametrize("make", [lomo_jax.lomo, lomo_jax.adalomo])
+def test_schedules_expose_the_learning_rate_the_update_uses(make):
+    """``tx.update.learning_rate_at(state)``: the step and the rate an update from
+    ``state`` uses (the fused step refuses a negative/non-finite one); a
+    constant rate, checked when built, has none."""
+    schedule = optax.linear_schedule(1e-1, -1e-1, 10)
+    tx = make(schedule)
+    params = {"w": jnp.ones((3, 4))}
+    state = tx.init(params)
+    grads = {"w": jnp.full((3, 4), 0.5)}
+    for t in range(8):
+        step, rate = tx.update.learning_rate_at(state)
+        assert int(step) == t and float(rate) == pytest.approx(float(schedule(t)))
+        u, state = tx.update(grads, state, params)
+        if make is lomo_jax.lomo:  # lr * g: the rate used is the one reported
+            np.testing.assert_allclose(u["w"], -float(rate) * 0.5, rtol=1e-6, atol=1e-8)
+    assert float(rate) < 0  # the schedule did turn negative; tx.update alone applies it
+    assert not hasattr(make(1e-2).update, "learning_rate_at")
