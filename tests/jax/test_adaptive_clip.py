@@ -1,0 +1,119 @@
+"""lomo_jax.adaptive_clip: the AdaGC rule, leaf by leaf, against a numpy transcription."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lomo_jax.adaptive_clip import AdaptiveClipState, adaptive_clip
+
+
+def reference(grads, relative, decay, warmup, absolute):
+    """The module docstring's equations for one tensor, in float64."""
+    gamma, out, gammas = math.inf, [], []
+    for t, g in enumerate(grads):
+        n = float(np.linalg.norm(g))
+        limit = (math.inf if absolute is None else absolute) if t < warmup else relative * gamma
+        h = min(1.0, limit / n) if n > 0 else 1.0
+        c = h * n
+        if t < warmup:
+            gamma = min(gamma, c) if c > 0 else gamma
+        elif math.isinf(gamma):
+            gamma = c if c > 0 else gamma
+        else:
+            gamma = decay * gamma + (1 - decay) * c
+        out.append(h * g)
+        gammas.append(gamma)
+    return out, gammas
+
+
+def run(tx, steps):
+    """Apply ``tx`` to a list of gradient trees, jitted; the updates and states."""
+    state = tx.init(steps[0])
+    update = jax.jit(tx.update)
+    outs, states = [], []
+    for g in steps:
+        u, state = update(g, state)
+        outs.append(u)
+        states.append(state)
+    return outs, states
+
+
+def spiky_steps(rng, n=8):
+    """Two tensors in a tuple container (so pairs can't be mistaken for
+    containers), one of them zero at step 2, a x50 spike at step 5, and a
+    scalar bias that is always zero."""
+    steps = []
+    for t in range(n):
+        w = rng.normal(size=(4, 3)).astype(np.float32) * (0.5 + 0.1 * t)
+        v = rng.normal(size=(5,)).astype(np.float32)
+        if t == 2:
+            v = np.zeros_like(v)
+        if t == 5:
+            w = w * 50
+        steps.append({"pair": (w, v), "bias": np.zeros((), np.float32)})
+    return steps
+
+
+@pytest.mark.parametrize("absolute", [1.0, None])
+def test_rule_matches_the_equations_leaf_by_leaf(absolute):
+    steps = spiky_steps(np.random.default_rng(0))
+    tx = adaptive_clip(relative=1.05, decay=0.9, warmup_steps=3, absolute=absolute)
+    outs, states = run(tx, [jax.tree.map(jnp.asarray, s) for s in steps])
+    for path in [("pair", 0), ("pair", 1), ("bias",)]:
+        pick = lambda tree: tree[path[0]] if len(path) == 1 else tree[path[0]][path[1]]  # noqa: E731
+        want, want_gamma = reference([pick(s) for s in steps], 1.05, 0.9, 3, absolute)
+        for t in range(len(steps)):
+            np.testing.assert_allclose(np.asarray(pick(outs[t])), want[t], rtol=2e-6, atol=0,
+                                       err_msg=f"{path} step {t}")
+            np.testing.assert_allclose(float(pick(states[t].norm_ema)), want_gamma[t],
+                                       rtol=2e-6, err_msg=f"{path} gamma at step {t}")
+    assert int(states[-1].count) == len(steps)
+
+
+def test_a_spike_after_warm_up_is_cut_to_relative_times_the_average():
+    steps = spiky_steps(np.random.default_rng(1))
+    tx = adaptive_clip(relative=1.05, decay=0.9, warmup_steps=3)
+    outs, states = run(tx, [jax.tree.map(jnp.asarray, s) for s in steps])
+    before = float(states[4].norm_ema["pair"][0])
+    raw = float(np.linalg.norm(steps[5]["pair"][0]))
+    got = float(jnp.linalg.norm(outs[5]["pair"][0]))
+    assert raw > 20 * before  # the spike is real
+    assert got == pytest.approx(1.05 * before, rel=1e-6)
+    # and the direction is kept
+    np.testing.assert_allclose(np.asarray(outs[5]["pair"][0]) / got, steps[5]["pair"][0] / raw,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_warm_up_clips_each_tensor_to_absolute():
+    g = {"w": jnp.full((10,), 3.0)}  # norm 9.49
+    tx = adaptive_clip(warmup_steps=2, absolute=0.5)
+    u, state = tx.update(g, tx.init(g))
+    assert float(jnp.linalg.norm(u["w"])) == pytest.approx(0.5, rel=1e-6)
+    assert float(state.norm_ema["w"]) == pytest.approx(0.5, rel=1e-6)
+
+
+def test_bf16_gradients_keep_their_dtype_and_state_is_one_fp32_scalar_a_leaf():
+    g = {"w": jnp.ones((3, 4), jnp.bfloat16) * 7, "b": jnp.ones((4,), jnp.bfloat16)}
+    tx = adaptive_clip(warmup_steps=1)
+    state = tx.init(g)
+    assert isinstance(state, AdaptiveClipState)
+    for leaf in jax.tree.leaves(state.norm_ema):
+        assert leaf.shape == () and leaf.dtype == jnp.float32
+    u, _ = tx.update(g, state)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"relative": 0.0}, "relative must be a finite number > 0, got 0.0"),
+    ({"relative": float("nan")}, "relative must be a finite number > 0, got nan"),
+    ({"decay": 1.0}, r"decay must lie in \[0, 1\), got 1.0"),
+    ({"warmup_steps": 0}, "warmup_steps must be an int >= 1"),
+    ({"warmup_steps": 2.5}, "warmup_steps must be an int >= 1"),
+    ({"absolute": -1.0}, "absolute must be None or a finite number > 0, got -1.0"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adaptive_clip(**kwargs)
