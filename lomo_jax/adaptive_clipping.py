@@ -109,9 +109,11 @@ def adaptive_clip(relative: float = 1.05, decay: float = 0.98, warmup_steps: int
     _check_arguments(relative, decay, warmup_steps, absolute)
 
     def init_fn(params):
-        inf = jnp.asarray(jnp.inf, jnp.float32)
-        return AdaptiveClipState(count=jnp.zeros([], jnp.int32),
-                                 norm_ema=jax.tree.map(lambda _: inf, params))
+        # one buffer a leaf: the fused step donates the state, and a shared
+        # buffer cannot be donated twice
+        return AdaptiveClipState(
+            count=jnp.zeros([], jnp.int32),
+            norm_ema=jax.tree.map(lambda _: jnp.full([], jnp.inf, jnp.float32), params))
 
     def update_fn(updates, state, params=None):
         del params
