@@ -4,7 +4,12 @@
   Flax NNX with stacked decoder layers, plus its pure-function
   :class:`lomo_jax.LayeredModel` view (:func:`llama_layered_model`).
 * :mod:`lomo_jax.models.convert` -- ``transformers`` ``state_dict`` /
-  ``save_pretrained`` directories <-> the plain-dict parameters.
+  ``save_pretrained`` directories <-> the plain-dict parameters (the entry
+  points), over :mod:`~lomo_jax.models.families` (one record per family),
+  :mod:`~lomo_jax.models.hf_config` (config mapping),
+  :mod:`~lomo_jax.models.hf_names` (tensor names and shapes),
+  :mod:`~lomo_jax.models.safetensors_load`, :mod:`~lomo_jax.models.load_placed`
+  and :mod:`~lomo_jax.models.safetensors_save` (streaming I/O).
 * :mod:`lomo_jax.models.decoding` -- :func:`generate`: greedy / sampled
   decoding with a KV cache on the plain-dict parameters.
 
