@@ -32,7 +32,10 @@ What it does:
 ``--data FILE`` fine-tunes on a JSONL file instead (``{"text"}``,
 ``{"prompt", "completion"}`` or ``{"messages"}`` records, see ``lomo_jax.data``):
 examples are packed into rows of ``--seq-len`` with ``segment_ids`` (one shape,
-one compile), and ``--epochs N`` runs ``ceil(N * rows / batch-size)`` steps.
+one compile; the report's ``packing_efficiency`` is real tokens / row tokens),
+and ``--epochs N`` runs ``ceil(N * rows / batch-size)`` steps. The held-out loss
+printed is still the corpus's held-out arithmetic sentences, and says so: it is
+not a loss on ``--data``'s kind of text; ``--eval-data`` gives that.
 ``--eval-data FILE`` is scored before and after: its ``{"prompt", "choices",
 "answer"}`` records give the multiple-choice accuracy, the others the loss on
 their completion tokens (``lomo_jax.models.scoring``). A bad record stops the
@@ -123,7 +126,8 @@ def parse_args(argv=None):
     p.add_argument("--data", metavar="FILE", default=None,
                    help="JSONL fine-tuning data ({\"text\"}, {\"prompt\", \"completion\"} or "
                    "{\"messages\"} records), packed into rows (default: the corpus's "
-                   "arithmetic sentences)")
+                   "arithmetic sentences). The held-out loss printed stays the corpus's (so "
+                   "labelled); pass --eval-data for a loss on data like yours")
     p.add_argument("--epochs", type=float, default=None, metavar="N",
                    help="with --data: N passes over its packed rows, instead of --steps")
     p.add_argument("--eval-data", metavar="FILE", default=None,
@@ -144,7 +148,7 @@ def parse_args(argv=None):
     p.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
                    help="how updates are rounded into bf16/fp16 parameters (default: stochastic "
                    "for bf16/fp16 with adalomo/lomo, so small updates still count; nearest "
-                   "to compare)")
+                   "to compare; examples/torch_finetune.py takes the same flag and default)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--microbatches", type=int, default=1, metavar="M",
                    help="gradient accumulation inside the fused step: each layer runs on "
@@ -461,7 +465,8 @@ def plot_eval(a, evals):
                f"{evals[1]['accuracy']:.3f} after")
 
 
-def plot(path, losses, memory, title, held_out, evals=None):
+def plot(path, losses, memory, title, held_out, evals=None,
+         held_out_name="held-out loss"):
     """Training loss with the held-out ``(before, after)`` losses as lines (and the eval
     data's, see :func:`plot_eval`); the memory bars labelled with their MiB."""
     import matplotlib
@@ -473,7 +478,8 @@ def plot(path, losses, memory, title, held_out, evals=None):
     a = axes[0, 0]
     a.plot(np.arange(1, len(losses) + 1), losses, lw=1, label="training loss")
     for value, when, color in zip(held_out, ("before", "after"), ("C3", "C2")):
-        a.axhline(value, ls="--", lw=1, color=color, label=f"held-out loss {when}: {value:.3f}")
+        a.axhline(value, ls="--", lw=1, color=color,
+                  label=f"{held_out_name} {when}: {value:.3f}")
     if evals is not None:
         plot_eval(a, evals)
     a.set(xlabel="step", ylabel="loss", title=title)
@@ -737,9 +743,17 @@ def describe_data(args, train, held_out, packing):
             f"({packing['packing_efficiency']:.0%} tokens, the rest padding)")
 
 
+def held_out_label(args):
+    """What the held-out loss is a loss of: the corpus's held-out arithmetic sentences, which
+    are not ``--data``'s (``--eval-data`` scores that kind of text)."""
+    if args.data is None:
+        return "held-out loss"
+    return "held-out loss on the shipped corpus's arithmetic sentences (not --data's)"
+
+
 def print_results(args, before, after, run, prompt, sentence, t_compile):
     skipped = run["skipped_steps"]
-    print(f"\nheld-out loss: {before['loss']:.3f} before -> {after['loss']:.3f} after "
+    print(f"\n{held_out_label(args)}: {before['loss']:.3f} before -> {after['loss']:.3f} after "
           f"{args.steps} steps" + (f" ({skipped} fp16 overflow steps skipped)" if skipped else ""))
     if before["eval_loss"] is not None:
         print(f"{args.eval_data}: completion loss {before['eval_loss']:.3f} before -> "
@@ -810,7 +824,7 @@ def main(argv=None):
     title = f"{args.optimizer}, {cfg.num_hidden_layers} layers, {args.dtype}"
     png, report_json = write_results(out, tokenizer, report, lambda path: plot(
         path, run["train_losses"], memory, title, (before["loss"], after["loss"]),
-        (before, after)))
+        (before, after), "corpus held-out loss" if args.data else "held-out loss"))
     print(f"\nwrote {png}, {report_json} and a transformers checkpoint in "
           f"{out}/ (AutoModelForCausalLM.from_pretrained loads it); "
           f"{report['wall_seconds']:.0f} s wall in all")

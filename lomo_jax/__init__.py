@@ -7,55 +7,61 @@ the backward scan so only one layer's gradient is ever alive
 (:class:`LayeredModel`, :func:`fused_init`, :func:`fused_train_step`), and
 stochastic rounding into bf16/fp16 parameters (:func:`apply_updates`,
 :mod:`lomo_jax.rounding`). Your own Flax NNX model: :mod:`lomo_jax.nnx`.
+
+``import lomo_jax`` is light: each name is imported from its module on first
+use (PEP 562), so ``import lomo_jax.records`` (JSONL records for PyTorch too)
+imports no JAX. Example::
+
+    import lomo_jax
+    step = lomo_jax.fused_train_step(model, lomo_jax.adalomo(1e-3))   # jax imported here
 """
 
-from lomo_jax.transforms import (
-    ScaleByAdaLomoState,
-    adalomo,
-    lomo,
-    scale_by_adalomo,
-    scale_by_lomo,
-)
-from lomo_jax.per_layer import PerLayerState, per_layer
-from lomo_jax.fused import (
-    FusedState,
-    LayeredModel,
-    LossScaleState,
-    fused_init,
-    fused_train_step,
-    layer_key,
-)
-from lomo_jax.rounding import apply_updates
-from lomo_jax import rounding as rounding  # stochastic rounding into bf16/fp16
-from lomo_jax import sharding as sharding  # FSDP shardings of the fused step over a mesh
-from lomo_jax import checkpoint as checkpoint  # orbax checkpoints (orbax imported on first use)
-from lomo_jax import hlo_cost as hlo_cost  # FLOPs and collectives of a compiled step
+import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
+_NAMES = {
+    "ScaleByAdaLomoState": "lomo_jax.transforms",
+    "adalomo": "lomo_jax.transforms",
+    "lomo": "lomo_jax.transforms",
+    "scale_by_adalomo": "lomo_jax.transforms",
+    "scale_by_lomo": "lomo_jax.transforms",
+    "PerLayerState": "lomo_jax.per_layer",
+    "per_layer": "lomo_jax.per_layer",
+    "FusedState": "lomo_jax.fused",
+    "LayeredModel": "lomo_jax.fused",
+    "LossScaleState": "lomo_jax.fused",
+    "fused_init": "lomo_jax.fused",
+    "fused_train_step": "lomo_jax.fused",
+    "layer_key": "lomo_jax.fused",
+    "apply_updates": "lomo_jax.rounding",
+}
+# the public submodules, listed by dir(lomo_jax); any submodule is an attribute on first use
+_SUBMODULES = ("aot", "checkpoint", "data", "fused", "hlo_cost", "models", "nnx", "per_layer",
+               "records", "rounding", "sharding", "transforms")
+
+
+def _is_submodule(name: str) -> bool:
+    return (name.isidentifier() and not name.startswith("__")
+            and importlib.util.find_spec(f"lomo_jax.{name}") is not None)
+
 
 def __getattr__(name):
-    """``lomo_jax.nnx`` (the Flax NNX bridge) is imported on first use: flax stays optional."""
-    if name == "nnx":
-        import importlib
+    """Import ``name``'s module on first use (then cache the name here)."""
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    elif _is_submodule(name):
+        value = importlib.import_module(f"lomo_jax.{name}")
+    else:
+        raise AttributeError(f"module 'lomo_jax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return importlib.import_module("lomo_jax.nnx")
-    raise AttributeError(f"module 'lomo_jax' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))
 
 
-__all__ = [
-    "FusedState",
-    "LayeredModel",
-    "LossScaleState",
-    "PerLayerState",
-    "ScaleByAdaLomoState",
-    "adalomo",
-    "apply_updates",
-    "fused_init",
-    "fused_train_step",
-    "layer_key",
-    "lomo",
-    "per_layer",
-    "scale_by_adalomo",
-    "scale_by_lomo",
-]
+__all__ = sorted(_NAMES)

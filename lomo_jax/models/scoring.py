@@ -3,11 +3,11 @@
 :func:`score_choices` scores ``{"prompt", "choices", "answer"}`` items as
 lm-evaluation-harness's ``acc`` does with an empty ``target_delimiter``: each
 choice is appended to the prompt as given, the pair is encoded as its HF model
-encodes it (:func:`lomo_jax.data.encode_pair`: the whole string, split at the
+encodes it (:func:`lomo_jax.records.encode_pair`: the whole string, split at the
 encoded prompt's length), and the choice whose tokens have the highest summed
 log-likelihood wins (the first on a tie). :func:`completion_loss` is the mean
 next-token loss on the trained tokens (labels not ``-100``) of
-:class:`lomo_jax.data.Example` s. Both right-pad their rows into fixed-shape
+:class:`lomo_jax.records.Example` s. Both right-pad their rows into fixed-shape
 batches and run one jitted forward (:func:`lomo_jax.models.logits`) per batch::
 
     from lomo_jax import data
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lomo_jax import data as _data  # used at call time (no import cycle with lomo_jax.models)
+from lomo_jax import records as _records  # the JSONL rules (no JAX, no grain)
 from lomo_jax.models.llama import IGNORE_INDEX
 
 PAD_TO = 8  # row lengths are rounded up to a multiple of this (fewer compiles)
@@ -101,7 +101,7 @@ def _choice_rows(tokenizer, items) -> tuple:
             if tokenizer is None:
                 ctx, cont = list(item["prompt"]), list(choice)
             else:
-                ctx, cont = _data.encode_pair(tokenizer, item["prompt"], choice)
+                ctx, cont = _records.encode_pair(tokenizer, item["prompt"], choice)
             if not cont:
                 raise ValueError(f"{where}: choice {j} ({choice!r}) has no tokens of its own "
                                  "after the prompt's, so it cannot be scored")
@@ -130,7 +130,7 @@ def completion_loss(cfg, params, examples, *, batch_size: int = 32) -> dict:
     """``{"loss", "tokens"}``: the mean negative log-likelihood over every
     trained token (labels not ``-100``) of ``examples`` (a
     :class:`lomo_jax.data.TokenizedData` or a sequence of ``Example``)."""
-    if isinstance(examples, _data.TokenizedData):
+    if isinstance(examples, _records.TokenizedData):
         examples = examples.examples
     rows = [(ex.input_ids.tolist(), (ex.labels != IGNORE_INDEX).tolist()) for ex in examples]
     tokens = int(sum(sum(scored) for _, scored in rows))

@@ -1,9 +1,13 @@
-"""lomo_jax.hlo_cost on hand-written HLO: counts through loops, group sizes
-in every replica-group form, async pairs, and the bytes formula."""
+"""lomo_jax.aot.cost (formerly lomo_jax.hlo_cost, still importable) on
+hand-written HLO: counts through loops, group sizes in every replica-group
+form, async pairs, and the bytes formula."""
+
+import re
 
 import pytest
 
-from lomo_jax import hlo_cost as C
+import lomo_jax
+from lomo_jax.aot import cost as C
 
 HLO = """\
 HloModule m
@@ -154,3 +158,26 @@ def test_host_transfers_directions_bytes_and_loop_counts():
     ]
     assert found[2].op_name == "jit(step)/while/body/dynamic_update_slice"
     assert C.host_bytes(HOST_HLO) == 64 * 3 * 2 + 64 * 2
+
+
+def test_the_old_name_and_the_package_give_the_same_functions():
+    from lomo_jax import aot, hlo_cost
+
+    assert aot.cost is C and lomo_jax.aot.cost is C
+    for name in hlo_cost.__all__:
+        assert getattr(hlo_cost, name) is getattr(C, name)
+    assert aot.MemoryFigures.__module__ == "lomo_jax.aot.memory"
+
+
+def test_the_docstring_examples_call_names_that_exist():
+    from lomo_jax import aot
+
+    for module in (C, aot):
+        example = module.__doc__.split("Example::")[1]
+        calls = re.findall(r"\b((?:cost|aot|lomo_jax)(?:\.\w+)+)\(", example)
+        assert calls, module.__name__
+        for dotted in calls:
+            head, *rest = dotted.split(".")
+            obj = {"cost": C, "aot": aot, "lomo_jax": lomo_jax}[head]
+            for part in rest:
+                obj = getattr(obj, part)  # AttributeError names a stale example

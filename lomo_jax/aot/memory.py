@@ -50,6 +50,7 @@ __all__ = [
     "abstract",
     "compiled_memory",
     "gpu_target_available",
+    "target_config",
     "target_mesh",
 ]
 
