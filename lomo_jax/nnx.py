@@ -53,7 +53,7 @@ from lomo_jax.fused import LayeredModel
 from lomo_jax.per_layer import _layer_count
 from lomo_jax.per_layer import per_layer as _per_layer
 
-__all__ = ["layered", "per_layer", "split_params", "update"]
+__all__ = ["layered", "module_builder", "per_layer", "split_params", "update"]
 
 Head = Union[str, Sequence[str]]
 
@@ -129,11 +129,20 @@ def _abstract_vars(state, drop_axis: bool) -> list:
             for path, var in nnx.to_flat_state(state)]
 
 
-def _rebuilder(sub, drop_axis: bool = False) -> Callable:
-    """``build(pure_params, key=None) -> module``: fresh Variables merged into the graphdef.
+def module_builder(sub, drop_axis: bool = False) -> Callable:
+    """``build(pure_params, key=None) -> module``: fresh Variables merged into
+    ``sub``'s graphdef (``sub`` may be abstract, from ``nnx.eval_shape``; no
+    array of it is kept). ``drop_axis``: the params are one slice of a stack.
 
     Params come from ``pure_params``; the ``j``-th RNG stream's key is
     ``fold_in(key, j)`` and its count restarts at 0, so a key fixes the masks.
+    The one NNX <-> pure-dict bridge of lomo_jax: :func:`layered` and
+    :mod:`lomo_jax.models` rebuild their modules with it.
+
+    Example::
+
+        build = lomo_jax.nnx.module_builder(layer.mlp)
+        mlp = build({"gate_proj": {"kernel": w_g}, ...})   # an nnx.Module holding w_g
     """
     graphdef, state = nnx.split(sub)
     template = _abstract_vars(state, drop_axis)
@@ -179,9 +188,9 @@ def layered(module, *, embed: str, blocks: str, head: Head, embed_fn: Callable,
     """
     params = split_params(module, embed=embed, blocks=blocks, head=head)
     n_layers = _layer_count(params["layers"], f"lomo_jax.nnx.layered: blocks {blocks!r}")
-    embed_of = _rebuilder(_sub(module, embed))
-    block_of = _rebuilder(_sub(module, blocks), drop_axis=True)
-    head_of = {p: _rebuilder(_sub(module, p)) for p in _head_paths(head)}
+    embed_of = module_builder(_sub(module, embed))
+    block_of = module_builder(_sub(module, blocks), drop_axis=True)
+    head_of = {p: module_builder(_sub(module, p)) for p in _head_paths(head)}
 
     def heads(p):
         return head_of[head](p) if isinstance(head, str) else tuple(

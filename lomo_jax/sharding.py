@@ -91,19 +91,19 @@ is tested here.
 
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple, Optional, Sequence, Union
+import functools
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lomo_jax._layout import abstract as _shape_tree, check_keys as _check_params
-from lomo_jax._layout import spec_axes, spec_entry
-from lomo_jax.fused import FusedState, fused_init
-from lomo_jax.per_layer import PerLayerState
+from lomo_jax._layout import spec_entry
 from lomo_jax._placement import LayerPlacement, layer_placement  # noqa: F401 (public here)
+from lomo_jax.sharding_mesh import AxisNames, axes_tuple, check_mesh
+from lomo_jax.sharding_params import DEFAULT_MIN_SIZE, param_shardings
+from lomo_jax.sharding_state import state_shardings
 
 __all__ = [
     "FusedShardings",
@@ -112,15 +112,12 @@ __all__ = [
     "batch_sharding",
     "fused_shardings",
     "layer_placement",
+    "llama_shardings",
+    "model_shardings",
+    "param_shapes_of",
     "param_shardings",
     "state_shardings",
 ]
-
-AxisNames = Union[str, Sequence[str]]
-
-# Leaves (per layer, for params["layers"]) with fewer elements are replicated:
-# splitting a norm scale saves nothing and costs a collective.
-DEFAULT_MIN_SIZE = 2**14
 
 
 class FusedShardings(NamedTuple):
@@ -144,326 +141,6 @@ class FusedShardings(NamedTuple):
     batch: NamedSharding
 
 
-# --------------------------------------------------------------------------
-# Checks
-# --------------------------------------------------------------------------
-
-
-def _axes_tuple(axes: AxisNames, what: str) -> tuple:
-    if isinstance(axes, str):
-        return (axes,)
-    axes = tuple(axes)
-    if not axes or not all(isinstance(a, str) for a in axes):
-        raise TypeError(f"{what} must be a mesh axis name or a non-empty sequence of them, got {axes!r}.")
-    return axes
-
-
-def _check_mesh(mesh, axes: tuple, what: str) -> int:
-    """Check that ``axes`` are Auto axes of ``mesh``; return their total size."""
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    missing = [a for a in axes if a not in mesh.axis_names]
-    if missing:
-        raise ValueError(
-            f"{what}: mesh has no axis {', '.join(map(repr, missing))}; its axes are "
-            f"{tuple(mesh.axis_names)}."
-        )
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    explicit = [a for a in axes if types[a] != AxisType.Auto]
-    if explicit:
-        raise ValueError(
-            f"{what}: mesh axes {explicit} are {[types[a].name for a in explicit]}; the "
-            "fused step is partitioned by the compiler and needs Auto axes. Build the "
-            "mesh with jax.make_mesh(shape, names, "
-            "axis_types=(jax.sharding.AxisType.Auto,) * len(names))."
-        )
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def _mesh_of(shardings) -> Mesh:
-    meshes = {
-        s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)
-    }
-    if len(meshes) != 1:
-        raise ValueError(
-            "expected a pytree of NamedSharding on one mesh; found "
-            f"{len(meshes)} meshes."
-        )
-    return meshes.pop()
-
-
-# --------------------------------------------------------------------------
-# Parameters
-# --------------------------------------------------------------------------
-
-
-def _leaf_spec(shape, skip_leading: bool, n: int, min_size: int, entry,
-               rule: str = "largest") -> P:
-    """Split one axis over ``entry`` (``n`` devices): among the axes ``n`` divides
-    (never a leading layer axis), the ``"largest"``, the ``"smallest"`` or the
-    ``"first"`` (most major) one; replicated if small or none divides."""
-    shape = tuple(shape)
-    start = 1 if skip_leading else 0
-    per_unit = math.prod(shape[start:]) if len(shape) > start else 1
-    if n == 1 or per_unit < max(min_size, 1):
-        return P()
-    axes = [a for a in range(start, len(shape)) if shape[a] % n == 0 and shape[a] >= n]
-    if not axes:
-        return P()
-    pick = {"largest": lambda: max(axes, key=lambda a: (shape[a], -a)),
-            "smallest": lambda: min(axes, key=lambda a: (shape[a], a)),
-            "first": lambda: axes[0]}[rule]
-    spec = [None] * len(shape)
-    spec[pick()] = entry
-    return P(*spec)
-
-
-def param_shardings(
-    params,
-    mesh: Mesh,
-    *,
-    fsdp_axis: AxisNames = "fsdp",
-    min_size: int = DEFAULT_MIN_SIZE,
-):
-    r"""FSDP shardings of ``{"embed", "layers", "head"}`` parameters.
-
-    Each leaf is split over ``fsdp_axis`` along one axis whose size the axis
-    size :math:`n` divides, so every device holds :math:`1/n` of it:
-
-    * ``params["layers"]``: the first (most major) such axis after the layer
-      axis. The fused step all-gathers one layer's slice at a time along that
-      axis; a minor axis makes XLA:GPU transpose the whole stack (a full copy
-      of it) to make the gathered axis major.
-    * the embedding and the head: the *smallest* such axis (the model dimension
-      of a ``[V, D]`` embedding or ``[D, V]`` head), so a vocabulary chunk of the
-      head (:mod:`lomo_jax.cross_entropy`) is a local slice, all-gathered chunk
-      by chunk (a vocabulary split makes the partitioner gather the whole
-      matrix for every chunk). The leading layer axis of ``params["layers"]``
-    leaves is never split. A leaf is replicated if it has fewer than
-    ``min_size`` elements (per layer, for ``params["layers"]``) or no divisible
-    axis.
-
-    Example::
-
-        mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
-        shardings = lomo_jax.sharding.param_shardings(params, mesh)
-        params = jax.device_put(params, shardings)
-        # a [L, 4096, 11008] kernel -> PartitionSpec(None, 'fsdp', None)
-
-    Args:
-      params: the parameters, as arrays or ``jax.ShapeDtypeStruct``\ s (only
-        shapes are read).
-      mesh: a mesh whose ``fsdp_axis`` axes have ``AxisType.Auto``.
-      fsdp_axis: the mesh axis (or a tuple of axes, e.g. ``("data", "fsdp")``
-        for ZeRO-3 over every device) to split parameters over.
-      min_size: leaves with fewer elements (per layer) are replicated; ``0``
-        splits every leaf that has a divisible axis.
-
-    Returns:
-      A pytree of :class:`~jax.sharding.NamedSharding` with the structure of
-      ``params``.
-    """
-    _check_params(params)
-    axes = _axes_tuple(fsdp_axis, "fsdp_axis")
-    n = _check_mesh(mesh, axes, "param_shardings")
-    entry = spec_entry(axes)
-
-    def unit(tree, skip_leading, rule):
-        return jax.tree.map(
-            lambda x: NamedSharding(
-                mesh, _leaf_spec(jnp.shape(x), skip_leading, n, int(min_size), entry, rule)
-            ),
-            tree,
-        )
-
-    return {
-        "embed": unit(params["embed"], False, "smallest"),
-        "layers": unit(params["layers"], True, "first"),
-        "head": unit(params["head"], False, "smallest"),
-    }
-
-
-# --------------------------------------------------------------------------
-# Optimizer state
-# --------------------------------------------------------------------------
-
-
-def _bump_axis(params, k: int):
-    """``params`` with axis ``k`` of every leaf of rank > k one longer."""
-
-    def bump(x):
-        if len(x.shape) <= k:
-            return x
-        shape = list(x.shape)
-        shape[k] += 1
-        return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
-
-    return jax.tree.map(bump, params)
-
-
-def _owned(state, param_def):
-    """Flatten ``state`` so that every subtree with the structure of the
-    parameters (``mu``, ``v_row``, ... of an optax state) is one leaf."""
-    nodes, node_def = jax.tree_util.tree_flatten(
-        [state], is_leaf=lambda node: jax.tree.structure(node) == param_def
-    )
-    return nodes, node_def
-
-
-def _unit_shardings(state, probes, params, specs, mesh):
-    """Shardings for one unit's optimizer state (embed, layers or head).
-
-    ``probes[k]`` is the unit's state for parameters whose axis ``k`` is one
-    longer (``None`` if ``tx.init`` could not build it); a state dimension that
-    grows exactly when parameter axis ``k`` grows is a copy of that axis and
-    gets its mesh axes.
-    """
-    replicated = NamedSharding(mesh, P())
-    param_def = jax.tree.structure(params)
-    p_leaves = jax.tree.leaves(params)
-    s_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    nodes, node_def = _owned(state, param_def)
-    probe_nodes = []
-    for probe in probes:
-        if probe is None:
-            probe_nodes.append(None)
-            continue
-        pn, pdef = _owned(probe, param_def)
-        probe_nodes.append(pn if pdef == node_def else None)
-
-    out = []
-    for i, node in enumerate(nodes):
-        if jax.tree.structure(node) != param_def:
-            # Not parameter-shaped (counts, scales, ...): replicated.
-            out.append(jax.tree.map(lambda _: replicated, node))
-            continue
-        probe_leaves = [
-            None if pn is None else jax.tree.leaves(pn[i]) for pn in probe_nodes
-        ]
-        leaves = []
-        for j, (leaf, p, spec) in enumerate(zip(jax.tree.leaves(node), p_leaves, s_leaves)):
-            grown = [None if pl is None else pl[j].shape for pl in probe_leaves]
-            leaves.append(
-                NamedSharding(mesh, _state_spec(leaf.shape, grown, p.shape, spec))
-            )
-        out.append(jax.tree.unflatten(param_def, leaves))
-    return jax.tree.unflatten(node_def, out)[0]
-
-
-def _state_spec(shape, grown, p_shape, p_spec: P) -> P:
-    shape, p_shape = tuple(shape), tuple(p_shape)
-    p_entries = tuple(p_spec) + (None,) * (len(p_shape) - len(p_spec))
-    usable = all(
-        g is not None and len(g) == len(shape) for g in grown
-    ) and len(grown) >= len(p_shape)
-    if not usable:
-        # tx.init did not follow the probe: fall back to "same shape, same spec".
-        return P(*p_entries) if shape == p_shape else P()
-    spec, used = [], set()
-    for d, size in enumerate(shape):
-        ks = [k for k, g in enumerate(grown) if g[d] != size]
-        entry = None
-        if len(ks) == 1 and ks[0] < len(p_shape) and p_shape[ks[0]] == size:
-            entry = p_entries[ks[0]]
-            names = spec_axes(entry)
-            if used.intersection(names):
-                entry = None
-            used.update(names)
-        spec.append(entry)
-    return P(*spec)
-
-
-def state_shardings(
-    tx: optax.GradientTransformation,
-    params,
-    params_shardings,
-    **init_kwargs,
-) -> FusedState:
-    r"""Shardings of ``lomo_jax.fused_init(tx, params)`` that follow the parameters.
-
-    The state is built abstractly (``jax.eval_shape``); inside it, every
-    subtree with the structure of a parameter unit (optax keeps ``mu``,
-    ``nu``, AdaLomo's ``v_row``/``v_col``/``v`` as such subtrees) is matched
-    leaf by leaf with the parameters. A state dimension that is a copy of a
-    parameter axis gets that axis's mesh axes; which axis it copies is found by
-    rebuilding the state with one parameter axis at a time made one longer
-    (so a square ``(m, m)`` kernel's ``v_row`` is split like ``m`` rows and its
-    ``v_col`` like the columns, unambiguously). All other leaves (step counts,
-    the loss scale, empty placeholders) are replicated. This works for any
-    optax transform whose ``init`` builds its state from the parameter shapes
-    (LOMO, AdaLomo, SGD, AdamW, Adafactor, chains of them). One limit: when
-    ``init`` picks axes by comparing sizes (``optax.adafactor`` factors the two
-    largest axes), growing one axis of a square kernel changes the pick, and
-    that kernel's statistics come out replicated -- still correct, and they
-    are small. Shardings never change results, only where data lives.
-
-    Example::
-
-        p_sh = lomo_jax.sharding.param_shardings(params, mesh)
-        s_sh = lomo_jax.sharding.state_shardings(tx, params, p_sh)
-        opt_state = jax.jit(lambda p: lomo_jax.fused_init(tx, p), out_shardings=s_sh)(params)
-
-    Args:
-      tx: the transform passed to :func:`lomo_jax.fused_init`.
-      params: parameters (arrays or ``jax.ShapeDtypeStruct``).
-      params_shardings: a pytree of ``NamedSharding`` on one mesh, e.g. from
-        :func:`param_shardings`.
-      **init_kwargs: keyword arguments of :func:`lomo_jax.fused_init`
-        (``loss_scale``, ``skip_nonfinite``): they decide which optional fields
-        the state has.
-
-    Returns:
-      A :class:`lomo_jax.FusedState` of ``NamedSharding`` with the structure of
-      ``fused_init(tx, params, **init_kwargs)``.
-    """
-    _check_params(params)
-    mesh = _mesh_of(params_shardings)
-    params = _shape_tree(params)
-    if jax.tree.structure(params) != jax.tree.structure(params_shardings):
-        raise ValueError(
-            "params_shardings must have the structure of params: "
-            f"{jax.tree.structure(params_shardings)} vs {jax.tree.structure(params)}."
-        )
-    specs = jax.tree.map(lambda s: s.spec, params_shardings)
-
-    def init(p):
-        return jax.eval_shape(lambda q: fused_init(tx, q, **init_kwargs), p)
-
-    state = init(params)
-    rank = max((len(x.shape) for x in jax.tree.leaves(params)), default=0)
-    probes = []
-    for k in range(rank):
-        try:
-            probe = init(_bump_axis(params, k))
-            if jax.tree.structure(probe) != jax.tree.structure(state):
-                probe = None
-        except Exception:  # noqa: BLE001 - tx.init refused the probe shapes
-            probe = None
-        probes.append(probe)
-
-    def unit(name, get):
-        return _unit_shardings(
-            get(state),
-            [None if pr is None else get(pr) for pr in probes],
-            params[name],
-            specs[name],
-            mesh,
-        )
-
-    # Everything but the three units (loss scale, counters): replicated.
-    replicated = NamedSharding(mesh, P())
-    out = jax.tree.map(lambda _: replicated, state)
-    return out._replace(
-        embed=unit("embed", lambda s: s.embed),
-        layers=PerLayerState(inner_state=unit("layers", lambda s: s.layers.inner_state)),
-        head=unit("head", lambda s: s.head),
-    )
-
-
-# --------------------------------------------------------------------------
-# Batch and bundles
-# --------------------------------------------------------------------------
-
 
 def batch_sharding(mesh: Mesh, batch_axes: Optional[AxisNames] = None) -> NamedSharding:
     r"""Split the leading (batch) axis of every batch array over ``batch_axes``.
@@ -483,8 +160,8 @@ def batch_sharding(mesh: Mesh, batch_axes: Optional[AxisNames] = None) -> NamedS
       any pytree of arrays of rank >= 1 whose leading axis is divisible by the
       product of the axis sizes.
     """
-    axes = tuple(mesh.axis_names) if batch_axes is None else _axes_tuple(batch_axes, "batch_axes")
-    _check_mesh(mesh, axes, "batch_sharding")
+    axes = tuple(mesh.axis_names) if batch_axes is None else axes_tuple(batch_axes, "batch_axes")
+    check_mesh(mesh, axes, "batch_sharding")
     return NamedSharding(mesh, P(spec_entry(axes)))
 
 
@@ -559,11 +236,57 @@ def abstract_like(shardings, tree):
 
 
 
-def __getattr__(name):
-    """``llama_shardings`` lives with the model (:mod:`lomo_jax.models.sharding`);
-    it is imported on first use so this module needs no model code (nor flax)."""
-    if name == "llama_shardings":
-        from lomo_jax.models.sharding import llama_shardings
 
-        return llama_shardings
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+@functools.singledispatch
+def param_shapes_of(config_or_params):
+    """The parameter shapes of a model config; parameters (arrays or
+    ``jax.ShapeDtypeStruct``\\ s) are returned as they are.
+
+    A model family registers its config type, so this module needs no model
+    code: :mod:`lomo_jax.models` does
+    ``param_shapes_of.register(LlamaConfig, llama.param_shapes)``.
+
+    Example::
+
+        shapes = lomo_jax.sharding.param_shapes_of(cfg)   # == llama.param_shapes(cfg)
+    """
+    return config_or_params
+
+
+def model_shardings(
+    config_or_params,
+    mesh: Mesh,
+    tx: optax.GradientTransformation,
+    *,
+    fsdp_axis: AxisNames = "fsdp",
+    batch_axes: Optional[AxisNames] = None,
+    min_size: int = DEFAULT_MIN_SIZE,
+    **init_kwargs,
+) -> FusedShardings:
+    r"""FSDP shardings of the fused step for a model config or its parameters.
+
+    ``config_or_params`` is a config of a registered family (e.g. a
+    :class:`~lomo_jax.models.llama.LlamaConfig`: shapes from
+    :func:`param_shapes_of`, nothing is allocated) or ``{"embed", "layers",
+    "head"}`` parameters. With the default rule every layer kernel is split
+    along its first axis after the layer axis (``D`` of ``[L, D, F]`` MLP and
+    attention kernels, ``F`` of the down projection), the embedding and LM
+    head along ``D`` (see :func:`param_shardings`); norm scales are replicated
+    (below ``min_size``).
+
+    Example::
+
+        mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+        sh = lomo_jax.sharding.model_shardings(cfg, mesh, tx)
+        params = jax.jit(lambda: llama.init_params(cfg, 0), out_shardings=sh.params)()
+
+    Returns:
+      :class:`FusedShardings`, as :func:`fused_shardings`.
+    """
+    return fused_shardings(tx, param_shapes_of(config_or_params), mesh, fsdp_axis=fsdp_axis,
+                           batch_axes=batch_axes, min_size=min_size, **init_kwargs)
+
+
+#: The LLaMA-family name of :func:`model_shardings` (also
+#: :func:`lomo_jax.models.sharding.llama_shardings`).
+llama_shardings = model_shardings

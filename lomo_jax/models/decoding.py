@@ -50,18 +50,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lomo_jax.models import llama
+from lomo_jax.models.attention import attend, attention_mask
+from lomo_jax.models.config import LlamaConfig, layer_sliding
+from lomo_jax.models.embed_head import head_logits, llama_embed
+from lomo_jax.models.layers import merge_submodule, mlp_branch
+from lomo_jax.models.nnx_module import branch_names
+from lomo_jax.models.params import check_params
+from lomo_jax.models.rope import rotary_cos_sin
 
 __all__ = ["generate", "filter_logits", "forward_cached", "init_cache", "prompt_positions"]
 
 
-def generate(cfg: llama.LlamaConfig, params, input_ids, *, attention_mask=None,
+def generate(cfg: LlamaConfig, params, input_ids, *, attention_mask=None,
              max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, rng=None) -> jax.Array:
     """Generates ``max_new_tokens`` tokens after each prompt with a KV cache.
 
     Args:
-      cfg: the model's :class:`lomo_jax.models.llama.LlamaConfig`.
+      cfg: the model's :class:`lomo_jax.models.LlamaConfig`.
       params: plain-dict parameters ``{"embed", "layers", "head"}``.
       input_ids: ``[B, T]`` integer prompts, left-padded if their lengths differ.
       attention_mask: ``[B, T]``, 1 = token, 0 = padding (``None``: all tokens).
@@ -93,7 +99,7 @@ def generate(cfg: llama.LlamaConfig, params, input_ids, *, attention_mask=None,
         sampled = generate(cfg, params, ids, attention_mask=mask, max_new_tokens=3,
                            temperature=0.7, top_p=0.9, rng=jax.random.key(0))
     """
-    llama.check_params(cfg, params)
+    check_params(cfg, params)
     ids, mask = _check_prompt(cfg, input_ids, attention_mask, max_new_tokens)
     knobs = _check_sampling(cfg, temperature, top_k, top_p, rng)
     rng = None if knobs[0] is None else rng  # greedy: one program whatever rng is
@@ -200,13 +206,13 @@ def prompt_positions(mask: jax.Array) -> jax.Array:
     return jnp.where(mask != 0, jnp.cumsum(mask, axis=1) - 1, 0)
 
 
-def init_cache(cfg: llama.LlamaConfig, batch: int, length: int) -> tuple:
+def init_cache(cfg: LlamaConfig, batch: int, length: int) -> tuple:
     """An empty KV cache ``(k, v)``, each ``[L, batch, length, K, d]`` in ``cfg.dtype``."""
     shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
     return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
 
 
-def forward_cached(cfg: llama.LlamaConfig, params, cache, ids, pos, valid, start):
+def forward_cached(cfg: LlamaConfig, params, cache, ids, pos, valid, start):
     """Runs tokens ``ids [B, C]`` at ``positions [B, C]`` in cache slots
     ``start..start+C-1`` through all layers (a ``lax.scan``), writing their keys
     and values into ``cache``; ``valid [B, S]`` (0 = padding slot).
@@ -214,35 +220,35 @@ def forward_cached(cfg: llama.LlamaConfig, params, cache, ids, pos, valid, start
     Returns ``(logits, cache)``: the last token's fp32 logits ``[B, V]`` and
     the updated cache.
     """
-    cos, sin = llama.rotary_cos_sin(cfg, pos)
-    h = llama.llama_embed(cfg, params["embed"], {"input_ids": ids})
+    cos, sin = rotary_cos_sin(cfg, pos)
+    h = llama_embed(cfg, params["embed"], {"input_ids": ids})
 
     def body(h, xs):
         p, k, v, i = xs
-        vis = llama.attention_mask(cfg, valid.shape[1], valid, llama.layer_sliding(cfg, i),
-                                   query_start=start, num_queries=ids.shape[1])[:, None]  # [B,1,C,S]
+        vis = attention_mask(cfg, valid.shape[1], valid, layer_sliding(cfg, i),
+                             query_start=start, num_queries=ids.shape[1])[:, None]  # [B,1,C,S]
         h, k, v = _layer_cached(cfg, p, h, k, v, cos, sin, vis, start)
         return h, (k, v)
 
     layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
     h, cache = lax.scan(body, h, (params["layers"], *cache, layers))
-    logits = llama._head_logits(cfg, params["head"], h[:, -1:], params["embed"])
+    logits = head_logits(cfg, params["head"], h[:, -1:], params["embed"])
     return logits[:, 0].astype(jnp.float32), cache
 
 
 def _layer_cached(cfg, p, h, k_cache, v_cache, cos, sin, visible, start):
-    """One decoder layer (:func:`llama.llama_layer`'s math) against its cache
+    """One decoder layer (:func:`lomo_jax.models.llama.llama_layer`'s math) against its cache
     ``[B, S, K, d]``; returns ``(h, k_cache, v_cache)``."""
-    names = llama.branch_names(cfg)[0]
-    norm, attn, *post = (llama._merge_submodule(cfg, n, p[n]) for n in names)
+    names = branch_names(cfg)[0]
+    norm, attn, *post = (merge_submodule(cfg, n, p[n]) for n in names)
     q, k, v = attn.qkv(norm(h), cos, sin)
     k_cache = lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
     v_cache = lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
-    o = attn.out(llama.attend(cfg, q, k_cache, v_cache, visible))
+    o = attn.out(attend(cfg, q, k_cache, v_cache, visible))
     for m in post:  # post_norms (Gemma 2)
         o = m(o)
     h = h + o
-    return h + llama._mlp_branch(cfg, p, h), k_cache, v_cache
+    return h + mlp_branch(cfg, p, h), k_cache, v_cache
 
 
 def _next_token(logits, key, *, temperature, top_k, top_p):
