@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from ._fused import FusedOptimizer, _check_number, _sum_over_groups
+from ._arguments import _check_number
+from ._fused import FusedOptimizer
+from ._reduction import _sum_over_groups
 from .loss_scaler import FP16_POLICY, DynamicLossScaler
-from .rounding import is_low_precision
 
 __all__ = ["AdaLomo"]
 
@@ -194,37 +195,13 @@ class AdaLomo(FusedOptimizer):
         local = self._local(name, p)
         state = {k: red.local(v) for k, v in self._state_for(p, name).items()}
         w = self._fp32_view(local)
-        update, p_rms, u_rms = self._scaled_update(g, state, w, red)
+        update, p_rms = self._scaled_update(g, state, w, red)
         self._apply(w, update, p_rms)
-        n = spec.numel if spec is not None else w.numel()
-        self._write_back(name, local, w, finite=self._known_finite(local, p_rms, u_rms, n))
-
-    def _known_finite(self, p, p_rms, u_rms, n):
-        r"""``True`` where the new value of ``p`` (``n`` elements in all shards) is
-        proven to lie within its bf16/fp16 finite range by the step's own RMS
-        values, so that stochastic rounding skips its min/max pass (fp16, and bf16
-        where the one-pass kernel does not apply); else ``None``
-        (not known: the rounding checks). Finite RMS values mean finite elements,
-        and with :math:`|x_i| \le \|x\|_2 = \sqrt{n}\,\mathrm{rms}(x)` every new
-        element is at most
-        :math:`\sqrt{n}\,(\mathrm{rms}(p)\,|1 - lr_t\,wd| + lr_t \min(\mathrm{rms}(u), c))`
-        (:math:`c` the clip threshold); a bound within a quarter of the largest
-        finite value (room for fp32 rounding in the norms) proves it. CPU only:
-        elsewhere reading the RMS values would be a host sync per parameter."""
-        if self._noise is None or not is_low_precision(p.dtype) or not p.is_cpu:
-            return None
-        p_rms, u_rms = float(p_rms), float(u_rms)
-        if not (math.isfinite(p_rms) and math.isfinite(u_rms)):
-            return None
-        lr_t = self._step_lr * max(self.eps[1], p_rms)
-        bound = math.sqrt(n) * (p_rms * abs(1.0 - lr_t * self.weight_decay)
-                                + lr_t * min(u_rms, self.clip_threshold))
-        return True if bound <= 0.25 * torch.finfo(p.dtype).max else None
+        self._write_back(name, local, w)
 
     def _scaled_update(self, g, state, w, red):
-        """Update the second moments from ``g``; return ``(update, rms(w),
-        rms(update))``, the update already divided by ``max(1, rms(update) /
-        clip_threshold)`` (the returned rms is the one before that division)."""
+        """Update the second moments from ``g``; return ``(update, rms(w))``, the
+        update already divided by ``max(1, rms(update) / clip_threshold)``."""
         beta = self._beta
         u = g.square().add_(self.eps[0])
         if g.dim() >= 2:
@@ -244,7 +221,7 @@ class AdaLomo(FusedOptimizer):
             update = v.rsqrt().mul_(g)
         u_rms = red.rms(update)
         update.div_((u_rms / self.clip_threshold).clamp_(min=1.0))
-        return update, p_rms, u_rms
+        return update, p_rms
 
     def _apply(self, w, update, p_rms):
         """``w = w * (1 - lr_t * wd) - lr_t * update`` with ``lr_t = lr * max(eps[1], rms(p))``.

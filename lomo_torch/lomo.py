@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._fused import FusedOptimizer, warn_fp16_clip
+from ._fused import FusedOptimizer
+from ._loss_scaling import warn_fp16_clip
 from .loss_scaler import FP16_POLICY, DynamicLossScaler
 
 __all__ = ["Lomo"]

@@ -9,24 +9,22 @@ values unchanged; magnitudes above the largest finite value, infinities and
 NaN round to nearest. Given the same :math:`r`, ``lomo_torch`` and
 ``lomo_jax`` round identically.
 
-Where the integers come from (:class:`RoundingNoise`): a generator re-keyed
-for every parameter at every step from ``(seed, step, parameter index,
-shard)`` -- numpy's PCG64 on the CPU, a ``torch.Generator`` (Philox) on an
-accelerator. So the bits a parameter gets do not depend on how many other
+Where the integers come from (:class:`RoundingNoise`): a ``torch.Generator``
+on the tensor's own device (mt19937 on the CPU, Philox on CUDA), re-seeded for
+every parameter at every step with a 64-bit key derived from ``(seed, step,
+parameter index, shard)`` by :func:`_mix` (SplitMix64's finaliser folded over
+the integers; unlike ``hash`` of a tuple it is the same on every Python and
+process). So the bits a parameter gets do not depend on how many other
 parameters (or shards of different sizes) drew before it: DDP replicas and
 FSDP2 ranks holding a replicated parameter draw the same bits, shards of one
 parameter draw different ones, and a run resumed from ``state_dict()`` (which
 carries the seed and the step) draws what the uninterrupted run would have.
 Every generated bit is used: bf16 takes 16 per element (all its rule reads;
 the ``int16`` form of :func:`stochastic_round`), fp16 24, four or two
-elements per 64-bit word. On a CPU the generator and the elementwise passes
-are the whole cost, so the optimizers round with :meth:`RoundingNoise.round_into`:
-for bf16, one pass of the compiled ``lomo_torch._rounding_kernel`` (built with
-the package where a C compiler is at hand), which steps numpy's PCG64 inline
-(the same words: four runs of them, each from the state jumped ahead to it, so
-their multiplications overlap) and draws, adds, shifts and checks the range at
-once; or else numpy passes in the fp32 update's own storage. The same bits
-either way.
+elements per 64-bit word. bf16's rule is then torch integer ops in the fp32
+value's own storage (add the 16 noise bits to the int32 view, keep the high
+half: the add-and-truncate of torchao's ``_fp32_to_bf16_sr``), on any device;
+no compiled code.
 
 Example::
 
@@ -39,13 +37,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-
-try:  # bf16's rule in one pass on the CPU; optional (see the module docstring)
-    from lomo_torch import _rounding_kernel
-except ImportError:  # built without a C compiler: numpy makes the same bits
-    _rounding_kernel = None
 
 __all__ = ["NOISE_BITS", "RoundingNoise", "is_low_precision", "stochastic_round",
            "stochastic_round_into"]
@@ -170,33 +162,26 @@ class RoundingNoise:
 
     Args:
       seed: the base seed (an ``int``).
+
+    Example::
+
+        noise = RoundingNoise(seed=0)
+        noise.round_into(p.data, w, step=3, index=0)   # w: the fp32 new value (scratch)
     """
 
     def __init__(self, seed: int):
         self.seed = int(seed)
         self._generators = {}
-        self._pcg = np.random.PCG64(0)
 
     def _words(self, count: int, device: torch.device, key: int) -> torch.Tensor:
-        """``count`` uniform 64-bit words (``int64``) determined by ``key``: numpy's
-        PCG64 on the CPU (its generator is the cost of stochastic rounding there,
-        and PCG64 makes 64 bits in about 0.4x the time of torch's CPU
-        ``random_``), a ``torch.Generator`` (Philox on CUDA) elsewhere."""
-        if device.type == "cpu":
-            return torch.from_numpy(self._cpu_words(count, key).view(np.int64))
+        """``count`` uniform 64-bit words (``int64``) on ``device`` determined by
+        ``key``: that device's ``torch.Generator`` seeded with ``key``."""
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
         gen.manual_seed(key)
         return torch.empty(count, dtype=torch.int64, device=device).random_(
             -(2**63), None, generator=gen)  # the full int64 range: 64 uniform bits
-
-    def _cpu_words(self, count: int, key: int) -> np.ndarray:
-        """:meth:`_words` on the CPU, as numpy ``uint64``."""
-        state, inc = _pcg64_state(key)
-        self._pcg.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
-                           "state": {"state": state, "inc": inc}}
-        return self._pcg.random_raw(count)
 
     def _key(self, step, index, shard):
         shard = tuple(shard) if isinstance(shard, (tuple, list)) else (shard,)
@@ -222,71 +207,17 @@ class RoundingNoise:
         return (r >> (32 - NOISE_BITS)).bitwise_and_(2**NOISE_BITS - 1)
 
     def round_into(self, out: torch.Tensor, x: torch.Tensor, step: int, index: int,
-                   shard=0, *, finite=None) -> torch.Tensor:
+                   shard=0) -> torch.Tensor:
         """Store ``stochastic_round(x, out.dtype, noise)`` in ``out``, bit for bit, where
         ``noise = self.draw(x.shape, x.device, step, index, shard, dtype=form)``
         (``form``: ``int16`` for bf16, ``int32`` for fp16), and return ``out``.
-        ``x`` (fp32, ``out``'s shape) is scratch, as in :func:`stochastic_round_into`.
-        The optimizers' path: bf16 on the CPU is bf16's rule as one addition and
-        one shift, ``out = (bits + t) >> 16`` with ``t = 2^{15} - 1 - s``: one
-        compiled pass that also checks the range (:meth:`_bf16_in_one_pass`), or
-        numpy passes (:meth:`_bf16_on_cpu`). ``finite=True``: the caller has
-        proven that every value lies within ``out.dtype``'s finite range (no NaN),
-        and the numpy path skips the min/max pass that would check it; ``None``:
-        not known."""
-        if out.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.is_cpu and out.is_cpu:
-            if _rounding_kernel is not None and x.is_contiguous() and out.is_contiguous():
-                return self._bf16_in_one_pass(out, x, step, index, shard)
-            if finite is None:
-                finite = _all_finite_in(x, out.dtype)
-            if finite:
-                return self._bf16_on_cpu(out, x, self._key(step, index, shard))
+        ``x`` (fp32, ``out``'s shape) is scratch, as in :func:`stochastic_round_into`."""
         form = torch.int16 if out.dtype == torch.bfloat16 else torch.int32
         noise = self.draw(x.shape, x.device, step, index, shard, dtype=form)
-        return _round_into(out, x, noise, finite)
-
-    def _bf16_in_one_pass(self, out, x, step, index, shard):
-        """:meth:`round_into` for contiguous fp32 ``x`` into contiguous bf16 ``out`` on
-        the CPU: ``lomo_torch._rounding_kernel`` steps the same PCG64 as
-        :meth:`_cpu_words` inline, reads ``x`` once and writes ``out`` once; where
-        it finds a value beyond bf16's finite range (or NaN) the general path
-        rounds again from ``x``, which it only read."""
-        state, inc = _pcg64_state(self._key(step, index, shard))
-        if _rounding_kernel.bf16_round_into(x.numpy(), out.view(torch.int16).numpy(),
-                                            state >> 64, state & _MASK64, inc >> 64, inc & _MASK64):
-            return out
-        noise = self.draw(x.shape, x.device, step, index, shard, dtype=torch.int16)
-        return _round_into(out, x, noise, finite=False)
-
-    def _bf16_on_cpu(self, out, x, key):
-        """:meth:`round_into` for finite fp32 ``x`` into bf16 ``out`` on the CPU, in
-        numpy passes that touch each array once, with no temporary but the drawn
-        words: the addend ``t`` (:meth:`_bf16_addend`), the addition into ``x``'s
-        bits (numpy widens ``t`` inside its buffered loop: 2 bytes of noise an
-        element are read, not 4), and the shift written straight into ``out``'s
-        storage (any strides)."""
-        bits = x.numpy().view(np.int32)  # same item size: a view for any strides
-        np.add(bits, self._bf16_addend(bits.size, key).reshape(bits.shape), out=bits)
-        np.right_shift(bits, 16, out=out.view(torch.int16).numpy(),
-                       casting="unsafe")  # exact: finite patterns + t stay within int32
-        return out
-
-    def _bf16_addend(self, n: int, key: int) -> np.ndarray:
-        """``t = 2^{15} - 1 - s`` (``uint16``) for the ``n`` int16 values ``s`` that
-        :meth:`draw` gives ``key``: with ``u`` the same 16 bits unsigned,
-        ``t = u ^ (2^{15} - 1)``, flipped four at a time in the 64-bit words."""
-        words = self._cpu_words(-(-n // 4), key)
-        np.bitwise_xor(words, _FLIP_EVERY_INT16, out=words)
-        return words.view(np.uint16)[:n]
+        return _round_into(out, x, noise, None)
 
 
-_FLIP_EVERY_INT16 = np.uint64(0x7FFF_7FFF_7FFF_7FFF)
 _MASK64 = 2**64 - 1
-
-
-def _pcg64_state(key: int):
-    """(state, inc) of the PCG64 generator that ``key`` selects (numpy's state dict)."""
-    return key << 64 | _mix(key), _mix(key, 1) | 1
 
 
 def _mix(*values: int) -> int:

@@ -36,7 +36,7 @@ What it does differently from ``Trainer``:
 * several processes (``torchrun``/``accelerate launch``): the model is wrapped
   in ``DistributedDataParallel`` (by accelerate, as ``Trainer`` does) *before*
   the optimizer is built on the wrapper, so lomo_torch averages each gradient
-  over the ranks in its hook (see :mod:`lomo_torch._fused`).
+  over the ranks in its hook (see :mod:`lomo_torch._reduction`).
 
 Limits: ``gradient_accumulation_steps`` must be 1 (a LOMO step consumes each
 gradient the moment it is complete, so nothing can be accumulated; use a
