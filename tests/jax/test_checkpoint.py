@@ -21,7 +21,7 @@ import pytest
 import lomo_jax
 from lomo_jax import checkpoint
 from lomo_jax.fused import fused_init, fused_train_step
-from tests.jax.test_fused import make_batch, make_model, make_params, reference_step
+from tests.jax.builders import make_batch, make_model, make_params, reference_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -23,13 +23,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import lomo_jax  # noqa: E402
 from lomo_jax import models  # noqa: E402
 from lomo_jax.models import convert, llama  # noqa: E402
-from tests.jax.test_fused import assert_trees_close, reference_step  # noqa: E402
+from tests.jax.builders import reference_step  # noqa: E402
 from tests.jax.test_llama_hf import _inputs, _jax_batch  # noqa: E402
 from tests.jax.tiny_llama import hf_model  # noqa: E402
 
@@ -137,7 +138,7 @@ def test_fused_step_equals_value_and_grad_of_logits_loss(name):
         p_f, s_f, m_f = fused(p_f, s_f, batch)
         p_r, s_r, m_r = ref(p_r, s_r, batch)
         np.testing.assert_allclose(float(m_f["loss"]), float(m_r["loss"]), rtol=1e-5)
-    assert_trees_close(p_f, p_r, rtol=1e-5, atol=1e-6, what=name)
+    chex.assert_trees_all_close(p_f, p_r, rtol=1e-5, atol=1e-6)
 
 
 def test_gemma2_alternating_window_matters_and_generate_matches():

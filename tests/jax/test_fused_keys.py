@@ -13,6 +13,7 @@ between the forward and a recompute, or a wrong key, flips about half of a
 layer's dropped units and changes its gradient by O(1), far above it.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,8 +98,7 @@ def reference(loss_fn, tx, clip=None):
 
 
 def assert_close(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def copy(t):

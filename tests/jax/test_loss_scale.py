@@ -15,8 +15,8 @@ import pytest
 import lomo_jax
 from lomo_jax import _loss_scale
 from lomo_jax.fused import LayeredModel, fused_init, fused_train_step
-from tests.jax.test_fused import (
-    _bits, assert_one_rounding_from, copy_tree, embed, head, layer, make_batch,
+from tests.jax.builders import (
+    assert_one_rounding_from, bits, copy_tree, embed, head, layer, make_batch,
     make_params, reference_step, tied_head,
 )
 
@@ -48,12 +48,12 @@ def _overflowing_run(loss_scale):
 
 def _run_to_the_floor():
     step, params, state, bad = _overflowing_run(2.0)
-    before = _bits(params)
+    before = bits(params)
     params, state, m = step(params, state, bad)  # overflow at 2: skip, halve to 1
     assert bool(m["skipped"]) and float(state.loss_scale.scale) == 1.0
     jax.block_until_ready(m)
     params, state, m = step(params, state, bad)  # overflow at 1: skipped, then reported
-    assert bool(m["skipped"]) and _bits(params) == before
+    assert bool(m["skipped"]) and bits(params) == before
     jax.block_until_ready(m)
     return step, params, state
 

@@ -2,6 +2,7 @@
 
 import inspect
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,10 +76,6 @@ def reference_tx(tx):
     """tx on embed/head, per_layer(tx) on the layers: what the fused step applies."""
     return optax.multi_transform({"one": tx, "stack": lomo_jax.per_layer(tx)},
                                  {"embed": "one", "layers": "stack", "head": "one"})
-
-
-def assert_trees_close(a, b, atol):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=atol), a, b)
 
 
 def test_update_then_split_round_trips():
@@ -174,7 +171,7 @@ def test_fused_step_with_dropout_equals_value_and_grad():
         ref, ref_state = reference(ref, ref_state, key)
         fused, state, _ = step(fused, state, BATCH, key=key)
         # a wrong mask in the recompute moves a weight by ~lr * RMS(W) ~ 1e-3
-        assert_trees_close(fused, ref, atol=2e-6)
+        chex.assert_trees_all_close(fused, ref, rtol=0, atol=2e-6)
 
 
 def test_nnx_optimizer_with_clip_then_per_layer_equals_the_reference():
@@ -195,7 +192,8 @@ def test_nnx_optimizer_with_clip_then_per_layer_equals_the_reference():
     step(optimizer, lm, grads)
     step(naive, naive_lm, grads)
     # tx on the whole stack (AdaLomo's RMS over L layers) differs by ~lr * RMS(W) ~ 1e-3
-    assert_trees_close(lomo_jax.nnx.split_params(lm, **PARTS), expected, atol=1e-6)
+    chex.assert_trees_all_close(lomo_jax.nnx.split_params(lm, **PARTS), expected, rtol=0,
+                                atol=1e-6)
     naive_layers = lomo_jax.nnx.split_params(naive_lm, **PARTS)["layers"]
     off = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), naive_layers,
                        expected["layers"])
