@@ -28,8 +28,8 @@ _NAMES = {
     "lomo": "lomo_jax.transforms",
     "scale_by_adalomo": "lomo_jax.transforms",
     "scale_by_lomo": "lomo_jax.transforms",
-    "PerLayerState": "lomo_jax.per_layer",
-    "per_layer": "lomo_jax.per_layer",
+    "PerLayerState": "lomo_jax._per_layer",
+    "per_layer": "lomo_jax._per_layer",
     "FusedState": "lomo_jax.fused",
     "LayeredModel": "lomo_jax.fused",
     "LossScaleState": "lomo_jax.fused",
@@ -37,9 +37,13 @@ _NAMES = {
     "fused_train_step": "lomo_jax.fused",
     "layer_key": "lomo_jax.fused",
     "apply_updates": "lomo_jax.rounding",
+    "AdaptiveClipState": "lomo_jax.adaptive_clipping",
+    "adaptive_clip": "lomo_jax.adaptive_clipping",
 }
-# the public submodules, listed by dir(lomo_jax); any submodule is an attribute on first use
-_SUBMODULES = ("aot", "checkpoint", "data", "fused", "hlo_cost", "models", "nnx", "per_layer",
+# the public submodules, listed by dir(lomo_jax); any submodule is an attribute on first use.
+# No module may share a name of _NAMES: importing it would set that attribute to the module
+# (per_layer lives in _per_layer, adaptive_clip in adaptive_clipping).
+_SUBMODULES = ("aot", "checkpoint", "data", "fused", "hlo_cost", "models", "nnx",
                "records", "rounding", "sharding", "transforms")
 
 

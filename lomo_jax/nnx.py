@@ -50,8 +50,8 @@ from flax import nnx
 from flax.nnx import traversals
 
 from lomo_jax.fused import LayeredModel
-from lomo_jax.per_layer import _layer_count
-from lomo_jax.per_layer import per_layer as _per_layer
+from lomo_jax._per_layer import _layer_count
+from lomo_jax._per_layer import per_layer as _per_layer
 
 __all__ = ["layered", "module_builder", "per_layer", "split_params", "update"]
 

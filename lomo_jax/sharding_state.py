@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lomo_jax._layout import abstract as _shape_tree, check_keys as _check_params
 from lomo_jax._layout import spec_axes
 from lomo_jax.fused import FusedState, fused_init
-from lomo_jax.per_layer import PerLayerState
+from lomo_jax._per_layer import PerLayerState
 from lomo_jax.sharding_mesh import mesh_of
 
 __all__ = ["state_shardings"]

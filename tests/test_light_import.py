@@ -32,3 +32,17 @@ def test_every_public_name_and_submodule_resolves():
         assert "no attribute 'no_such_name'" in str(e)
     else:
         raise AssertionError("lomo_jax.no_such_name resolved")
+
+
+def test_no_submodule_shadows_a_public_name():
+    """Importing a submodule sets the package attribute of its name, and then
+    ``__getattr__`` is never asked: a module named like a public function (the old
+    ``lomo_jax/per_layer.py``) made ``lomo_jax.per_layer(tx)`` call a module once
+    anything had imported it. Checked in a fresh interpreter, every submodule loaded."""
+    code = ("import pkgutil, importlib, types, lomo_jax\n"
+            "for m in pkgutil.walk_packages(lomo_jax.__path__, 'lomo_jax.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "print(sorted(n for n in lomo_jax.__all__ "
+            "if isinstance(getattr(lomo_jax, n), types.ModuleType)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

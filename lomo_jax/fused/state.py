@@ -22,7 +22,7 @@ from lomo_jax import _loss_scale
 from lomo_jax._layout import split_params as _split_params
 from lomo_jax._loss_scale import LossScaleState
 from lomo_jax.fused.checks import check_tx
-from lomo_jax.per_layer import PerLayerState, per_layer
+from lomo_jax._per_layer import PerLayerState, per_layer
 
 
 class FusedState(NamedTuple):

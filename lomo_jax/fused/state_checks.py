@@ -16,7 +16,7 @@ from lomo_jax._layout import Units, abstract as _abstract, describe as _describe
 from lomo_jax._layout import path_str as _path
 from lomo_jax.fused.model import LayeredModel
 from lomo_jax.fused.state import FusedState, has_fp16
-from lomo_jax.per_layer import per_layer
+from lomo_jax._per_layer import per_layer
 
 
 def check_state(opt_state, params, skip_nonfinite: bool, rounding: str) -> None:

@@ -25,7 +25,7 @@ from lomo_jax.fused.keys import step_keys
 from lomo_jax.fused.stages import Stages
 from lomo_jax.fused.state import FusedState
 from lomo_jax.fused.unit_update import keep_if_not
-from lomo_jax.per_layer import PerLayerState
+from lomo_jax._per_layer import PerLayerState
 
 
 _NORM_EPS = 1e-6  # lomo-optim: clip_coef = max_norm / (total_norm + 1e-6)

@@ -18,7 +18,7 @@ import optax
 
 import lomo_jax
 from lomo_jax.fused import FusedState, LayeredModel
-from lomo_jax.per_layer import per_layer
+from lomo_jax._per_layer import per_layer
 
 L, D, F, V, B, T = 3, 16, 24, 29, 2, 5
 
