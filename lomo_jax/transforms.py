@@ -24,6 +24,7 @@ the transform clamps after.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Tuple, Union
 
@@ -227,6 +228,64 @@ def _empty() -> Array:
     return jnp.zeros((0,), jnp.float32)
 
 
+def _check_adalomo_args(eps, clip_threshold, clip_grad_value, weight_decay, decay_rate):
+    """Refuse bad AdaLomo hyperparameters by name; return ``(eps1, eps2)``."""
+    if len(eps) != 2:
+        raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}.")
+    _check_positive("clip_threshold", clip_threshold, allow_none=False)
+    _check_positive("clip_grad_value", clip_grad_value)
+    if isinstance(weight_decay, (int, float)) and weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+    if isinstance(decay_rate, (int, float)) and decay_rate > 0:
+        raise ValueError(
+            f"decay_rate must be <= 0 (beta_t = 1 - t**decay_rate), got {decay_rate!r}; "
+            "a positive rate makes beta_t negative from step 2 on. The default is -0.8."
+        )
+    return eps
+
+
+def _adalomo_init(params) -> ScaleByAdaLomoState:
+    """Zero statistics: ``v_row``/``v_col`` for rank >= 2, ``v`` for rank 0 and 1."""
+    _check_float_params(params, "adalomo")
+
+    def row(p):
+        return jnp.zeros(p.shape[:-1], jnp.float32) if p.ndim >= 2 else _empty()
+
+    def col(p):
+        return jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32) if p.ndim >= 2 else _empty()
+
+    def full(p):
+        return jnp.zeros(p.shape, jnp.float32) if p.ndim < 2 else _empty()
+
+    return ScaleByAdaLomoState(count=jnp.zeros([], jnp.int32), v_row=jax.tree.map(row, params),
+                               v_col=jax.tree.map(col, params), v=jax.tree.map(full, params))
+
+
+def _adalomo_leaf(g, p, vr, vc, v, beta, *, eps1, eps2, clip_threshold, clip_grad_value,
+                  weight_decay):
+    """One parameter's AdaLomo update and new statistics (the docstring's math;
+    ``weight_decay=None``: none)."""
+    g = g.astype(jnp.float32)
+    p = p.astype(jnp.float32)
+    if clip_grad_value is not None:
+        g = jnp.clip(g, -clip_grad_value, clip_grad_value)
+    sq = jnp.square(g) + eps1
+    if g.ndim >= 2:
+        vr = beta * vr + (1.0 - beta) * jnp.mean(sq, axis=-1)
+        vc = beta * vc + (1.0 - beta) * jnp.mean(sq, axis=-2)
+        r_factor = jax.lax.rsqrt(vr / jnp.mean(vr, axis=-1, keepdims=True))
+        c_factor = jax.lax.rsqrt(vc)
+        u = r_factor[..., :, None] * c_factor[..., None, :] * g
+    else:
+        v = beta * v + (1.0 - beta) * sq
+        u = jax.lax.rsqrt(v) * g
+    u = u / jnp.maximum(1.0, _rms(u) / clip_threshold)
+    if weight_decay is not None:
+        u = u + weight_decay * p
+    u = jnp.maximum(eps2, _rms(p)) * u
+    return u, vr, vc, v
+
+
 def scale_by_adalomo(
     eps: Tuple[float, float] = (1e-30, 1e-3),
     clip_threshold: float = 1.0,
@@ -272,43 +331,19 @@ def scale_by_adalomo(
 
     Returns:
       An ``optax.GradientTransformation`` whose update needs ``params``.
+
+    Why not ``optax.scale_by_factored_rms``: it factors only axes of at least
+    ``min_dim_size_to_factor`` and picks the two largest axes, where AdaLomo
+    (and lomo-optim) factor the last two of every rank >= 2 tensor and
+    normalise the row factor by its mean, so parity with lomo-optim would break.
     """
-    if len(eps) != 2:
-        raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}.")
-    eps1, eps2 = eps
-    _check_positive("clip_threshold", clip_threshold, allow_none=False)
-    _check_positive("clip_grad_value", clip_grad_value)
-    if isinstance(weight_decay, (int, float)) and weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
-    if isinstance(decay_rate, (int, float)) and decay_rate > 0:
-        raise ValueError(
-            f"decay_rate must be <= 0 (beta_t = 1 - t**decay_rate), got {decay_rate!r}; "
-            "a positive rate makes beta_t negative from step 2 on. The default is -0.8."
-        )
-    use_decay = not (isinstance(weight_decay, (int, float)) and weight_decay == 0)
-
-    def init_fn(params):
-        _check_float_params(params, "adalomo")
-
-        def row(p):
-            return jnp.zeros(p.shape[:-1], jnp.float32) if p.ndim >= 2 else _empty()
-
-        def col(p):
-            return (
-                jnp.zeros(p.shape[:-2] + p.shape[-1:], jnp.float32)
-                if p.ndim >= 2
-                else _empty()
-            )
-
-        def full(p):
-            return jnp.zeros(p.shape, jnp.float32) if p.ndim < 2 else _empty()
-
-        return ScaleByAdaLomoState(
-            count=jnp.zeros([], jnp.int32),
-            v_row=jax.tree.map(row, params),
-            v_col=jax.tree.map(col, params),
-            v=jax.tree.map(full, params),
-        )
+    eps1, eps2 = _check_adalomo_args(eps, clip_threshold, clip_grad_value, weight_decay,
+                                     decay_rate)
+    leaf = functools.partial(
+        _adalomo_leaf, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold,
+        clip_grad_value=clip_grad_value,
+        weight_decay=None if isinstance(weight_decay, (int, float)) and weight_decay == 0
+        else weight_decay)
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -316,35 +351,13 @@ def scale_by_adalomo(
                 "adalomo needs `params` in update(): its step size is lr * RMS(param)."
             )
         count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
-        beta = 1.0 - t**decay_rate
-
-        def leaf(g, p, vr, vc, v):
-            g = g.astype(jnp.float32)
-            p = p.astype(jnp.float32)
-            if clip_grad_value is not None:
-                g = jnp.clip(g, -clip_grad_value, clip_grad_value)
-            sq = jnp.square(g) + eps1
-            if g.ndim >= 2:
-                vr = beta * vr + (1.0 - beta) * jnp.mean(sq, axis=-1)
-                vc = beta * vc + (1.0 - beta) * jnp.mean(sq, axis=-2)
-                r_factor = jax.lax.rsqrt(vr / jnp.mean(vr, axis=-1, keepdims=True))
-                c_factor = jax.lax.rsqrt(vc)
-                u = r_factor[..., :, None] * c_factor[..., None, :] * g
-            else:
-                v = beta * v + (1.0 - beta) * sq
-                u = jax.lax.rsqrt(v) * g
-            u = u / jnp.maximum(1.0, _rms(u) / clip_threshold)
-            if use_decay:
-                u = u + weight_decay * p
-            u = jnp.maximum(eps2, _rms(p)) * u
-            return u, vr, vc, v
-
-        out = jax.tree.map(leaf, updates, params, state.v_row, state.v_col, state.v)
+        beta = 1.0 - count.astype(jnp.float32)**decay_rate
+        out = jax.tree.map(lambda g, p, vr, vc, v: leaf(g, p, vr, vc, v, beta),
+                           updates, params, state.v_row, state.v_col, state.v)
         u, vr, vc, v = _unzip(updates, out, 4)
         return u, ScaleByAdaLomoState(count=count, v_row=vr, v_col=vc, v=v)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(_adalomo_init, update_fn)
 
 
 def adalomo(
