@@ -336,6 +336,10 @@ def scale_by_adalomo(
     ``min_dim_size_to_factor`` and picks the two largest axes, where AdaLomo
     (and lomo-optim) factor the last two of every rank >= 2 tensor and
     normalise the row factor by its mean, so parity with lomo-optim would break.
+    The last three steps equal ``optax.clip_by_block_rms(d)``,
+    ``optax.add_decayed_weights(lambda)`` and ``optax.scale_by_param_block_rms(eps2)``;
+    they stay inline so the state remains one :class:`ScaleByAdaLomoState`
+    (a chain would change the structure of every saved ``opt_state``).
     """
     eps1, eps2 = _check_adalomo_args(eps, clip_threshold, clip_grad_value, weight_decay,
                                      decay_rate)

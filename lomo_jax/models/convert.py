@@ -19,9 +19,9 @@ Loading checks that floating weights are finite (``check_finite=False`` to
 skip), and the config keeps the checkpoint's special token ids and
 ``generation_config.json`` for the save.
 
-This module is also the facade of those modules: it re-exports their names,
-and assigning one of them here (``monkeypatch.setattr(convert, "_gather", f)``)
-rebinds it where it is used.
+The entry points live here and re-export the split modules' names; a name is
+patched (in tests) in the module that defines it, e.g.
+``safetensors_save._gather``.
 
 Example::
 
@@ -40,8 +40,6 @@ Example::
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any, Mapping, Optional
 
 import jax
@@ -49,14 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lomo_jax import _files as _files_module
 from lomo_jax._files import _fsync_dir, _fsync_file, write_atomically  # noqa: F401
-from lomo_jax.models import families as _families_module
-from lomo_jax.models import hf_config as _hf_config_module
-from lomo_jax.models import hf_names as _hf_names_module
-from lomo_jax.models import load_placed as _load_placed_module
-from lomo_jax.models import safetensors_load as _safetensors_load_module
-from lomo_jax.models import safetensors_save as _safetensors_save_module
+from lomo_jax.models import hf_config as hf_config_mapping
 from lomo_jax.models.families import check_switches as _check_switches  # noqa: F401
 from lomo_jax.models.hf_config import (  # noqa: F401
     _TOKEN_FIELDS, GENERATION_CONFIG_NAME, _check_hf_config, _config_to_write,
@@ -106,7 +98,7 @@ def config_from_hf(hf_config, *, dtype=None, param_dtype=None,
       NotImplementedError: an unsupported RoPE type, or a Qwen2 config mixing
         sliding-window and full-attention layers.
     """
-    return _hf_config_module.config_from_hf(hf_config, cls=LlamaConfig, dtype=dtype,
+    return hf_config_mapping.config_from_hf(hf_config, cls=LlamaConfig, dtype=dtype,
                                             param_dtype=param_dtype,
                                             generation_config=generation_config)
 
@@ -313,29 +305,3 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("lomo_jax.convert.save_pretrained")
     return path
-
-
-# --------------------------------------------------------------------------
-# The facade: names assigned here are rebound where they are used
-# --------------------------------------------------------------------------
-
-_SPLIT_MODULES = (_files_module, _families_module, _hf_config_module, _hf_names_module,
-                  _safetensors_load_module, _load_placed_module, _safetensors_save_module)
-_UNSET = object()
-
-
-class _Facade(types.ModuleType):
-    """This module's type: assigning a name that it re-exports (``convert._gather
-    = f``, as tests' monkeypatches do) also rebinds that name in every module of
-    :data:`_SPLIT_MODULES` that holds the same object, so the code there calls ``f``."""
-
-    def __setattr__(self, name: str, value) -> None:
-        old = self.__dict__.get(name, _UNSET)
-        if old is not _UNSET and old is not None:
-            for module in _SPLIT_MODULES:
-                if module.__dict__.get(name, _UNSET) is old:
-                    setattr(module, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Facade

@@ -30,8 +30,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDev
 
 from lomo_jax.models.hf_names import _check_checkpoint, _Leaf, _leaves
 from lomo_jax.models.llama import param_shapes
+from lomo_jax.models import safetensors_load
 from lomo_jax.models.safetensors_load import (
-    _CHUNK_BYTES, _at, _file_dtype, _read, _set_path, _Source, _unfused)
+    _at, _file_dtype, _read, _set_path, _Source, _unfused)
 from lomo_jax.sharding import param_shardings
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ def _matrix_onto(src: _Source, leaf: _Leaf, shape, dt, sharding) -> jax.Array:
     axis = 1 if leaf.transpose else 0  # the checkpoint's rows
     if len(shape) != 2 or _is_split(sharding, axis, len(shape)):
         return jax.make_array_from_callback(shape, sharding, _reader(src, leaf, name, dt))
-    step = max(1, _CHUNK_BYTES // (shape[1 - axis] * max(4, dt.itemsize)))
+    step = max(1, safetensors_load._CHUNK_BYTES // (shape[1 - axis] * max(4, dt.itemsize)))
     zeros, write = _filler(tuple(shape), np.dtype(dt), sharding, axis)
     arr = zeros()
     for start in range(0, shape[axis], step):

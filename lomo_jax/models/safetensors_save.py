@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lomo_jax._files import _fsync_dir, write_atomically
-from lomo_jax.models.hf_config import _write_configs
+from lomo_jax import _files
+from lomo_jax._files import write_atomically
+from lomo_jax.models import hf_config as _hf_config
 from lomo_jax.models.hf_names import _fused_parts, _Leaf, _leaves, hf_parameter_shapes
 from lomo_jax.models.safetensors_load import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, _at
 
@@ -122,7 +123,7 @@ def _save_files(params, cfg: LlamaConfig, hf_config, first_dtype, files: list, p
     files = _free_shard_names(files, path)
     entry = SAFE_WEIGHTS_NAME if _one_file(files) else SAFE_WEIGHTS_INDEX_NAME
     with write_atomically(path, last=(entry,)) as tmp:
-        _write_configs(cfg, hf_config, first_dtype, tmp)
+        _hf_config._write_configs(cfg, hf_config, first_dtype, tmp)
         _write_weights(params, files, tmp)
     _remove_stale(path, {f for f, _ in files} | {entry})
 
@@ -150,7 +151,7 @@ def _remove_stale(path: str, keep: set) -> None:
     for name in stale:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(path, name))
-    _fsync_dir(path)
+    _files._fsync_dir(path)
 
 
 def _write_weights(params, files: list, path: str) -> None:

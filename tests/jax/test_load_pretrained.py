@@ -130,7 +130,9 @@ def test_chunked_reads_are_bit_exact(tmp_path, monkeypatch):
     from lomo_jax.models import convert
 
     hf = _write_tiny(tmp_path, seed=5)
-    monkeypatch.setattr(convert, "_CHUNK_BYTES", 300)
+    from lomo_jax.models import safetensors_load
+
+    monkeypatch.setattr(safetensors_load, "_CHUNK_BYTES", 300)
     log = []
     _recording_source(convert, monkeypatch, log)
     _, want = convert.from_hf_model(hf)
@@ -214,7 +216,9 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, dtype):
     k_proj = "model.layers.1.self_attn.k_proj.weight"  # [32, 64]: row 9, column 40
     file = tmp_path / index[k_proj]
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(convert, "_CHUNK_BYTES", 1024)  # the bad row is in a later chunk
+    from lomo_jax.models import safetensors_load
+
+    monkey.setattr(safetensors_load, "_CHUNK_BYTES", 1024)  # the bad row is in a later chunk
     try:
         for value, shown in ((float("nan"), "nan"), (float("-inf"), "-inf")):
             _poke(file, k_proj, 9 * 64 + 40, value)
@@ -323,7 +327,9 @@ def _worker(rank: int, port: int, path: str) -> None:
         return src
 
     convert.load_safetensors = load
-    convert._CHUNK_BYTES = 4096  # several row blocks per matrix whose rows are not split
+    from lomo_jax.models import safetensors_load
+
+    safetensors_load._CHUNK_BYTES = 4096  # several row blocks per matrix whose rows are not split
     src_shapes = {k: original(path).shape(k) for k in original(path).keys}
     auto = lambda n: (AxisType.Auto,) * n  # noqa: E731
     mesh8 = jax.make_mesh((8,), ("fsdp",), axis_types=auto(1))

@@ -99,8 +99,10 @@ def _instrument(convert) -> dict:
     """Record each host gather (``_to_host``: bytes, fully addressable?) and
     the most bytes of gathered tensors (``_gather`` results) alive at once;
     ``rec.clear()`` starts afresh."""
+    from lomo_jax.models import safetensors_save as sst
+
     rec: dict = {}
-    to_host, gather = convert._to_host, convert._gather
+    to_host, gather = sst._to_host, sst._gather
 
     def recording_to_host(x):
         rec.setdefault("addressable", []).append(bool(getattr(x, "is_fully_addressable", True)))
@@ -115,7 +117,7 @@ def _instrument(convert) -> dict:
         weakref.finalize(out, lambda n=out.nbytes: rec.__setitem__("live", rec["live"] - n))
         return out
 
-    convert._to_host, convert._gather = recording_to_host, recording_gather
+    sst._to_host, sst._gather = recording_to_host, recording_gather
     return rec
 
 
@@ -209,12 +211,12 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=rank, initialization_timeout=120)
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
-    from lomo_jax.models import convert
+    from lomo_jax.models import hf_config, safetensors_save as sst
 
-    convert._write_configs = _stub_configs  # no transformers (+ torch) import: ~4 s saved
+    hf_config._write_configs = _stub_configs  # no transformers (+ torch) import: ~4 s saved
     if rank == 0:  # process 0 finishes late: the others must still wait for it
-        write = convert._write_weights
-        convert._write_weights = lambda *a: (write(*a), time.sleep(0.2))[0]
+        write = sst._write_weights
+        sst._write_weights = lambda *a: (write(*a), time.sleep(0.2))[0]
     # rank 1 names a directory of its own: it must never appear
     report = _save_cases(os.path.join(out, "multi" if rank == 0 else "rank1"), mesh,
                          done=os.path.join(out, "multi"))
@@ -231,8 +233,10 @@ KILLS = {  # case: (the old export's max_shard_size, the new one's)
 
 def _hooked(convert, hook) -> None:
     """Call ``hook(kind)`` before every tensor gather, rename and removal."""
-    gather, replace, remove = convert._gather, os.replace, os.remove
-    convert._gather = lambda *a: (hook("gather"), gather(*a))[1]
+    from lomo_jax.models import safetensors_save as sst
+
+    gather, replace, remove = sst._gather, os.replace, os.remove
+    sst._gather = lambda *a: (hook("gather"), gather(*a))[1]
     os.replace = lambda *a, **k: (hook("rename"), replace(*a, **k))[1]
     os.remove = lambda *a, **k: (hook("remove"), remove(*a, **k))[1]
 
@@ -270,14 +274,15 @@ def _kill_worker(out: str) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
-    from lomo_jax.models import convert
+    from lomo_jax import _files
+    from lomo_jax.models import convert, hf_config
 
     jax.process_index, jax.process_count = (lambda: 0), (lambda: 1)  # the fork stays JAX-free
     # fsync makes the files durable across a power cut; a killed process's writes are in
     # the page cache either way (and 200 saves' fsyncs cost ~15 s here)
-    convert._fsync_file = convert._fsync_dir = lambda path: None
+    _files._fsync_file = _files._fsync_dir = lambda path: None
     texts = json.loads(Path(out, "configs.json").read_text())
-    convert._write_configs = lambda cfg, hf, dt, path: [
+    hf_config._write_configs = lambda cfg, hf, dt, path: [
         Path(path, n).write_text(t) for n, t in texts.items()]
     cfg = _cfg(False)
     old, new = _values(cfg, 0), _values(cfg, 1)
@@ -300,14 +305,16 @@ def _kill_worker(out: str) -> None:
 def _kill_points(convert, base: Path, save) -> list:
     """``(kind, k)`` of a first, a middle and the last gather, every rename and
     every removal of ``save`` over a copy of ``base/old`` (in ``base/count``)."""
+    from lomo_jax.models import safetensors_save as sst
+
     counts: dict = {}
     shutil.copytree(base / "old", base / "count")
-    original = (convert._gather, os.replace, os.remove)
+    original = (sst._gather, os.replace, os.remove)
     _hooked(convert, lambda kind: counts.__setitem__(kind, counts.get(kind, 0) + 1))
     try:
         save(base / "count")
     finally:
-        convert._gather, os.replace, os.remove = original
+        sst._gather, os.replace, os.remove = original
     gathers = counts["gather"]
     return [("gather", k) for k in sorted({1, gathers // 2, gathers})] + [
         (kind, k) for kind in ("rename", "remove") for k in range(1, counts.get(kind, 0) + 1)]
