@@ -58,6 +58,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from lomo_jax._files import _fsync_dir, _fsync_file  # neither imports JAX
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_step", "all_steps", "step_path"]
 
 _FORMAT = "lomo_torch.checkpoint/1"
@@ -95,24 +97,6 @@ def latest_step(directory) -> Optional[int]:
     """The newest complete checkpoint's step, or ``None``."""
     steps = all_steps(directory)
     return steps[-1] if steps else None
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _discard(directory: str, name: str) -> None:

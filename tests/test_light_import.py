@@ -7,8 +7,8 @@ import sys
 import lomo_jax
 
 
-def test_import_lomo_jax_and_records_imports_no_jax():
-    code = ("import sys, lomo_jax, lomo_jax.records; "
+def test_import_lomo_jax_records_and_lomo_torch_imports_no_jax():
+    code = ("import sys, lomo_jax, lomo_jax.records, lomo_torch, lomo_torch.checkpoint; "
             "print(sorted(m for m in ('jax', 'grain', 'flax', 'optax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
