@@ -93,16 +93,9 @@ def stochastic_round_into(out: torch.Tensor, x: torch.Tensor, noise: torch.Tenso
     ``int16`` noise on the CPU (where each elementwise pass is the cost) it
     works in ``x``'s own storage, three integer passes and the store, where
     :func:`stochastic_round` allocates; otherwise it is that function."""
-    return _round_into(out, x, noise, finite=None)
-
-
-def _round_into(out, x, noise, finite):
-    """:func:`stochastic_round_into`; ``finite``: :func:`_all_finite_in` of ``x`` where
-    the caller already knows it, else ``None``."""
     if not is_low_precision(out.dtype):
         return out.copy_(x)
-    if finite is None:
-        finite = _all_finite_in(x, out.dtype)
+    finite = _all_finite_in(x, out.dtype)
     if (finite and out.dtype == torch.bfloat16 and noise.dtype == torch.int16
             and x.dtype == torch.float32 and x.is_contiguous()):
         out.view(torch.int16).copy_(_bf16_carry_(x.view(torch.int32), noise))
@@ -214,7 +207,7 @@ class RoundingNoise:
         ``x`` (fp32, ``out``'s shape) is scratch, as in :func:`stochastic_round_into`."""
         form = torch.int16 if out.dtype == torch.bfloat16 else torch.int32
         noise = self.draw(x.shape, x.device, step, index, shard, dtype=form)
-        return _round_into(out, x, noise, None)
+        return stochastic_round_into(out, x, noise)
 
 
 _MASK64 = 2**64 - 1
