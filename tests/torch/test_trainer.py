@@ -260,12 +260,14 @@ def test_import_lomo_torch_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_example_trainer_mode_runs_tiny(capsys):
-    """examples/torch_finetune.py --trainer (tests/test_examples.py runs the plain loop)."""
+def test_example_trainer_mode_runs_tiny(capsys, tmp_path):
+    """examples/torch_finetune.py --trainer (tests/test_examples.py runs the plain loop);
+    its model is saved into tmp_path, not into the checkout."""
     spec = importlib.util.spec_from_file_location("torch_finetune", ROOT / "examples" / "torch_finetune.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    before, after = example.main(["--tiny", "--trainer"])
+    before, after = example.main(["--tiny", "--trainer", "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "config.json").exists()
     assert after < before
     assert "held-out loss" in capsys.readouterr().out
 
