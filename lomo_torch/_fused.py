@@ -13,8 +13,9 @@ gradient is alive at a time; no hook scans other parameters.
 concept a module: gradient reduction over processes (one process, DDP,
 FSDP2/DTensor: :mod:`lomo_torch._reduction`), the checks before a backward
 (:mod:`lomo_torch._graph_checks`), fp16 loss scaling
-(:mod:`lomo_torch._loss_scaling`), ``state_dict`` (:mod:`lomo_torch._state_dict`)
-and argument checks (:mod:`lomo_torch._arguments`).
+(:mod:`lomo_torch._loss_scaling`), ``state_dict`` (:mod:`lomo_torch._state_dict`),
+argument checks (:mod:`lomo_torch._arguments`) and the adaptive per-tensor
+clipping applied in the hook before the update (:mod:`lomo_torch._adaptive_clip`).
 
 Example (a subclass; :class:`~lomo_torch.Lomo` is one)::
 
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ._adaptive_clip import AdaptiveClip
 from ._arguments import MIRRORED as _MIRRORED
 from ._arguments import _check_flags, _check_number, _same, check_mirrored, sync_mirrored
 from ._graph_checks import HookSites, check_graph, check_loss, mark_spent
@@ -49,6 +51,18 @@ from .rounding import RoundingNoise, is_low_precision
 __all__ = ["FusedOptimizer", "STATE_FORMAT", "DynamicLossScaler", "warn_fp16_clip",
            "_FP16_SEED_CAP", "_MIRRORED", "_ShardSpec", "_all_reduce_sum", "_check_number",
            "_ddp_type", "_dtensor_type", "_same", "_sum_over_groups", "check_graph"]
+
+
+def _adaptive_clip_rule(args, clip_grad_norm):
+    """The :class:`AdaptiveClip` of ``args`` = ``(adaptive_clip, adaptive_clip_decay,
+    adaptive_clip_warmup_steps, adaptive_clip_absolute)``, or None when off."""
+    rule = AdaptiveClip.build(*args)
+    if rule is not None and clip_grad_norm is not None:
+        raise ValueError(
+            f"adaptive_clip={args[0]!r} and clip_grad_norm={clip_grad_norm!r} cannot be combined: "
+            f"adaptive_clip clips each tensor against its own norm history in one backward, "
+            f"clip_grad_norm clips the global norm with a second one; choose one")
+    return rule
 
 
 class _Pass(enum.Enum):
@@ -80,7 +94,8 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
     """
 
     def __init__(self, model, defaults, *, lr, clip_grad_norm, clip_grad_value, weight_decay,
-                 skip_nonfinite=False, stochastic_rounding=False, seed=None):
+                 skip_nonfinite=False, stochastic_rounding=False, seed=None,
+                 adaptive_clip=(None, 0.98, 100, 1.0)):
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}"
@@ -93,6 +108,8 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         weight_decay = _check_number("weight_decay", weight_decay, non_negative=True)
         _check_flags(skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
                      seed=seed)
+        #: the adaptive clipping rule and its state (:mod:`lomo_torch._adaptive_clip`), or None
+        self.adaptive_clipping = _adaptive_clip_rule(adaptive_clip, clip_grad_norm)
         source, dp_group = attach_ddp(model, type(self).__name__)
         named = self._trainable(model, source)
         self.model = model
@@ -117,7 +134,8 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         self._settings = copy.deepcopy({
             "clip_grad_norm": clip_grad_norm, "clip_grad_value": clip_grad_value,
             "weight_decay": weight_decay, "skip_nonfinite": skip_nonfinite,
-            "stochastic_rounding": stochastic_rounding, **self._extra_settings()})
+            "stochastic_rounding": stochastic_rounding, **AdaptiveClip.settings(*adaptive_clip),
+            **self._extra_settings()})
         super().__init__([p for _, p in named], defaults)
         self._index_params(named, source, model, dp_group)
         self._noise = RoundingNoise(self._agreed_seed(seed)) if stochastic_rounding else None
@@ -214,6 +232,8 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
             if self._pass is _Pass.NORM:
                 self._reduction.add_norm(name, g)
                 return
+            if self.adaptive_clipping is not None:  # first, as optax.chain(adaptive_clip, lomo)
+                self.adaptive_clipping.clip_(name, g, self._reduction.tensor_norm(name, g))
             if self.clip_grad_value is not None:
                 g.clamp_(min=-self.clip_grad_value, max=self.clip_grad_value)
             if self.clip_grad_norm is not None and self.clip_coef is not None:
@@ -413,6 +433,8 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         self._begin_step()
         self._backward(loss, _Pass.UPDATE, self._loss_scale())
         self.step_num += 1
+        if self.adaptive_clipping is not None:
+            self.adaptive_clipping.end_step()
         if self.loss_scaler is not None:
             self.loss_scaler.update_scale(False)
         return True

@@ -20,6 +20,10 @@ each gradient's contribution and gives the global norm
   shard of the averaged gradient; the norm sums the local squares and
   all-reduces them over the mesh dimensions that shard each parameter.
 
+:meth:`LocalReduction.tensor_norm` gives one parameter's whole-gradient norm
+(adaptive clipping): the gradient's own norm locally and under DDP (averaged
+before use), the all-reduced squares of the shards under FSDP2.
+
 Example::
 
     reduction = make_reduction(model, specs, "Lomo")   # after attach_ddp(model, "Lomo")
@@ -186,6 +190,11 @@ class LocalReduction:
         """Norm pass: keep fp32 gradient ``g``'s contribution to the global norm."""
         self._norms.append(torch.linalg.vector_norm(g))
 
+    def tensor_norm(self, name, g):
+        """The L2 norm (0-d) of parameter ``name``'s whole gradient, of which ``g``
+        (fp32) is what this process holds: here all of it."""
+        return torch.linalg.vector_norm(g)
+
     def agree_seed(self, seed):
         """The rounding seed every process uses: ``seed`` itself here."""
         return seed
@@ -284,6 +293,15 @@ class DTensorReduction(LocalReduction):
             self._shard_sq.append((spec.all_groups, torch.linalg.vector_norm(g).square()))
         else:  # a replicated DTensor: the local tensor is the whole gradient
             super().add_norm(name, g)
+
+    def tensor_norm(self, name, g):
+        """The whole tensor's norm from this rank's shard ``g``: the local squares
+        all-reduced over the groups that shard the parameter (one collective)."""
+        spec = self.specs.get(name)
+        if spec is None or not spec.all_groups:
+            return super().tensor_norm(name, g)
+        (sq,) = _sum_over_groups([(g.square().sum(), spec.all_groups)])
+        return sq.sqrt_()
 
     def agree_seed(self, seed):
         return _broadcast_seed(seed, None)  # FSDP2 (and HSDP): every rank

@@ -1,8 +1,9 @@
 """``state_dict`` / ``load_state_dict`` of the fused optimizers (a mixin).
 
 A state_dict holds the step count, lr, the constructor's settings, the fp16
-loss scaler, the rounding seed and the per-parameter state keyed by the
-parameter's name. Loading checks everything first (format, optimizer class,
+loss scaler, the rounding seed, the per-parameter state keyed by the
+parameter's name and, with ``adaptive_clip``, the clipping's step count and
+norm averages (``state_dict()["adaptive_clip"]``, keyed by name). Loading checks everything first (format, optimizer class,
 settings, groups, state keys and shapes), then changes the optimizer: a
 refused state_dict leaves it as it was.
 
@@ -57,6 +58,8 @@ class StateDictMixin:
             "param_groups": [{k: v for k, v in g.items() if k != "params"}
                              for g in self.param_groups],
             "state": {n: dict(self.state[p]) for n, p in self._named_params if self.state.get(p)},
+            "adaptive_clip": (None if self.adaptive_clipping is None
+                              else self.adaptive_clipping.state_dict()),
         }
 
     def load_state_dict(self, state_dict):
@@ -67,6 +70,7 @@ class StateDictMixin:
         and ``seed`` (``clip_grad_norm``, ``clip_grad_value``, ``weight_decay``,
         ``skip_nonfinite``, ``stochastic_rounding``, ``loss_scale_args``, and
         AdaLomo's ``loss_scale``, ``eps``, ``clip_threshold``, ``decay_rate``);
+        ``adaptive_clip`` and its ``adaptive_clip_*`` keywords;
         any difference raises ``ValueError`` naming each setting, and nothing is
         loaded. Restored from the state_dict: the step count, the lr and the
         other non-setting ``param_groups`` entries (what an LR scheduler
@@ -86,10 +90,25 @@ class StateDictMixin:
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, "
                              f"expected {len(self.param_groups)}")
         new_state = self._loaded_state(state_dict["state"])
+        clip_state = self._loaded_clip_state(state_dict)
         scaler = state_dict["loss_scaler"]
         scaler = None if scaler is None else DynamicLossScaler.from_state_dict(scaler)
         # every check passed: change the optimizer
         self._restore(state_dict, new_state, scaler, saved_groups)
+        if clip_state is not None:
+            self.adaptive_clipping.restore(*clip_state)
+
+    def _loaded_clip_state(self, state_dict):
+        """The adaptive clipping's ``(count, norm_ema)`` from a state_dict, checked
+        (None when adaptive clipping is off; the settings check matched them)."""
+        if self.adaptive_clipping is None:
+            return None
+        if state_dict.get("adaptive_clip") is None:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: adaptive_clip is on but the "
+                             f"state_dict holds no adaptive clipping state; nothing was loaded")
+        names = [n for n, _ in self._named_params]
+        devices = {n: p.device for n, p in self._named_params}
+        return self.adaptive_clipping.checked_state(state_dict["adaptive_clip"], names, devices)
 
     def _restore(self, state_dict, new_state, scaler, saved_groups):
         """:meth:`load_state_dict` once every check passed: change the optimizer."""
@@ -125,6 +144,8 @@ class StateDictMixin:
         diffs = [f"{k}: state_dict {saved[k]!r}, this optimizer {v!r}"
                  for k, v in self._settings.items() if k in saved and not _same(saved[k], v)]
         diffs += [f"{k}: missing from the state_dict" for k in missing]
+        diffs += [f"{k}: state_dict {saved[k]!r}, not set in this optimizer"
+                  for k in saved if k not in self._settings]
         if diffs:
             name = type(self).__name__
             raise ValueError(

@@ -24,7 +24,7 @@ class AdaLomo(FusedOptimizer):
     At step ``t`` (1 on the first step), per parameter ``p`` with gradient
     ``grad`` (math in fp32, result cast back to ``p``'s dtype)::
 
-        g      = clip(grad / loss_scale)          # value clip, then global-norm coef
+        g      = clip(grad / loss_scale)          # adaptive, value clip, global-norm coef
         beta   = 1 - t ** decay_rate
         u      = g**2 + eps[0]
         # ndim >= 2: factored over the last two dims
@@ -76,6 +76,11 @@ class AdaLomo(FusedOptimizer):
             norm is not finite, as in :class:`~lomo_torch.Lomo`.
         stochastic_rounding, seed: (keyword only) round new values into bf16/fp16
             parameters stochastically, as in :class:`~lomo_torch.Lomo`.
+        adaptive_clip, adaptive_clip_decay, adaptive_clip_warmup_steps,
+        adaptive_clip_absolute: (keyword only) adaptive per-tensor clipping in one
+            backward (AdaGC), as in :class:`~lomo_torch.Lomo`; off by default (the
+            AdaLomo authors use no clipping: the update is RMS-clipped already).
+            Not together with ``clip_grad_norm``.
 
     Resuming, as :class:`~lomo_torch.Lomo`: :meth:`load_state_dict` needs the same
     settings (every argument but ``lr`` and ``seed``: also ``loss_scale``, ``eps``,
@@ -86,7 +91,8 @@ class AdaLomo(FusedOptimizer):
     def __init__(self, model, lr=1e-3, loss_scale=None, eps=(1e-30, 1e-3), clip_threshold=1.0,
                  decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
                  *, loss_scale_args=None, skip_nonfinite=False, stochastic_rounding=False,
-                 seed=None):
+                 seed=None, adaptive_clip=None, adaptive_clip_decay=0.98,
+                 adaptive_clip_warmup_steps=100, adaptive_clip_absolute=1.0):
         if loss_scale:
             _check_number("loss_scale", loss_scale, positive=True)
         try:
@@ -111,7 +117,9 @@ class AdaLomo(FusedOptimizer):
         super().__init__(model, defaults, lr=lr, clip_grad_norm=clip_grad_norm,
                          clip_grad_value=clip_grad_value, weight_decay=weight_decay,
                          skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
-                         seed=seed)
+                         seed=seed, adaptive_clip=(adaptive_clip, adaptive_clip_decay,
+                                                   adaptive_clip_warmup_steps,
+                                                   adaptive_clip_absolute))
         self._beta = None
 
     def _extra_settings(self):

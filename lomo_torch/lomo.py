@@ -16,6 +16,7 @@ class Lomo(FusedOptimizer):
     back to ``p``'s dtype)::
 
         g = grad / loss_scale                          # loss_scale = 1 unless fp16
+        g = g * min(1, adaptive_clip * ema(||g||) / ||g||)        # if set, see below
         g = clamp(g, -clip_grad_value, clip_grad_value)            # if set
         g = g * min(1, clip_grad_norm / (||all grads||_2 + 1e-6))  # if set
         p = p * (1 - lr * weight_decay) - lr * g
@@ -29,6 +30,17 @@ class Lomo(FusedOptimizer):
     as in lomo-optim, ``clip_grad_norm=1.0`` if it was None; ``grad_norm``
     is then required every step and an overflow skips the step.
 
+    Adaptive clipping (``adaptive_clip=1.05``; not in lomo-optim) protects from
+    gradient spikes in ONE backward: each parameter's gradient is clipped to
+    ``adaptive_clip`` times a moving average (decay ``adaptive_clip_decay``) of
+    its own clipped norm, and to ``adaptive_clip_absolute`` during the first
+    ``adaptive_clip_warmup_steps`` steps -- the rule of
+    :func:`lomo_jax.adaptive_clip` (AdaGC; math in :mod:`lomo_torch._adaptive_clip`),
+    one fp32 scalar per parameter, kept in ``state_dict()``. It replaces
+    ``clip_grad_norm`` (together: ``ValueError``), also in fp16: there it is
+    not set to 1.0; ``grad_norm`` stays required every step as the overflow
+    check, and an overflowed step changes no parameter and no clipping state.
+
     Drop-in for ``lomo_optim.Lomo`` (same arguments and methods)::
 
         from lomo_torch import Lomo
@@ -38,6 +50,9 @@ class Lomo(FusedOptimizer):
             loss = model(**batch).loss
             opt.grad_norm(loss)            # only with clip_grad_norm / fp16
             opt.fused_backward(loss, lr=1e-3)
+
+        opt = Lomo(model, lr=1e-3, adaptive_clip=1.05)   # one backward a step
+        opt.fused_backward(model(**batch).loss, lr=1e-3)
 
     Args:
         model: the ``nn.Module`` to train; every parameter with
@@ -56,6 +71,12 @@ class Lomo(FusedOptimizer):
             into a bf16/fp16 parameter stochastically (unbiased: updates smaller than
             half a spacing still count in expectation; :mod:`lomo_torch.rounding`)
             instead of to nearest. fp32 parameters are unaffected.
+        adaptive_clip: (keyword only) the relative bound, e.g. 1.05; None (default): off.
+        adaptive_clip_decay: (keyword only) decay of the norm average, in [0, 1).
+        adaptive_clip_warmup_steps: (keyword only) steps (int >= 1) clipped by
+            ``adaptive_clip_absolute`` while the average forms.
+        adaptive_clip_absolute: (keyword only) per-tensor norm bound in warm-up;
+            None: warm-up steps unclipped. Defaults are lomo_jax.adaptive_clip's.
         seed: (keyword only) seed of the rounding noise; ``None`` draws one from
             torch's default generator (rank 0's under DDP/FSDP2). ``state_dict()``
             carries it, so a resumed run draws the same bits.
@@ -71,7 +92,9 @@ class Lomo(FusedOptimizer):
 
     def __init__(self, model, lr=1e-3, clip_grad_norm=None, clip_grad_value=None,
                  weight_decay=0.0, loss_scale_args=None, *, skip_nonfinite=False,
-                 stochastic_rounding=False, seed=None):
+                 stochastic_rounding=False, seed=None, adaptive_clip=None,
+                 adaptive_clip_decay=0.98, adaptive_clip_warmup_steps=100,
+                 adaptive_clip_absolute=1.0):
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError(f"loss_scale_args must be a dict, got {type(loss_scale_args).__name__}")
         self.loss_scale_args = dict(loss_scale_args or {})
@@ -80,7 +103,9 @@ class Lomo(FusedOptimizer):
         super().__init__(model, defaults, lr=lr, clip_grad_norm=clip_grad_norm,
                          clip_grad_value=clip_grad_value, weight_decay=weight_decay,
                          skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
-                         seed=seed)
+                         seed=seed, adaptive_clip=(adaptive_clip, adaptive_clip_decay,
+                                                   adaptive_clip_warmup_steps,
+                                                   adaptive_clip_absolute))
 
     def _extra_settings(self):
         return {"loss_scale_args": self.loss_scale_args}
@@ -91,8 +116,9 @@ class Lomo(FusedOptimizer):
             warn_fp16_clip(type(self).__name__)
 
     def _fp16_settings(self):
-        """As lomo-optim: fp16 without ``clip_grad_norm`` clips at 1.0."""
-        if self.clip_grad_norm is None:
+        """As lomo-optim: fp16 without ``clip_grad_norm`` clips at 1.0 (not with
+        ``adaptive_clip``, which replaces it)."""
+        if self.clip_grad_norm is None and self.adaptive_clipping is None:
             self.clip_grad_norm = 1.0
             return True
         return False
