@@ -38,6 +38,10 @@ Example::
     tx = optax.chain(lomo_jax.adaptive_clip(), lomo_jax.lomo(1e-3))
     step = lomo_jax.fused_train_step(model, tx)      # one backward pass
 
+``fused_train_step(..., clip_grad_norm=c)`` with ``adaptive_clip`` in ``tx``
+raises ``ValueError``: one clipping rule a step (lomo_torch refuses
+``Lomo(adaptive_clip=..., clip_grad_norm=...)`` alike).
+
 In the fused step each layer's slice of a stacked leaf is its own tensor, so
 the state holds one scalar per layer (as :func:`lomo_jax.per_layer` gives an
 unfused loop).

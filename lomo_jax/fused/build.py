@@ -21,7 +21,8 @@ from lomo_jax.fused.microbatch import check_microbatches
 from lomo_jax.fused.model import LayeredModel
 from lomo_jax.fused.stack import slice_at
 from lomo_jax.fused.stages import Stages
-from lomo_jax.fused.state_checks import check_state, check_state_fits, check_step_key
+from lomo_jax.fused.state_checks import (check_one_clip, check_state, check_state_fits,
+                                         check_step_key)
 from lomo_jax.fused.keys import step_keys
 from lomo_jax.fused.step import StepConfig, pack, train_step
 
@@ -201,6 +202,7 @@ def fused_train_step(
         n_layers, p = model.split(params)
         check_state(opt_state, params, skip_nonfinite, rounding)
         check_state_fits(tx, opt_state, p)
+        check_one_clip(opt_state, clip_grad_norm)
         check_step_key(model, key, opt_state)
         check_leafwise_on(tx, _abstract(p.embed), _abstract(slice_at(p.layers, 0)),
                            _abstract(p.head))

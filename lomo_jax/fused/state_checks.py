@@ -17,6 +17,7 @@ from lomo_jax._layout import path_str as _path
 from lomo_jax.fused.model import LayeredModel
 from lomo_jax.fused.state import FusedState, has_fp16
 from lomo_jax._per_layer import per_layer
+from lomo_jax.adaptive_clipping import AdaptiveClipState
 
 
 def check_state(opt_state, params, skip_nonfinite: bool, rounding: str) -> None:
@@ -42,6 +43,21 @@ def check_state(opt_state, params, skip_nonfinite: bool, rounding: str) -> None:
             "opt_state.rng, which this opt_state lacks; create it with "
             "lomo_jax.fused_init(tx, params, rng=jax.random.key(seed))."
         )
+
+
+def check_one_clip(opt_state, clip_grad_norm: Optional[float]) -> None:
+    """Global clipping (``clip_grad_norm``, two passes) and ``adaptive_clip`` in
+    ``tx`` (one pass, per tensor) are two answers to one problem: refused together,
+    as ``lomo_torch`` refuses ``Lomo(adaptive_clip=..., clip_grad_norm=...)``."""
+    if clip_grad_norm is None:
+        return
+    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, AdaptiveClipState))
+    if any(isinstance(x, AdaptiveClipState) for x in nodes):
+        raise ValueError(
+            f"fused_train_step(..., clip_grad_norm={clip_grad_norm!r}) with "
+            "lomo_jax.adaptive_clip in tx: adaptive_clip clips each tensor against its own "
+            "norm history in one pass, clip_grad_norm clips the global norm with a second "
+            "pass; choose one (clip_grad_norm=None, or drop adaptive_clip from tx).")
 
 
 def check_state_fits(tx, opt_state: FusedState, p: Units) -> None:

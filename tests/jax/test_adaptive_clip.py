@@ -174,3 +174,26 @@ def test_fused_step_equals_the_unfused_chain_with_one_scalar_a_layer():
     jax.tree.map(close, state.layers.inner_state[0].norm_ema,
                  ref_state["layers"].inner_state[0].norm_ema)
     assert gamma.shape == (3,)  # one scalar a layer
+
+
+def test_fused_step_refuses_adaptive_clip_with_global_clipping():
+    """Two clipping rules on one step are refused by name, before anything runs
+    (as lomo_torch refuses ``adaptive_clip`` with ``clip_grad_norm``); either
+    alone runs."""
+    import optax
+
+    import lomo_jax
+    from tests.jax.builders import make_batch, make_model, make_params
+
+    model, batch = make_model(), make_batch(0)
+    clipped = optax.chain(adaptive_clip(), lomo_jax.lomo(1e-2))
+    params = make_params()
+    state = lomo_jax.fused_init(clipped, params)
+    with pytest.raises(ValueError, match=r"clip_grad_norm=1\.0.*adaptive_clip.*choose one"):
+        lomo_jax.fused_train_step(model, clipped, clip_grad_norm=1.0)(params, state, batch)
+    # the refusal ran nothing: the arrays are neither donated nor changed
+    np.testing.assert_array_equal(np.asarray(params["embed"]["tok"]),
+                                  np.asarray(make_params()["embed"]["tok"]))
+    plain = lomo_jax.lomo(1e-2)
+    lomo_jax.fused_train_step(model, plain, clip_grad_norm=1.0)(
+        make_params(), lomo_jax.fused_init(plain, make_params()), batch)
