@@ -7,6 +7,8 @@ suite that silently skips is not a passing suite. Set
 """
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -16,6 +18,32 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 STRICT = not os.environ.get("LOMO_ALLOW_MISSING_DEPS")
+
+
+def _share_compilation_cache():
+    """One persistent XLA compilation cache for the whole test session: the xdist workers
+    and every subprocess a test starts (the main job, the examples, the multi-device
+    scripts) inherit these variables, so a program compiled once (the tiny LLaMA's step,
+    its loss) is loaded from disk by the next process or ``jit`` that builds it again.
+    A cache hit is the same executable (XLA:CPU's memory analysis of a loaded one reads
+    the same bytes); the size limit turns on JAX's file lock, so workers never read a
+    half-written entry. Returns the directory if this process made it (and removes it at
+    the end), None if one was given (``JAX_COMPILATION_CACHE_DIR``) or inherited."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="lomo-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
+    return path
+
+
+_COMPILATION_CACHE = _share_compilation_cache()
+
+
+def pytest_unconfigure(config):
+    if _COMPILATION_CACHE:
+        shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -24,6 +24,7 @@ It is checked on the shipped LLaMA with a vocabulary much larger than
   its donated input with no copy of a stacked array in the HLO.
 """
 
+import functools
 import re
 
 import jax
@@ -58,7 +59,10 @@ def compile_step(cfg, tx, batch_shape, mesh, **kw):
     return params, state, aot.MemoryFigures.of(compiled), compiled.as_text()
 
 
+@functools.lru_cache(maxsize=None)
 def inference_temp(cfg, batch_shape, mesh):
+    """``temp(inference)``; one compile per (config, batch, target), shared by the cases
+    that bound a step of that model (the transform and step options do not enter it)."""
     params = aot.abstract(llama.param_shapes(cfg), mesh)
     batch = aot.abstract({"input_ids": jax.ShapeDtypeStruct(batch_shape, jnp.int32)}, mesh)
     lm = llama.llama_layered_model(cfg)
