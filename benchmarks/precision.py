@@ -28,6 +28,7 @@ Run:  python benchmarks/precision.py           (~5 min on 2 CPU cores; LOMO too:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -104,11 +105,16 @@ def pretrain(windows, steps, batch):
     return jax.tree.map(np.asarray, params), float(loss)
 
 
+@functools.lru_cache(maxsize=None)
+def fp32_loss():
+    """The fp32 model's jitted loss, built once (every evaluation shares one compile)."""
+    return jax.jit(llama.llama_layered_model(config(jnp.float32)).loss)
+
+
 def held_out_loss(params, windows):
     """Mean loss in fp32 on the held-out windows (the parameters upcast)."""
-    lm = llama.llama_layered_model(config(jnp.float32))
     p32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    return float(jax.jit(lm.loss)(p32, {"input_ids": jnp.asarray(windows)}))
+    return float(fp32_loss()(p32, {"input_ids": jnp.asarray(windows)}))
 
 
 # ------------------------------------------------------------ fine-tuning -----
@@ -201,7 +207,7 @@ def paired_ratio(times, nearest_times):
 
 # ------------------------------------------------------------------- main -----
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frameworks", nargs="*", default=["jax", "torch"], choices=["jax", "torch"])
     ap.add_argument("--optimizers", nargs="*", default=["adalomo"], choices=["adalomo", "lomo"])
@@ -215,7 +221,7 @@ def main():
     ap.add_argument("--json", default=None, help="write the rows (and per-step changed shares) here")
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw --plot from a --json file of an earlier run")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
         return plot(args.plot, saved["rows"], saved["before"])

@@ -3,6 +3,8 @@ re-made by anyone. Nothing here asserts a speed (speed belongs in the benchmarks
 not in tests): each script runs and prints its comparison, every row is present,
 and each printed ratio is the quotient of the quantities it claims to compare."""
 
+import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -25,10 +27,34 @@ RUNS = {
     "speed": ["speed.py", "--layers", "2", "--d", "32", "--ffn", "64", "--heads", "2",
               "--vocab", "64", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "1",
               "--rows", "1", "4",  # AdaLomo without and with clipping
-              "--microbatches", "2"],
+              "--clip-rows", "2", "3",  # AdaLomo: global (its fused step shared) and adaptive
+              "--microbatches", "2", "--microbatch-transforms", "lomo"],
+    "stability": ["stability.py", "--steps", "6", "--seeds", "0", "--batch", "2", "--seq", "64",
+                  "--adaptive-warmup", "2"],
     "scaling": ["scaling.py", "--target", "rtx4090", "--rows", "tiny-8",
                 "--methods", "LOMO", "AdaLomo, clip 1.0, offload"],
 }
+
+
+def load_benchmark(name):
+    """``benchmarks/NAME.py`` imported into this process (as ``benchmarks_NAME``, with
+    ``benchmarks/`` on the path for its own helpers): a run in-process shares this
+    process's Python and JAX start instead of paying its own."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}",
+                                                  ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def run_in_process(capsys, args):
+    """``main(args[1:])`` of benchmark ``args[0]``, in this process: its stdout."""
+    load_benchmark(args[0].removesuffix(".py")).main(args[1:])
+    return capsys.readouterr().out
 
 
 def run(args):
@@ -92,30 +118,47 @@ def assert_ratio_of_printed_times(a, b, ratio, line, ratio_digits=None):
     assert lo - slack <= ratio <= hi + slack, line
 
 
-def test_speed_benchmark_runs():
-    out = run(RUNS["speed"])
-    fused_vs_unfused, _, accumulation = out.partition("Gradient accumulation")
+def test_speed_benchmark_runs(capsys):
+    """In-process, one compile a step: the fused vs unfused rows asked for (AdaLomo
+    without and with global clipping), the clipping table's AdaLomo rows (global: 2
+    passes, its fused step the first table's; adaptive: 1 pass) and the accumulation
+    row, each ratio the quotient of the times it claims to compare."""
+    out = run_in_process(capsys, RUNS["speed"])
+    fused_vs_unfused, _, rest = out.partition("Clipping's cost")
+    clipping, _, accumulation = rest.partition("Gradient accumulation")
     rows = table_rows(fused_vs_unfused)
-    assert len(rows) == 2, out
+    assert [(cells[0], cells[2]) for cells in rows] == [("adalomo", "-"), ("adalomo", "1.0")], out
     for cells in rows:
         assert_ratio_of_printed_times(float(cells[3]), float(cells[4]),
                                       float(cells[5].split()[0]), cells)
+    rows = table_rows(clipping)
+    assert [cells[:3] for cells in rows] == [["adalomo", "global", "2"],
+                                             ["adalomo", "adaptive", "1"]], out
+    for cells in rows:
+        assert_ratio_of_printed_times(float(cells[3]), float(cells[4]), float(cells[5]), cells)
     rows = table_rows(accumulation)
-    assert [cells[0] for cells in rows] == ["lomo", "adalomo"], out
+    assert [cells[0] for cells in rows] == ["lomo"], out
     for cells in rows:
         assert_ratio_of_printed_times(float(cells[1]), float(cells[2]), float(cells[3]), cells)
 
 
 @pytest.mark.parametrize("target", ["rtx4090", "cpu"])
-def test_memory_benchmark_runs(target):
+def test_memory_benchmark_runs(target, capsys, monkeypatch):
     """The shipped model on a GPU target (deviceless) and on this CPU: one row per
     method asked for (the fused ones also with 2 micro-batches; offloading on the
     GPU target only, a no-op on XLA:CPU), and the fused steps hold less than
-    value_and_grad + AdamW."""
+    value_and_grad + AdamW. The GPU target compiles in this process; the CPU target
+    in its own, since its XLA flag must be set before JAX starts."""
     fused = ("fused AdaLomo, clip 1.0",) + (
         ("fused AdaLomo, clip 1.0, offload",) if target == "rtx4090" else ())
     methods = ["--methods", "inference", "value_and_grad + AdamW", *fused]
-    out = run(RUNS["memory"] + ["--target", target] + methods)
+    args = RUNS["memory"] + ["--target", target] + methods
+    if target == "cpu":
+        out = run(args)
+    else:  # memory.py sets these (if unset) when imported: put back after the test
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+        monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
+        out = run_in_process(capsys, args)
     assert f"target {target}" in out, out
     table = {(cells[3], int(cells[2])): cells for cells in table_rows(out) if cells[0] == "tiny"}
     rows = {k: float(cells[6]) for k, cells in table.items()}
@@ -173,11 +216,11 @@ def test_scaling_benchmark_runs(monkeypatch):
     assert scaling.figures(fake, 1024, "cpu")["bound"] is None
 
 
-def test_precision_benchmark_runs():
+def test_precision_benchmark_runs(capsys):
     """fp32, bf16 nearest, bf16 stochastic from one checkpoint: the columns are the
     ratios they claim, and even 4 steps show nearest losing the update that
     stochastic rounding keeps."""
-    out = run(RUNS["precision"])
+    out = run_in_process(capsys, RUNS["precision"])
     rows = {cells[3]: cells for cells in table_rows(out) if cells[0] == "jax"}
     assert set(rows) == {"fp32", "bf16 nearest", "bf16 stochastic"}, out
     red = {k: float(v[5]) for k, v in rows.items()}
@@ -186,6 +229,39 @@ def test_precision_benchmark_runs():
     assert float(rows["fp32"][7].rstrip("%")) > 99  # fp32: every weight moves every step
     assert red["fp32"] > 0 and red["bf16 stochastic"] > 0.5 * red["fp32"], red
     assert red["bf16 stochastic"] > 2 * max(red["bf16 nearest"], 0.0), red
+
+
+def test_stability_benchmark_runs(capsys, tmp_path):
+    """Plain LOMO with gradient spikes, tiny: the table has a row per arm (none, global
+    with its 2 passes, adaptive) and every column, its numbers are finite but for the
+    unclipped spiked run's (a x1000 spike may wreck it), the plot is written, and at the
+    x1000 spike the unclipped step moves the weights far more than the adaptive one."""
+    results = load_benchmark("stability").main(RUNS["stability"][1:] + ["--out", str(tmp_path)])
+    capsys.readouterr()
+    text = (tmp_path / "stability.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| clipping"))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    assert len(columns) == 11 and "max rel. Δw, loss x1000" in columns, header
+    rows = {cells[0]: cells for cells in table_rows(text) if cells[0] != "clipping"}
+    assert set(rows) == {"none", "global", "adaptive"}, text
+    assert [rows[a][1] for a in ("none", "global", "adaptive")] == ["1", "2", "1"]
+    for arm, cells in rows.items():
+        assert len(cells) == len(columns), cells
+        numbers = [float(c.split(" ± ")[0]) for c in cells[2:]]
+        wrecked = (4, 5, 8, 9) if arm == "none" else ()  # spiked held-out figures, x100, x1000
+        assert all(math.isfinite(x) for i, x in enumerate(numbers, 2) if i not in wrecked), cells
+    assert (tmp_path / "stability.png").stat().st_size > 0
+    spike = {arm: results[arm]["at_spike"]["loss x1000"][0] for arm in results}
+    assert spike["none"] > 10 * spike["adaptive"], spike
+
+
+def test_stability_refuses_a_warmup_past_the_first_spike():
+    """The adaptive arm's warm-up must end by the first spike (else the spike meets the
+    warm-up's absolute bound, not the adaptive rule the benchmark claims to test)."""
+    stability = load_benchmark("stability")
+    with pytest.raises(SystemExit):
+        stability.parse_args(["--steps", "12", "--adaptive-warmup", "5"])
+    assert stability.parse_args(["--steps", "12", "--adaptive-warmup", "4"]).adaptive_warmup == 4
 
 
 def test_packages_import_without_the_other_framework():
