@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from lomo_jax.models import convert, llama  # noqa: E402
+from tests.jax.compile_cache import compiled_afresh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAINED = ROOT / "examples" / "data" / "pretrained"
@@ -267,8 +268,9 @@ def test_checkpoint_maker_is_deterministic(job, tmp_path):
         "make_pretrained", ROOT / "examples" / "data" / "make_pretrained.py")
     maker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(maker)
-    for run in ("a", "b"):
-        maker.make(tmp_path / run, steps=2, size="tiny")
+    with compiled_afresh():  # not loaded from the session's compilation cache
+        for run in ("a", "b"):
+            maker.make(tmp_path / run, steps=2, size="tiny")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
     assert "model.safetensors" in names and "generation_config.json" in names
@@ -415,7 +417,10 @@ def test_bad_data_record_stops_the_job_with_file_and_line(job, tmp_path):
 
 def test_data_arguments_are_checked(job, tmp_path, capsys):
     assert job.parse_args([]).clip_grad_norm == 0.0  # AdaLomo's authors: no clipping
-    assert job.parse_args(["--optimizer", "lomo"]).clip_grad_norm == 1.0
+    # LOMO's default clip: global at norm 1.0, or (issue 31's --clip) LOMO_DEFAULT_CLIP
+    lomo_clip = getattr(job, "LOMO_DEFAULT_CLIP", "global")
+    assert job.parse_args(["--optimizer", "lomo"]).clip_grad_norm == (
+        1.0 if lomo_clip == "global" else 0.0)
     assert job.parse_args(["--clip-grad-norm", "0.5"]).clip_grad_norm == 0.5
     assert "--clip-grad-norm must be >= 0" in refused(job, capsys, ["--clip-grad-norm", "-1"])
     missing = tmp_path / "missing.jsonl"
