@@ -417,10 +417,9 @@ def test_bad_data_record_stops_the_job_with_file_and_line(job, tmp_path):
 
 def test_data_arguments_are_checked(job, tmp_path, capsys):
     assert job.parse_args([]).clip_grad_norm == 0.0  # AdaLomo's authors: no clipping
-    # LOMO's default clip: global at norm 1.0, or (issue 31's --clip) LOMO_DEFAULT_CLIP
-    lomo_clip = getattr(job, "LOMO_DEFAULT_CLIP", "global")
-    assert job.parse_args(["--optimizer", "lomo"]).clip_grad_norm == (
-        1.0 if lomo_clip == "global" else 0.0)
+    # LOMO clips adaptively by default (one pass): no global threshold applies
+    lomo = job.parse_args(["--optimizer", "lomo"])
+    assert (lomo.clip, lomo.clip_grad_norm) == ("adaptive", 0.0)
     assert job.parse_args(["--clip-grad-norm", "0.5"]).clip_grad_norm == 0.5
     assert "--clip-grad-norm must be >= 0" in refused(job, capsys, ["--clip-grad-norm", "-1"])
     missing = tmp_path / "missing.jsonl"
