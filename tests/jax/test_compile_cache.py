@@ -32,6 +32,10 @@ def _compile(events):
 
 def test_second_compile_is_loaded_with_the_same_memory_and_afresh_compiles():
     assert os.environ.get("JAX_COMPILATION_CACHE_DIR"), "the root conftest sets the cache up"
+    # the session stores only compiles of >= 1 s (conftest); this small program is
+    # stored as any compile is when the threshold is 0
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     events = []
     listener = lambda event, **kw: events.append(event)  # noqa: E731
     monitoring.register_event_listener(listener)
@@ -47,3 +51,4 @@ def test_second_compile_is_loaded_with_the_same_memory_and_afresh_compiles():
         assert seen == [HITS]
     finally:
         monitoring.unregister_event_listener(listener)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
