@@ -29,6 +29,7 @@ import numpy as np
 
 from lomo_jax.models.families import FAMILIES
 from lomo_jax.models.hf_config import config_from_hf, config_to_hf
+from lomo_jax.models.lora_config import LoraConfig
 
 __all__ = ["LlamaConfig", "layer_sliding"]
 
@@ -122,6 +123,9 @@ class LlamaConfig:
         stored as canonical JSON text (hashable); read it with
         :attr:`generation_config_dict`. ``None``: built by hand (a save then
         derives one from the token ids, as ``transformers`` does).
+      lora: a :class:`~lomo_jax.models.lora.LoraConfig`: every layer's targeted
+        projections then carry a LoRA adapter (``lora_a``, ``lora_b`` beside
+        the kernel; see :mod:`lomo_jax.models.lora`). ``None``: no adapter.
     """
 
     vocab_size: int = 32000
@@ -158,6 +162,7 @@ class LlamaConfig:
     eos_token_id: Optional[Any] = None
     pad_token_id: Optional[int] = None
     generation_config: Optional[Any] = None
+    lora: Optional[LoraConfig] = None
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -193,6 +198,9 @@ class LlamaConfig:
             )
         if self.sliding_window is not None and int(self.sliding_window) < 1:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}.")
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            raise ValueError(f"lora must be a lomo_jax.models.lora.LoraConfig or None, got "
+                             f"{type(self.lora).__name__}.")
         self._set_layer_types(set_)
         rs = self.rope_scaling
         if isinstance(rs, Mapping):

@@ -43,7 +43,7 @@ _HF_SHARED_FIELDS = (
 #: LlamaConfig fields that say how a model is computed or initialized, not what it is;
 #: and the special tokens (a given ``hf_config``'s are the ones written)
 _NOT_ARCHITECTURE = ("dtype", "param_dtype", "attention_implementation", "initializer_range",
-                     *_TOKEN_FIELDS, "generation_config")
+                     *_TOKEN_FIELDS, "generation_config", "lora")
 
 
 def config_from_hf(hf_config, *, cls, dtype=None, param_dtype=None, generation_config=None):

@@ -125,7 +125,15 @@ def llama_layered_model(config: LlamaConfig):
         lm = llama_layered_model(cfg)
         step = lomo_jax.fused_train_step(lm, lomo_jax.adalomo(1e-3))
         loss = lm.loss(params, batch)     # == llama_loss(cfg, params, batch)
+
+    Raises:
+      ValueError: ``config.lora.dropout > 0`` (LoRA dropout is not applied in training here).
     """
+    if config.lora is not None and config.lora.dropout > 0:
+        raise ValueError(
+            f"config.lora.dropout={config.lora.dropout}: lomo_jax's models do not apply LoRA "
+            f"dropout in training; use LoraConfig(dropout=0.0) (inference with such an "
+            f"adapter is exact: dropout is off there).")
     def embed(p, batch):
         return llama_embed(config, p, batch)
 

@@ -30,6 +30,7 @@ from lomo_jax.embedding import nan_row_ids
 from lomo_jax.models.attention import attention
 from lomo_jax.models.batch import check_batch, layer_context
 from lomo_jax.models.config import _ACTIVATIONS, LlamaConfig, layer_sliding
+from lomo_jax.models.lora_config import LoraLinear
 from lomo_jax.models.embed_head import llama_head, scale_embedding, softcap_logits
 from lomo_jax.models.norm import RMSNorm, rms_norm_module
 from lomo_jax.models.rope import apply_rotary
@@ -38,8 +39,13 @@ __all__ = ["LlamaAttention", "LlamaDecoderLayer", "LlamaForCausalLM", "LlamaMLP"
            "branch_names"]
 
 
-def _linear(config, d_in, d_out, use_bias, rngs):
-    return nnx.Linear(
+def _linear(config, d_in, d_out, use_bias, rngs, name=None):
+    """The projection ``name`` (its Hugging Face module name): a
+    :class:`~lomo_jax.models.lora_config.LoraLinear` when ``config.lora`` targets it."""
+    lora = config.lora
+    targeted = lora is not None and name in lora.targets
+    kw = {"lora": lora} if targeted else {}
+    return (LoraLinear if targeted else nnx.Linear)(
         d_in,
         d_out,
         use_bias=use_bias,
@@ -48,6 +54,7 @@ def _linear(config, d_in, d_out, use_bias, rngs):
         kernel_init=nnx.initializers.normal(config.initializer_range),
         bias_init=nnx.initializers.zeros_init(),
         rngs=rngs,
+        **kw,
     )
 
 
@@ -58,10 +65,10 @@ class LlamaAttention(nnx.Module):
         c = config
         self.config = c
         d, h, k = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        self.q_proj = _linear(c, c.hidden_size, h * d, c.has_qkv_bias, rngs)
-        self.k_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
-        self.v_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs)
-        self.o_proj = _linear(c, h * d, c.hidden_size, c.attention_bias, rngs)
+        self.q_proj = _linear(c, c.hidden_size, h * d, c.has_qkv_bias, rngs, "q_proj")
+        self.k_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs, "k_proj")
+        self.v_proj = _linear(c, c.hidden_size, k * d, c.has_qkv_bias, rngs, "v_proj")
+        self.o_proj = _linear(c, h * d, c.hidden_size, c.attention_bias, rngs, "o_proj")
         if c.qk_norm:
             self.q_norm = rms_norm_module(c, d)
             self.k_norm = rms_norm_module(c, d)
@@ -97,9 +104,9 @@ class LlamaMLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         c = config
         self.act = c.hidden_act
-        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs)
-        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs)
-        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, c.mlp_bias, rngs)
+        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs, "gate_proj")
+        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs, "up_proj")
+        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, c.mlp_bias, rngs, "down_proj")
 
     def __call__(self, x):
         return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,99 @@
+r"""LoRA and LoRA + LOMO on lomo_jax's models: add adapters, train, merge, export.
+
+A config with ``lora=LoraConfig(rank, alpha, targets)`` gives every targeted
+projection :math:`y = x W + \frac{\alpha}{r} (x A) B` (see
+:mod:`lomo_jax.models.lora_config`); the adapters live beside their kernels in
+``params["layers"]`` (``lora_a`` ``[L, d_in, r]``, ``lora_b`` ``[L, r, d_out]``),
+so ``models.logits``, ``models.layered_model``, ``models.generate`` and the
+fused step run unchanged.
+
+Example::
+
+    from lomo_jax.models import lora
+    cfg = cfg.replace(lora=lora.LoraConfig(rank=16, alpha=32, targets=("q_proj", "v_proj")))
+    params = lora.add_adapters(cfg, params, rng=jax.random.key(0))
+    tx = lora.optimizer(base=lomo_jax.adalomo(1e-3), adapters=optax.adamw(1e-4))
+    ...                                      # the fused step, as for any model
+    lora.save_adapter(cfg, params, "out/adapter")      # PEFT's format
+    cfg, params = lora.merge(cfg, params)              # plain weights again
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lomo_jax.models.config import LlamaConfig
+from lomo_jax.models.lora_config import LORA_TARGETS, LoraConfig, kaiming_uniform_a5, lora_path
+from lomo_jax.models.params import check_params, param_shapes
+
+__all__ = ["LORA_TARGETS", "LoraConfig", "add_adapters", "merge"]
+
+
+def _lora_of(cfg: LlamaConfig, what: str) -> LoraConfig:
+    if not isinstance(cfg, LlamaConfig) or cfg.lora is None:
+        raise ValueError(f"{what} needs a config with lora set (cfg.replace(lora=LoraConfig(...))); "
+                         f"got lora={getattr(cfg, 'lora', None)!r}.")
+    return cfg.lora
+
+
+def _copy_tree(tree):
+    """A fresh dict skeleton over the same leaves (the caller's dicts stay untouched)."""
+    return {k: _copy_tree(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def add_adapters(cfg: LlamaConfig, params, *, rng) -> dict:
+    r"""``params`` of the base model (``cfg`` without its lora) plus fresh adapters.
+
+    PEFT's default initialisation: ``lora_a`` :math:`\sim U(\pm 1/\sqrt{d_\mathrm{in}})`
+    (``kaiming_uniform_(a=sqrt(5))``), ``lora_b = 0``, so the logits are those
+    of the base model. Each adapter has the dtype of its kernel; the base
+    arrays are shared, not copied.
+
+    Example::
+
+        cfg = cfg.replace(lora=LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj")))
+        params = add_adapters(cfg, base_params, rng=jax.random.key(0))
+
+    Raises:
+      ValueError: ``cfg`` has no lora, or ``params`` is not the base model of
+        ``cfg`` (names the missing, unexpected or misshapen leaf; params that
+        already carry adapters are refused the same way).
+    """
+    lora = _lora_of(cfg, "add_adapters")
+    check_params(cfg.replace(lora=None), params, "params")
+    shapes = param_shapes(cfg)["layers"]
+    out = _copy_tree(params)
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    for i, target in enumerate(lora.targets):
+        branch, proj = lora_path(target)
+        want = shapes[branch][proj]
+        kernel = params["layers"][branch][proj]["kernel"]
+        a = kaiming_uniform_a5(jax.random.fold_in(key, i), want["lora_a"].shape, kernel.dtype)
+        out["layers"][branch][proj]["lora_a"] = a
+        out["layers"][branch][proj]["lora_b"] = jnp.zeros(want["lora_b"].shape, kernel.dtype)
+    return out
+
+
+def merge(cfg: LlamaConfig, params):
+    r"""``(cfg without lora, params)`` with every adapter folded into its kernel:
+    :math:`W \leftarrow W + \frac{\alpha}{r} A B` (computed in fp32, rounded once
+    to the kernel's dtype), the adapter leaves dropped. The result saves with
+    :func:`lomo_jax.models.convert.save_pretrained` and computes the same
+    logits (up to that one rounding).
+
+    Example::
+
+        cfg, params = merge(cfg, params)
+        convert.save_pretrained(cfg, params, "out/merged")
+    """
+    lora = _lora_of(cfg, "merge")
+    check_params(cfg, params, "params")
+    out = _copy_tree(params)
+    for target in lora.targets:
+        branch, proj = lora_path(target)
+        p = out["layers"][branch][proj]
+        a, b = p.pop("lora_a"), p.pop("lora_b")
+        delta = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32))
+        p["kernel"] = (p["kernel"].astype(jnp.float32) + lora.scale * delta).astype(p["kernel"].dtype)
+    return cfg.replace(lora=None), out

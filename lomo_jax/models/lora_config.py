@@ -1,0 +1,115 @@
+r"""What a LoRA adapter is: :class:`LoraConfig`, and the layer that applies it.
+
+A targeted projection :math:`y = x W + b` becomes
+
+.. math:: y = x W + b + \frac{\alpha}{r} (x A) B, \qquad
+          A \in \mathbb{R}^{d_\mathrm{in} \times r},\ B \in \mathbb{R}^{r \times d_\mathrm{out}}
+
+(PEFT's ``LoraLayer`` with ``use_rslora=False``). :class:`LoraLinear` is
+``nnx.Linear`` with the two extra Params ``lora_a`` and ``lora_b``; the
+decoder builds it for the projections named in ``LoraConfig.targets``, so a
+stacked model's adapters sit beside their kernels in ``params["layers"]``::
+
+    params["layers"]["self_attn"]["q_proj"] == {"kernel": [L, D, H*d],
+                                                "lora_a": [L, D, r], "lora_b": [L, r, H*d]}
+
+Example::
+
+    from lomo_jax.models.lora import LoraConfig
+    cfg = cfg.replace(lora=LoraConfig(rank=8, alpha=16, targets=("q_proj", "v_proj")))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["LORA_TARGETS", "LoraConfig", "LoraLinear", "lora_path"]
+
+#: every projection a LoRA can target (the Hugging Face module name) -> its
+#: branch in a decoder layer's params
+LORA_TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    r"""A LoRA adapter on some projections of every decoder layer.
+
+    Attributes:
+      rank: :math:`r`, the adapter's inner size (a positive int).
+      alpha: :math:`\alpha`; the adapter's output is scaled by :math:`\alpha / r`.
+      targets: the Hugging Face module names of the adapted projections, as
+        PEFT's ``target_modules`` (any of :data:`LORA_TARGETS`); stored sorted.
+      dropout: PEFT's ``lora_dropout``, carried to and from ``adapter_config.json``.
+        Dropout acts in training only, and lomo_jax's models do not apply it:
+        :func:`lomo_jax.models.layered_model` refuses a config with
+        ``dropout > 0`` (inference with such an adapter is exact).
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.rank, numbers.Integral) or isinstance(self.rank, bool) \
+                or self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}.")
+        if not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha) \
+                or self.alpha <= 0:
+            raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}.")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if not targets or unknown:
+            raise ValueError(f"LoraConfig.targets={list(targets)}: each must be one of "
+                             f"{sorted(LORA_TARGETS)} (unknown: {unknown}).")
+        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "targets", tuple(sorted(set(targets))))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+    @property
+    def scale(self) -> float:
+        r""":math:`\alpha / r`."""
+        return self.alpha / self.rank
+
+
+def lora_path(target: str) -> tuple:
+    """The path of ``target``'s projection inside one decoder layer's params,
+    e.g. ``("self_attn", "q_proj")``."""
+    return (LORA_TARGETS[target], target)
+
+
+def kaiming_uniform_a5(key, shape, dtype=jnp.float32):
+    r"""PEFT's initialisation of ``lora_A`` (``kaiming_uniform_(a=sqrt(5))``):
+    :math:`U(-1/\sqrt{d_\mathrm{in}}, 1/\sqrt{d_\mathrm{in}})` for a ``[d_in, r]`` factor."""
+    bound = 1.0 / math.sqrt(shape[-2])
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+class LoraLinear(nnx.Linear):
+    r""":math:`x W + b + \frac{\alpha}{r} (x A) B`: ``nnx.Linear`` plus ``lora_a`` ``[d_in, r]``
+    (PEFT's Kaiming-uniform) and ``lora_b`` ``[r, d_out]`` (zero), so a fresh
+    adapter leaves the output unchanged. The adapter is computed in the
+    layer's ``dtype``."""
+
+    def __init__(self, in_features, out_features, *, lora: LoraConfig, rngs: nnx.Rngs, **kw):
+        super().__init__(in_features, out_features, rngs=rngs, **kw)
+        pdt = kw.get("param_dtype", jnp.float32)
+        self.lora_scale = lora.scale
+        self.lora_a = nnx.Param(kaiming_uniform_a5(rngs.params(), (in_features, lora.rank), pdt))
+        self.lora_b = nnx.Param(jnp.zeros((lora.rank, out_features), pdt))
+
+    def __call__(self, x):
+        y = super().__call__(x)
+        dt = self.dtype or y.dtype
+        a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
+        return y + ((x.astype(dt) @ a) @ b) * jnp.asarray(self.lora_scale, dt)
