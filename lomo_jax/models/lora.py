@@ -20,14 +20,17 @@ Example::
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
+import optax
 
 from lomo_jax.models.config import LlamaConfig
 from lomo_jax.models.lora_config import LORA_TARGETS, LoraConfig, kaiming_uniform_a5, lora_path
 from lomo_jax.models.params import check_params, param_shapes
 
-__all__ = ["LORA_TARGETS", "LoraConfig", "add_adapters", "merge"]
+__all__ = ["LORA_TARGETS", "LoraConfig", "add_adapters", "is_adapter", "merge", "optimizer"]
 
 
 def _lora_of(cfg: LlamaConfig, what: str) -> LoraConfig:
@@ -97,3 +100,41 @@ def merge(cfg: LlamaConfig, params):
         delta = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32))
         p["kernel"] = (p["kernel"].astype(jnp.float32) + lora.scale * delta).astype(p["kernel"].dtype)
     return cfg.replace(lora=None), out
+
+
+def is_adapter(path) -> bool:
+    """Whether the leaf at ``path`` (a ``jax.tree_util`` key path) is a LoRA
+    adapter: some key on it contains ``"lora"``."""
+    return any("lora" in str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "adapters" if is_adapter(path) else "base", params)
+
+
+def optimizer(*, base: Optional[optax.GradientTransformation],
+              adapters: optax.GradientTransformation) -> optax.GradientTransformation:
+    r"""One optax transform for a model with LoRA adapters: ``base`` on the base
+    weights, ``adapters`` on the adapters (the leaves :func:`is_adapter` names).
+
+    * LoRA + LOMO: ``optimizer(base=lomo_jax.adalomo(1e-3), adapters=optax.adamw(1e-4))``.
+    * LoRA only: ``base=None``. The base weights get a zero update (bit-identical
+      after any number of steps) and no optimizer state.
+
+    It is an ``optax.multi_transform`` labelled by leaf name, so it works in any
+    optax loop and in :func:`lomo_jax.fused_train_step` (the labels are read
+    from each unit the step updates; ``adapters`` must be leaf-wise there, as
+    ``optax.adamw`` is). In the fused step the adapters' gradients live only as
+    long as their layer's, like every other gradient, and
+    ``clip_grad_norm``'s norm covers every gradient the step computes: the
+    base weights' and the adapters' (with ``base=None`` too: the frozen
+    weights' gradients count in the norm).
+
+    Example::
+
+        tx = lora.optimizer(base=None, adapters=optax.adamw(1e-4, weight_decay=0.0))
+        opt_state = lomo_jax.fused_init(tx, params)
+    """
+    base = optax.set_to_zero() if base is None else base
+    return optax.multi_transform({"base": base, "adapters": adapters}, _labels)
