@@ -16,7 +16,9 @@ overflowing steps skipped without touching parameters or state and no
 rank; ``state_dict()`` / ``load_state_dict()`` for exact resumption (into an
 optimizer built with the same settings, else a ``ValueError`` naming them);
 ``grad_norm`` returns the global norm; ``fused_backward(loss)`` without an lr
-uses ``param_groups[0]["lr"]`` (LR schedulers); ``remove_hooks()``.
+uses ``param_groups[0]["lr"]`` (LR schedulers); ``remove_hooks()``;
+``exclude=(name, param) -> bool`` leaves parameters (LoRA adapters) to another
+optimizer stepped after ``fused_backward`` (:mod:`lomo_torch._exclude`).
 
 Example::
 

@@ -14,8 +14,10 @@ concept a module: gradient reduction over processes (one process, DDP,
 FSDP2/DTensor: :mod:`lomo_torch._reduction`), the checks before a backward
 (:mod:`lomo_torch._graph_checks`), fp16 loss scaling
 (:mod:`lomo_torch._loss_scaling`), ``state_dict`` (:mod:`lomo_torch._state_dict`),
-argument checks (:mod:`lomo_torch._arguments`) and the adaptive per-tensor
-clipping applied in the hook before the update (:mod:`lomo_torch._adaptive_clip`).
+argument checks (:mod:`lomo_torch._arguments`), the adaptive per-tensor
+clipping applied in the hook before the update (:mod:`lomo_torch._adaptive_clip`)
+and the parameters left unhooked for another optimizer (``exclude=``,
+:mod:`lomo_torch._exclude`).
 
 Example (a subclass; :class:`~lomo_torch.Lomo` is one)::
 
@@ -39,6 +41,7 @@ from torch.optim import Optimizer
 from ._adaptive_clip import AdaptiveClip
 from ._arguments import MIRRORED as _MIRRORED
 from ._arguments import _check_flags, _check_number, _same, check_mirrored, sync_mirrored
+from ._exclude import ExcludedParams, split_excluded
 from ._graph_checks import HookSites, check_graph, check_loss, mark_spent
 from ._loss_scaling import _FP16_SEED_CAP, LossScalingMixin, warn_fp16_clip
 from ._reduction import (_all_reduce_sum, _ddp_type, _dtensor_type, _ShardSpec,
@@ -95,7 +98,7 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
 
     def __init__(self, model, defaults, *, lr, clip_grad_norm, clip_grad_value, weight_decay,
                  skip_nonfinite=False, stochastic_rounding=False, seed=None,
-                 adaptive_clip=(None, 0.98, 100, 1.0)):
+                 adaptive_clip=(None, 0.98, 100, 1.0), exclude=None):
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model (an nn.Module), got {type(model).__name__}"
@@ -111,7 +114,7 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         #: the adaptive clipping rule and its state (:mod:`lomo_torch._adaptive_clip`), or None
         self.adaptive_clipping = _adaptive_clip_rule(adaptive_clip, clip_grad_norm)
         source, dp_group = attach_ddp(model, type(self).__name__)
-        named = self._trainable(model, source)
+        named, excluded = self._trainable(model, source, exclude)
         self.model = model
         self.lr = lr
         self.clip_grad_norm = clip_grad_norm
@@ -137,7 +140,7 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
             "stochastic_rounding": stochastic_rounding, **AdaptiveClip.settings(*adaptive_clip),
             **self._extra_settings()})
         super().__init__([p for _, p in named], defaults)
-        self._index_params(named, source, model, dp_group)
+        self._index_params(named, source, model, dp_group, excluded)
         self._noise = RoundingNoise(self._agreed_seed(seed)) if stochastic_rounding else None
         self._pass = _Pass.IDLE
         self._precision_checked = False
@@ -151,14 +154,16 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         self._step_lr = lr
         self._register_hooks(named)
 
-    def _trainable(self, model, source):
-        """``[(name, parameter)]`` to train: real floating point, requires_grad, tied ones once."""
+    def _trainable(self, model, source, exclude):
+        """``([(name, parameter)] to train, [(name, parameter)] excluded)``: those to
+        train real floating point, requires_grad, not excluded, tied ones once."""
         named = [(n, p) for n, p in source.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError(
                 f"{type(model).__name__} has no trainable parameters (no parameter has "
                 f"requires_grad=True); there is nothing for {type(self).__name__} to optimize"
             )
+        named, excluded = split_excluded(type(self).__name__, named, exclude)
         not_real = [(n, p.dtype) for n, p in named if not p.is_floating_point()]
         if not_real:
             n, dtype = not_real[0]
@@ -167,9 +172,9 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
                 f"{n!r} has dtype {dtype} ({len(not_real)} such parameter(s)). Freeze it "
                 f"(requires_grad_(False)) or keep its real and imaginary parts as two real "
                 f"parameters")
-        return named
+        return named, excluded
 
-    def _index_params(self, named, source, model, dp_group):
+    def _index_params(self, named, source, model, dp_group, excluded):
         """Name lookups, DTensor layouts, the gradient reduction and the hook sites
         checked on every pass."""
         self._named_params = named
@@ -178,7 +183,13 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         #: name -> _ShardSpec for DTensor (FSDP2 / sharded) parameters.
         self._specs = shard_specs(named)
         self._reduction = make_reduction(model, dp_group, self._specs, type(self).__name__)
-        self._hook_sites = HookSites(type(self).__name__, source, named, self._specs)
+        if excluded and (self._specs or shard_specs(excluded)):
+            raise NotImplementedError(f"{type(self).__name__}: exclude= with DTensor (FSDP2) "
+                                      f"parameters is not supported")
+        #: the parameters left to another optimizer (``exclude=``; :mod:`lomo_torch._exclude`)
+        self.excluded = ExcludedParams(self, excluded)
+        self._hook_sites = HookSites(type(self).__name__, source, named, self._specs,
+                                     known=self.excluded.ids)
 
     def _register_hooks(self, named):
         self_ref = weakref.ref(self)
@@ -191,6 +202,7 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
             return hook
 
         self._hook_handles = [p.register_post_accumulate_grad_hook(make_hook(n)) for n, p in named]
+        self._hook_handles += self.excluded.handles
         # Drop the hooks when the optimizer is garbage collected.
         self._hook_finalizer = weakref.finalize(self, _remove_handles, self._hook_handles)
 
@@ -240,6 +252,10 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
                 g.mul_(self._coef_on(g.device))
             self._update(name, p, g)
             self._updated += 1
+
+    def _pass_updates(self):
+        """Whether the running backward is an updating one (the excluded gradients' hooks)."""
+        return self._pass is _Pass.UPDATE
 
     def _coef_on(self, device):
         coef = self._coef_by_device.get(device)
@@ -307,8 +323,12 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         self._pass = mode
         self._reduction.start()
         self._updated = 0
+        # with excluded parameters, only an updating pass reaches (accumulates into) them
+        inputs = None if mode is _Pass.UPDATE or not self.excluded else [
+            p for _, p in self._named_params]
         try:
-            (loss if scale is None else loss.float() * scale).backward(retain_graph=retain_graph)
+            (loss if scale is None else loss.float() * scale).backward(
+                retain_graph=retain_graph, inputs=inputs)
             self._reduction.flush(self._use_grad)
         except BaseException as e:
             self._note_partial_update(e)
@@ -347,6 +367,11 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         in fp16 where the overflow check reads it). Under DDP it is the norm of
         the rank-averaged gradient; under FSDP2 the norm over all shards; either
         way the same on every rank, so all ranks clip and skip alike.
+
+        The norm covers the hooked parameters only: parameters left out by
+        ``exclude=`` are neither in it nor clipped by it, and this pass does not
+        backpropagate to them (``backward(inputs=hooked)``), so their ``.grad``
+        stays bit-for-bit as it was (``None`` too).
         """
         self._norm_ready = self._skip_step = False
         self._norm_loss = self.clip_coef = None
@@ -400,7 +425,9 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         or, with ``skip_nonfinite=True``, because the loss or the gradient norm
         was not finite. Every check runs before the backward: a call that
         refuses changes nothing (a loss whose graph an earlier call freed is
-        refused too).
+        refused too). Parameters left out by ``exclude=``: an update adds their
+        gradient (unscaled, DDP-averaged) to their ``.grad``; a skip leaves
+        their ``.grad`` as it was, and their optimizer should skip this step too.
         """
         self._check_loss(loss, "fused_backward")
         if not self._norm_ready:  # else grad_norm() checked this step's graph

@@ -121,10 +121,11 @@ class HookSites:
     ``sharded``, are left out: FSDP2 itself swaps unsharded ones in around forward
     and backward), and :meth:`check` that they are still the model's."""
 
-    def __init__(self, cls_name, source, named, sharded):
+    def __init__(self, cls_name, source, named, sharded, known=frozenset()):
         self.cls_name, self.source = cls_name, source
         self.hooked = [(n, p) for n, p in named if n not in sharded]
-        self.all_hooked = {id(p) for _, p in named}
+        # trainable but deliberately unhooked (``exclude=``): not "replaced"
+        self.all_hooked = {id(p) for _, p in named} | set(known)
         self.sharded = sharded
         self._find()
 

@@ -81,6 +81,17 @@ class AdaLomo(FusedOptimizer):
             backward (AdaGC), as in :class:`~lomo_torch.Lomo`; off by default (the
             AdaLomo authors use no clipping: the update is RMS-clipped already).
             Not together with ``clip_grad_norm``.
+        exclude: (keyword only) ``(name, param) -> bool``: the parameters left to
+            another optimizer (no hook; their ``.grad`` accumulates, unscaled, not
+            clipped, and the global norm leaves them out), as in
+            :class:`~lomo_torch.Lomo`. LoRA + AdaLomo with PEFT::
+
+                opt = AdaLomo(peft_model, lr, exclude=lambda n, p: "lora_" in n)
+                adamw = torch.optim.AdamW(
+                    [p for n, p in peft_model.named_parameters() if "lora_" in n])
+                if opt.fused_backward(loss, lr):   # False: an fp16 overflow skipped it
+                    adamw.step()
+                adamw.zero_grad()
 
     Resuming, as :class:`~lomo_torch.Lomo`: :meth:`load_state_dict` needs the same
     settings (every argument but ``lr`` and ``seed``: also ``loss_scale``, ``eps``,
@@ -92,7 +103,7 @@ class AdaLomo(FusedOptimizer):
                  decay_rate=-0.8, clip_grad_norm=None, clip_grad_value=None, weight_decay=0.0,
                  *, loss_scale_args=None, skip_nonfinite=False, stochastic_rounding=False,
                  seed=None, adaptive_clip=None, adaptive_clip_decay=0.98,
-                 adaptive_clip_warmup_steps=100, adaptive_clip_absolute=1.0):
+                 adaptive_clip_warmup_steps=100, adaptive_clip_absolute=1.0, exclude=None):
         if loss_scale:
             _check_number("loss_scale", loss_scale, positive=True)
         try:
@@ -119,7 +130,8 @@ class AdaLomo(FusedOptimizer):
                          skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
                          seed=seed, adaptive_clip=(adaptive_clip, adaptive_clip_decay,
                                                    adaptive_clip_warmup_steps,
-                                                   adaptive_clip_absolute))
+                                                   adaptive_clip_absolute),
+                         exclude=exclude)
         self._beta = None
 
     def _extra_settings(self):

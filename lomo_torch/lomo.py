@@ -80,6 +80,17 @@ class Lomo(FusedOptimizer):
         seed: (keyword only) seed of the rounding noise; ``None`` draws one from
             torch's default generator (rank 0's under DDP/FSDP2). ``state_dict()``
             carries it, so a resumed run draws the same bits.
+        exclude: (keyword only) a callable ``(name, param) -> bool`` (names as
+            ``model.named_parameters()`` gives them; under DDP ``model.module``'s):
+            parameters it picks get no hook and are left to another optimizer
+            stepped after :meth:`fused_backward` (LoRA + LOMO: ``exclude=lambda n, p:
+            "lora_" in n``). Their ``.grad`` accumulates as usual: never zeroed,
+            clipped or freed here; :meth:`grad_norm` leaves it as it was and its
+            norm covers the hooked parameters only (``clip_grad_norm`` clips
+            those, not the excluded); an updating :meth:`fused_backward` adds the
+            gradient unscaled (fp16) and averaged over DDP ranks; one that skips
+            (returns False) leaves it as it was: skip the other optimizer's step
+            too. Details: :mod:`lomo_torch._exclude`.
 
     Resuming: :meth:`load_state_dict` needs an optimizer built with the same
     settings as the one that wrote the state_dict (every argument but ``lr`` and
@@ -94,7 +105,7 @@ class Lomo(FusedOptimizer):
                  weight_decay=0.0, loss_scale_args=None, *, skip_nonfinite=False,
                  stochastic_rounding=False, seed=None, adaptive_clip=None,
                  adaptive_clip_decay=0.98, adaptive_clip_warmup_steps=100,
-                 adaptive_clip_absolute=1.0):
+                 adaptive_clip_absolute=1.0, exclude=None):
         if loss_scale_args is not None and not isinstance(loss_scale_args, dict):
             raise TypeError(f"loss_scale_args must be a dict, got {type(loss_scale_args).__name__}")
         self.loss_scale_args = dict(loss_scale_args or {})
@@ -105,7 +116,8 @@ class Lomo(FusedOptimizer):
                          skip_nonfinite=skip_nonfinite, stochastic_rounding=stochastic_rounding,
                          seed=seed, adaptive_clip=(adaptive_clip, adaptive_clip_decay,
                                                    adaptive_clip_warmup_steps,
-                                                   adaptive_clip_absolute))
+                                                   adaptive_clip_absolute),
+                         exclude=exclude)
 
     def _extra_settings(self):
         return {"loss_scale_args": self.loss_scale_args}

@@ -38,6 +38,14 @@ What it does differently from ``Trainer``:
   the optimizer is built on the wrapper, so lomo_torch averages each gradient
   over the ranks in its hook (see :mod:`lomo_torch._reduction`).
 
+* a PEFT model (``peft.get_peft_model``): with its base frozen (PEFT's
+  default) ``lora_only``, the plain ``Trainer`` path trains the adapters with
+  AdamW, LOMO unused; with the base unfrozen LoRA + LOMO, the base by
+  AdaLomo/Lomo (``exclude=`` the adapters) and the adapters by AdamW stepped
+  after the fused backward (:mod:`lomo_torch._trainer_peft`). The log says
+  which mode runs. The limits below are LOMO's; ``lora_only`` is the plain
+  Trainer and skips their checks.
+
 Limits: ``gradient_accumulation_steps`` must be 1 (a LOMO step consumes each
 gradient the moment it is complete, so nothing can be accumulated; use a
 larger batch with ``gradient_checkpointing_enable()``, or lomo_jax's fused
@@ -68,6 +76,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ._fused import FusedOptimizer
+from ._trainer_peft import LORA_ONLY, PeftAdapters, adamw_args
 from .adalomo import AdaLomo
 from .lomo import Lomo
 
@@ -133,13 +142,14 @@ def _parse_optim_args(name: str, optim_args: str | None) -> dict:
     return kwargs
 
 
-def create_lomo_optimizer(model: torch.nn.Module, args) -> FusedOptimizer:
+def create_lomo_optimizer(model: torch.nn.Module, args, exclude=None) -> FusedOptimizer:
     """The lomo_torch optimizer ``LomoTrainer`` builds from ``TrainingArguments``.
 
     ``optim="adalomo"`` -> :class:`~lomo_torch.AdaLomo`, ``optim="lomo"`` ->
     :class:`~lomo_torch.Lomo`, with ``lr=args.learning_rate``,
     ``weight_decay=args.weight_decay``, ``clip_grad_norm=args.max_grad_norm``
-    (None when it is 0 or less) and the keys of ``args.optim_args``.
+    (None when it is 0 or less), the keys of ``args.optim_args`` and ``exclude``
+    (the parameters left to another optimizer).
     """
     name = _optim_name(args)
     max_norm = args.max_grad_norm
@@ -151,6 +161,7 @@ def create_lomo_optimizer(model: torch.nn.Module, args) -> FusedOptimizer:
         lr=args.learning_rate,
         weight_decay=args.weight_decay,
         clip_grad_norm=max_norm if max_norm and max_norm > 0 else None,
+        exclude=exclude,
         **kwargs,
     )
 
@@ -183,12 +194,39 @@ class LomoTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._lomo_grad_norm = None
+        #: a PEFT model's adapters and mode (:mod:`lomo_torch._trainer_peft`), else None
+        self.peft_adapters = PeftAdapters.of(self.model)
+        if self._lora_only:  # the plain Trainer; its AdamW for optim="adalomo"/"lomo"
+            if self.args.optim in _OPTIMIZERS:
+                self.args = adamw_args(self.args)
+            self._say_mode()
+            return
         self._check_setup()
         if self.optimizer is not None:
             self._adopt(self.optimizer)
         else:
             _parse_optim_args(_optim_name(self.args), self.args.optim_args)  # fail early
-        self._lomo_grad_norm = None
+        self._say_mode()
+
+    @property
+    def _lora_only(self) -> bool:
+        """A PEFT model with its base frozen: the plain Trainer path, LOMO unused."""
+        return self.peft_adapters is not None and self.peft_adapters.mode == LORA_ONLY
+
+    def _say_mode(self):
+        peft = self.peft_adapters
+        if peft is None or not self.args.should_log:
+            return
+        if peft.mode == LORA_ONLY:
+            logger.warning("%s: lora_only: the PEFT model's base is frozen, so its %d adapter "
+                           "parameters train through the plain Trainer path with the Trainer's "
+                           "own optimizer (AdamW for optim='adalomo'/'lomo'); LOMO is not used",
+                           type(self).__name__, len(peft.names))
+        else:
+            logger.warning("%s: LoRA + LOMO: %s updates the PEFT model's base inside backward, "
+                           "AdamW its %d adapter parameters after it", type(self).__name__,
+                           str(getattr(self.args.optim, "value", self.args.optim)), len(peft.names))
 
     def _check_setup(self):
         a = self.args
@@ -230,6 +268,8 @@ class LomoTrainerMixin:
                 f"{type(self).__name__} needs a lomo_torch optimizer (Lomo or AdaLomo), "
                 f"got {type(opt).__name__}"
             )
+        if self.peft_adapters is not None:
+            self.peft_adapters.check_excluded(opt, type(self).__name__)
         if self._data_parallel and not isinstance(opt.model, DistributedDataParallel):
             raise ValueError(
                 f"{type(self).__name__} runs {self.args.world_size} processes, but the given "
@@ -279,10 +319,18 @@ class LomoTrainerMixin:
 
     def create_optimizer(self, model=None):
         """Build the lomo_torch optimizer from ``self.args`` (once; on the DDP wrapper
-        when there are several processes)."""
+        when there are several processes). A PEFT model: ``lora_only``, the adapters'
+        optimizer (AdamW for ``optim="adalomo"/"lomo"``); LoRA + LOMO, the fused one
+        excluding the adapters, with the adapters' AdamW attached."""
+        peft = self.peft_adapters
+        if self._lora_only:
+            return super().create_optimizer(model)
         if self.optimizer is None:
-            self.optimizer = create_lomo_optimizer(self._ddp_model(), self.args)
+            self.optimizer = create_lomo_optimizer(self._ddp_model(), self.args,
+                                                   exclude=peft and peft.exclude)
         self._adopt(self.optimizer)
+        if peft is not None and peft.optimizer is None:
+            peft.attach(self.optimizer, peft.build_adamw(self, self.model))
         return self.optimizer
 
     @property
@@ -297,7 +345,11 @@ class LomoTrainerMixin:
 
     # ---------------------------------------------------------- the step
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Forward, then ``grad_norm`` (if needed) and ``fused_backward``; returns the detached loss."""
+        """Forward, then ``grad_norm`` (if needed) and ``fused_backward`` (LoRA + LOMO:
+        then the adapters' AdamW step); returns the detached loss. ``lora_only``: the
+        plain Trainer step."""
+        if self._lora_only:
+            return super().training_step(model, inputs, num_items_in_batch)
         opt = self.lomo_optimizer
         model.train()
         inputs = self._prepare_inputs(inputs)
@@ -313,6 +365,8 @@ class LomoTrainerMixin:
             self._lomo_grad_norm = None
         # The lr the Trainer's scheduler set for this step.
         updated = opt.fused_backward(loss, opt.param_groups[0]["lr"])
+        if self.peft_adapters is not None:
+            self.peft_adapters.step(updated, opt.param_groups[0]["lr"], self.args.max_grad_norm)
         # An fp16 overflow skipped the step: tell accelerate, so that the
         # Trainer does not advance the lr scheduler (as with a GradScaler).
         if hasattr(self.optimizer, "_is_overflow"):
@@ -331,9 +385,13 @@ class LomoTrainerMixin:
     # The gradients are gone by the time the Trainer clips or measures them:
     # report the norm from grad_norm(loss) instead (transformers >= 5 calls these).
     def _clip_grad_norm(self, model):
+        if self._lora_only:
+            return super()._clip_grad_norm(model)
         return self._lomo_grad_norm
 
     def _get_grad_norm(self, model, grad_norm=None):
+        if self._lora_only:
+            return super()._get_grad_norm(model, grad_norm)
         return self._lomo_grad_norm if grad_norm is None else grad_norm
 
 

@@ -87,6 +87,24 @@ def single_process(engine, case):
     return {**res, "params": snapshot(model), "state": opt.state_dict()["state"]}
 
 
+def exclude_run(model, rank=0, world=1):
+    """LoRA + LOMO's pattern on the MLP: Lomo (norm clipping) on all but the head, the
+    head excluded and stepped by AdamW after fused_backward. ``model``: bare or DDP."""
+    module = getattr(model, "module", model)
+    opt = lomo_torch.Lomo(model, lr=LRS[0], clip_grad_norm=0.05,
+                          exclude=lambda n, p: n.startswith("head."))
+    adamw = torch.optim.AdamW(module.head.parameters(), lr=0.01)
+    head_grads = []
+    for (x, y), lr in zip(make_batches("ddp"), LRS):
+        loss = model(x.chunk(world)[rank], y.chunk(world)[rank])
+        opt.grad_norm(loss)
+        opt.fused_backward(loss, lr)
+        head_grads.append(module.head.weight.grad.clone())
+        adamw.step()
+        adamw.zero_grad()
+    return {"params": snapshot(module), "head_grads": head_grads}
+
+
 def run_ddp(rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -104,6 +122,8 @@ def run_ddp(rank, world):
     ddp.require_backward_grad_sync = False  # keep DDP's reducer out of it
     train(ddp, opt, make_batches("ddp"), two_pass, rank, world)
     out["unaveraged"] = {"params": snapshot(ddp.module)}
+    # exclude=: the excluded head's gradients are averaged (DDP's reducer is off), AdamW's
+    out["exclude"] = exclude_run(DDP(make_model("ddp")), rank, world)
 
     # DDP still broadcasts rank 0's buffers before every forward (its reducer is off).
     torch.manual_seed(0)
@@ -164,6 +184,11 @@ def run_fsdp(rank, world):
         out[case] = res
 
     out["hsdp_sr"] = run_hsdp_stochastic(rank, world, batches)
+
+    try:  # exclude= is for replicated (DDP / single-process) parameters
+        lomo_torch.AdaLomo(shard_model(make_model("fsdp")), exclude=lambda n, p: "head" in n)
+    except NotImplementedError as e:
+        out["exclude_error"] = str(e)
 
     # The optimizer must be created after fully_shard (which replaces the parameters).
     model = make_model("fsdp")

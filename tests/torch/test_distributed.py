@@ -92,6 +92,24 @@ def test_ddp_matches_single_process(ranks):
         assert "static_graph=True" in r["static_graph_error"]
 
 
+def test_ddp_with_excluded_parameters(ranks):
+    """Lomo with exclude= on DDP: the excluded head's gradients are rank-averaged (as
+    DDP's own reducer, switched off by lomo_torch, would) before AdamW steps them, the
+    hooked parameters update as before: both == one process on the full batch, and
+    the replicas stay bitwise equal."""
+    ref = dist_worker.exclude_run(dist_worker.make_model("ddp"))
+    runs = [r["ddp"]["exclude"] for r in ranks]
+    for step, expected in enumerate(ref["head_grads"]):
+        for rank, r in enumerate(runs):
+            assert_close_rel(r["head_grads"][step], expected, RTOL, msg=f"step {step} rank {rank}")
+    for name, expected in ref["params"].items():
+        for rank, r in enumerate(runs):
+            assert torch.equal(r["params"][name], runs[0]["params"][name]), (name, rank)
+            assert_close_rel(r["params"][name], expected, 1e-5, msg=f"{name} rank {rank}")
+    for r in ranks:  # FSDP2: refused with a clear error
+        assert "exclude= with DTensor (FSDP2) parameters is not supported" in r["fsdp"]["exclude_error"]
+
+
 def test_fsdp2_shards_match_single_process(ranks):
     """FSDP2 (fully_shard, Shard(0) DTensors, uneven shards for the 17-row embed/head):
     each rank's shard == its slice of the single-process result after 3 steps.
