@@ -112,6 +112,18 @@ def _to_torch(a: np.ndarray):
     return torch.from_numpy(a.copy())
 
 
+def _refuse_lora(cfg: LlamaConfig, what: str) -> None:
+    """``transformers`` checkpoints have no place for LoRA adapters: a config
+    with ``lora`` set is refused (writing it would drop the adapters)."""
+    if getattr(cfg, "lora", None) is not None:
+        raise ValueError(
+            f"{what} writes a plain transformers model, and cfg has LoRA adapters "
+            f"(cfg.lora={cfg.lora!r}), which it would drop: fold them into the weights first "
+            f"with `cfg, params = lomo_jax.models.lora.merge(cfg, params)`, or write the "
+            f"adapter alone in PEFT's format with "
+            f"`lomo_jax.models.lora.save_adapter(cfg, params, path)`.")
+
+
 def params_from_hf(state_dict: Mapping[str, Any], cfg: LlamaConfig, *, dtype=None,
                    strict: bool = True, as_numpy: bool = False,
                    check_finite: bool = True) -> dict:
@@ -154,7 +166,12 @@ def params_to_hf(params, cfg: LlamaConfig, *, include_tied: bool = True, framewo
     Returns:
       ``{name: tensor}`` with ``[out, in]`` Linear weights; loadable with
       ``hf_model.load_state_dict(sd)``.
+
+    Raises:
+      ValueError: ``params`` do not match ``cfg``; ``cfg.lora`` is set (merge
+        the adapters first: ``lomo_jax.models.lora.merge``).
     """
+    _refuse_lora(cfg, "params_to_hf")
     check_params(cfg, params)
     np_params = jax.tree.map(np.asarray, params)
     cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
@@ -283,8 +300,12 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
     ``transformers`` to write the config), and every process returns after
     a barrier once it is done.
 
+    A config with LoRA adapters (``cfg.lora``) is refused: merge them first
+    (``cfg, params = lomo_jax.models.lora.merge(cfg, params)``), or write the
+    adapter alone with ``lomo_jax.models.lora.save_adapter`` (PEFT's format).
+
     Raises:
-      ValueError: ``params`` do not match ``cfg``, ``max_shard_size`` is not
+      ValueError: ``cfg.lora`` is set; ``params`` do not match ``cfg``, ``max_shard_size`` is not
         a positive integer, ``hf_config`` disagrees with ``cfg``, a dtype
         safetensors cannot store (on every process, before anything is
         gathered or written). An error of ``cfg.to_hf()`` is raised on
@@ -293,6 +314,7 @@ def save_pretrained(params, cfg: LlamaConfig, path: str, *, hf_config=None, dtyp
     Returns:
       ``path``.
     """
+    _refuse_lora(cfg, "save_pretrained")
     check_params(cfg, params)
     plan = _save_plan(params, cfg, dtype)
     files = _shard_files(plan, max_shard_size)
