@@ -102,7 +102,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lomo_jax._layout import spec_entry
 from lomo_jax._placement import LayerPlacement, layer_placement  # noqa: F401 (public here)
 from lomo_jax.sharding_mesh import AxisNames, axes_tuple, check_mesh
-from lomo_jax.sharding_params import DEFAULT_MIN_SIZE, param_shardings
+from lomo_jax.sharding_params import DEFAULT_ADAPTER_MIN_SIZE, DEFAULT_MIN_SIZE, param_shardings
 from lomo_jax.sharding_state import state_shardings
 
 __all__ = [
@@ -173,6 +173,7 @@ def fused_shardings(
     fsdp_axis: AxisNames = "fsdp",
     batch_axes: Optional[AxisNames] = None,
     min_size: int = DEFAULT_MIN_SIZE,
+    adapter_min_size: int = DEFAULT_ADAPTER_MIN_SIZE,
     **init_kwargs,
 ) -> FusedShardings:
     r"""All shardings of the fused step for ``{"embed", "layers", "head"}`` params.
@@ -196,14 +197,16 @@ def fused_shardings(
       mesh: a mesh with ``Auto`` axes.
       fsdp_axis: mesh axis (or axes) parameters and state are split over.
       batch_axes: mesh axes the batch is split over (``None``: all of them).
-      min_size: see :func:`param_shardings`.
+      min_size, adapter_min_size: see :func:`param_shardings` (LoRA adapters
+        are replicated below ``adapter_min_size`` elements a layer).
       **init_kwargs: keyword arguments of :func:`lomo_jax.fused_init`
         (``loss_scale``, ``skip_nonfinite``), as used to build the state.
 
     Returns:
       :class:`FusedShardings` ``(params, opt_state, batch)``.
     """
-    p_sh = param_shardings(params, mesh, fsdp_axis=fsdp_axis, min_size=min_size)
+    p_sh = param_shardings(params, mesh, fsdp_axis=fsdp_axis, min_size=min_size,
+                           adapter_min_size=adapter_min_size)
     return FusedShardings(
         params=p_sh,
         opt_state=state_shardings(tx, params, p_sh, **init_kwargs),
@@ -261,6 +264,7 @@ def model_shardings(
     fsdp_axis: AxisNames = "fsdp",
     batch_axes: Optional[AxisNames] = None,
     min_size: int = DEFAULT_MIN_SIZE,
+    adapter_min_size: int = DEFAULT_ADAPTER_MIN_SIZE,
     **init_kwargs,
 ) -> FusedShardings:
     r"""FSDP shardings of the fused step for a model config or its parameters.
@@ -272,7 +276,8 @@ def model_shardings(
     along its first axis after the layer axis (``D`` of ``[L, D, F]`` MLP and
     attention kernels, ``F`` of the down projection), the embedding and LM
     head along ``D`` (see :func:`param_shardings`); norm scales are replicated
-    (below ``min_size``).
+    (below ``min_size``), and so are LoRA adapters (``cfg.lora``) below
+    ``adapter_min_size`` elements a layer.
 
     Example::
 
@@ -284,7 +289,8 @@ def model_shardings(
       :class:`FusedShardings`, as :func:`fused_shardings`.
     """
     return fused_shardings(tx, param_shapes_of(config_or_params), mesh, fsdp_axis=fsdp_axis,
-                           batch_axes=batch_axes, min_size=min_size, **init_kwargs)
+                           batch_axes=batch_axes, min_size=min_size,
+                           adapter_min_size=adapter_min_size, **init_kwargs)
 
 
 #: The LLaMA-family name of :func:`model_shardings` (also

@@ -35,11 +35,23 @@ def _bump_axis(params, k: int):
     return jax.tree.map(bump, params)
 
 
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _param_shaped(node, param_def) -> bool:
+    """``node`` has the structure of the parameters, some leaves perhaps
+    ``optax.MaskedNode`` (the leaves another transform of an
+    ``optax.multi_transform``/``optax.masked`` owns, e.g. a LoRA optimizer's
+    base weights in its adapters' state)."""
+    return jax.tree.structure(node, is_leaf=_is_masked) == param_def
+
+
 def _owned(state, param_def):
     """Flatten ``state`` so that every subtree with the structure of the
     parameters (``mu``, ``v_row``, ... of an optax state) is one leaf."""
     nodes, node_def = jax.tree_util.tree_flatten(
-        [state], is_leaf=lambda node: jax.tree.structure(node) == param_def
+        [state], is_leaf=lambda node: _param_shaped(node, param_def)
     )
     return nodes, node_def
 
@@ -67,15 +79,20 @@ def _unit_shardings(state, probes, params, specs, mesh):
 
     out = []
     for i, node in enumerate(nodes):
-        if jax.tree.structure(node) != param_def:
+        if not _param_shaped(node, param_def):
             # Not parameter-shaped (counts, scales, ...): replicated.
             out.append(jax.tree.map(lambda _: replicated, node))
             continue
         probe_leaves = [
-            None if pn is None else jax.tree.leaves(pn[i]) for pn in probe_nodes
+            None if pn is None else jax.tree.leaves(pn[i], is_leaf=_is_masked)
+            for pn in probe_nodes
         ]
         leaves = []
-        for j, (leaf, p, spec) in enumerate(zip(jax.tree.leaves(node), p_leaves, s_leaves)):
+        node_leaves = jax.tree.leaves(node, is_leaf=_is_masked)
+        for j, (leaf, p, spec) in enumerate(zip(node_leaves, p_leaves, s_leaves)):
+            if _is_masked(leaf):  # another transform's leaf: no array, no sharding
+                leaves.append(leaf)
+                continue
             grown = [None if pl is None else pl[j].shape for pl in probe_leaves]
             leaves.append(
                 NamedSharding(mesh, _state_spec(leaf.shape, grown, p.shape, spec))
@@ -122,7 +139,12 @@ def state_shardings(
     parameter axis gets that axis's mesh axes; which axis it copies is found by
     rebuilding the state with one parameter axis at a time made one longer
     (so a square ``(m, m)`` kernel's ``v_row`` is split like ``m`` rows and its
-    ``v_col`` like the columns, unambiguously). All other leaves (step counts,
+    ``v_col`` like the columns, unambiguously). Subtrees of an
+    ``optax.multi_transform`` or ``optax.masked`` state, where the leaves
+    another transform owns are ``optax.MaskedNode``, are matched the same way
+    (e.g. AdaLomo's statistics of the base weights in
+    ``lomo_jax.models.lora.optimizer(base=lomo_jax.adalomo(..), adapters=..)``
+    follow the base weights). All other leaves (step counts,
     the loss scale, empty placeholders) are replicated. This works for any
     optax transform whose ``init`` builds its state from the parameter shapes
     (LOMO, AdaLomo, SGD, AdamW, Adafactor, chains of them). One limit: when

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import jax
@@ -29,8 +30,11 @@ import optax
 from lomo_jax.models.config import LlamaConfig
 from lomo_jax.models.lora_config import LORA_TARGETS, LoraConfig, kaiming_uniform_a5, lora_path
 from lomo_jax.models.params import check_params, param_shapes
+from lomo_jax.models.peft_adapter import load_adapter, save_adapter
+from lomo_jax.sharding_params import is_adapter
 
-__all__ = ["LORA_TARGETS", "LoraConfig", "add_adapters", "is_adapter", "merge", "optimizer"]
+__all__ = ["LORA_TARGETS", "LoraConfig", "add_adapters", "is_adapter", "load_adapter", "merge",
+           "optimizer", "save_adapter"]
 
 
 def _lora_of(cfg: LlamaConfig, what: str) -> LoraConfig:
@@ -67,7 +71,7 @@ def add_adapters(cfg: LlamaConfig, params, *, rng) -> dict:
     check_params(cfg.replace(lora=None), params, "params")
     shapes = param_shapes(cfg)["layers"]
     out = _copy_tree(params)
-    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    key = jax.random.key(int(rng)) if isinstance(rng, numbers.Integral) else rng
     for i, target in enumerate(lora.targets):
         branch, proj = lora_path(target)
         want = shapes[branch][proj]
@@ -102,15 +106,20 @@ def merge(cfg: LlamaConfig, params):
     return cfg.replace(lora=None), out
 
 
-def is_adapter(path) -> bool:
-    """Whether the leaf at ``path`` (a ``jax.tree_util`` key path) is a LoRA
-    adapter: some key on it contains ``"lora"``."""
-    return any("lora" in str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def _labels(params):
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "adapters" if is_adapter(path) else "base", params)
+
+
+def _frozen() -> optax.GradientTransformation:
+    r"""No state; every update ``-0.0``: :math:`\theta + (-0) = \theta` bit for bit
+    in IEEE arithmetic, ``-0.0`` included (``optax.set_to_zero``'s ``+0.0`` turns a
+    ``-0.0`` weight into ``+0.0``)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def optimizer(*, base: Optional[optax.GradientTransformation],
@@ -119,8 +128,9 @@ def optimizer(*, base: Optional[optax.GradientTransformation],
     weights, ``adapters`` on the adapters (the leaves :func:`is_adapter` names).
 
     * LoRA + LOMO: ``optimizer(base=lomo_jax.adalomo(1e-3), adapters=optax.adamw(1e-4))``.
-    * LoRA only: ``base=None``. The base weights get a zero update (bit-identical
-      after any number of steps) and no optimizer state.
+    * LoRA only: ``base=None``. The base weights get a ``-0.0`` update
+      (bit-identical after any number of steps, ``-0.0`` weights included) and
+      no optimizer state.
 
     It is an ``optax.multi_transform`` labelled by leaf name, so it works in any
     optax loop and in :func:`lomo_jax.fused_train_step` (the labels are read
@@ -136,5 +146,5 @@ def optimizer(*, base: Optional[optax.GradientTransformation],
         tx = lora.optimizer(base=None, adapters=optax.adamw(1e-4, weight_decay=0.0))
         opt_state = lomo_jax.fused_init(tx, params)
     """
-    base = optax.set_to_zero() if base is None else base
+    base = _frozen() if base is None else base
     return optax.multi_transform({"base": base, "adapters": adapters}, _labels)

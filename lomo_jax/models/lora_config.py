@@ -58,18 +58,17 @@ class LoraConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.rank, numbers.Integral) or isinstance(self.rank, bool) \
-                or self.rank < 1:
+        if not _is_number(self.rank, numbers.Integral) or self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}.")
-        if not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha) \
+        if not _is_number(self.alpha, numbers.Real) or not math.isfinite(self.alpha) \
                 or self.alpha <= 0:
             raise ValueError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}.")
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        unknown = [t for t in targets if t not in LORA_TARGETS]
+        targets = _targets_tuple(self.targets)
+        unknown = [t for t in targets if not isinstance(t, str) or t not in LORA_TARGETS]
         if not targets or unknown:
             raise ValueError(f"LoraConfig.targets={list(targets)}: each must be one of "
                              f"{sorted(LORA_TARGETS)} (unknown: {unknown}).")
-        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         object.__setattr__(self, "rank", int(self.rank))
         object.__setattr__(self, "alpha", float(self.alpha))
@@ -80,6 +79,22 @@ class LoraConfig:
     def scale(self) -> float:
         r""":math:`\alpha / r`."""
         return self.alpha / self.rank
+
+
+def _is_number(x, kind) -> bool:
+    """``x`` is a ``kind`` number (``numbers.Integral``/``Real``), not a bool."""
+    return isinstance(x, kind) and not isinstance(x, bool)
+
+
+def _targets_tuple(targets) -> tuple:
+    """``targets`` as a tuple: one name, or an iterable of names."""
+    if isinstance(targets, str):
+        return (targets,)
+    try:
+        return tuple(targets)
+    except TypeError:
+        raise ValueError(f"LoraConfig.targets must be a module name or a sequence of them "
+                         f"(any of {sorted(LORA_TARGETS)}), got {targets!r}.") from None
 
 
 def lora_path(target: str) -> tuple:
