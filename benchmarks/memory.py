@@ -23,9 +23,17 @@ code users train. Methods: inference (the loss, forward only), the fused step
 with LOMO, AdaLomo, AdaLomo with ``clip_grad_norm=1.0`` (each with the batch in
 ``--microbatches`` micro-batches), and
 ``jax.value_and_grad`` (every layer rematerialised, as the fused step does)
-followed by ``optax.adamw``; parameters and state donated throughout.
+followed by ``optax.adamw``; parameters and state donated throughout. LoRA
+(``lomo_jax.models.lora``, rank 16 on every attention and MLP projection):
+``fused LoRA`` (the base frozen, the adapters with AdamW) and ``fused LoRA +
+LOMO`` (the base with LOMO, the adapters with AdamW), both through the fused
+step; beside a ``fused LOMO`` row of the same setting, a second table shows
+what they add to it next to the adapters' own bytes (their parameters and
+AdamW's state, fp32 as `lora.add_adapters` makes them).
 
 Run:  python benchmarks/memory.py --target rtx4090      (about 2 minutes)
+LoRA and LoRA + LOMO beside LOMO, 7B at 8 x 512 and 8B at 1 x 1024:
+      python benchmarks/memory.py --target rtx4090 --lora
 Micro-batches (gradient accumulation inside the fused step), 7B at 32 x 512:
       python benchmarks/memory.py --target rtx4090 --settings 7b-32x512 \\
           --methods "fused LOMO" "fused AdaLomo, clip 1.0" --microbatches 1 4 8 32
@@ -59,7 +67,7 @@ import optax  # noqa: E402
 
 import lomo_jax  # noqa: E402
 from lomo_jax import aot  # noqa: E402
-from lomo_jax.models import llama  # noqa: E402
+from lomo_jax.models import llama, lora  # noqa: E402
 
 GIB = 1024**3
 
@@ -94,6 +102,12 @@ MICROBATCHED = ("fused LOMO", "fused AdaLomo", "fused AdaLomo, clip 1.0",
 # The LOMO paper (Lv et al. 2023, arXiv 2306.09782), Table 1: LLaMA-7B,
 # 8 x 512 tokens, measured on GPU in mixed precision. GB as printed there.
 PAPER = {("7b-8x512", "fused LOMO"): 14.58}
+# LoRA (issue 30): rank 16 on every attention and MLP projection, adapters trained with
+# AdamW; measured at 7B 8 x 512 and 8B 1 x 1024 beside fused LOMO (``--lora``).
+LORA = lora.LoraConfig(rank=16, alpha=32, targets=tuple(lora.LORA_TARGETS))
+LORA_METHODS = ("fused LoRA", "fused LoRA + LOMO")
+LORA_RUN = {"settings": ["7b-8x512", "8b-1x1024"], "methods": ["fused LOMO", *LORA_METHODS]}
+ADAPTERS_TX = optax.adamw(1e-4, weight_decay=0.0)
 
 
 def fused(tx, **kw):
@@ -130,14 +144,32 @@ METHODS = {
     "fused AdaLomo, clip 1.0, offload": fused(lomo_jax.adalomo(1e-5), clip_grad_norm=1.0,
                                               offload_saved_inputs=True),
     "value_and_grad + AdamW": value_and_grad_adamw,
+    "fused LoRA": fused(lora.optimizer(base=None, adapters=ADAPTERS_TX)),
+    "fused LoRA + LOMO": fused(lora.optimizer(base=lomo_jax.lomo(1e-5), adapters=ADAPTERS_TX)),
 }
+DEFAULT_METHODS = [m for m in METHODS if m not in LORA_METHODS]
+
+
+def model_config(setting: str, method: str) -> llama.LlamaConfig:
+    """The model of ``setting``, with :data:`LORA`'s adapters for the LoRA methods."""
+    cfg = MODELS[SETTINGS[setting][0]]
+    return cfg.replace(lora=LORA) if method in LORA_METHODS else cfg
+
+
+def adapter_bytes(cfg: llama.LlamaConfig) -> int:
+    """The adapters' own bytes: their parameters and AdamW's state for them (``mu``,
+    ``nu`` in the adapters' dtype, the step count), from shapes alone."""
+    leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(llama.param_shapes(cfg))
+              if lora.is_adapter(path)]
+    state = jax.eval_shape(ADAPTERS_TX.init, leaves)
+    return sum(x.size * x.dtype.itemsize for x in leaves + jax.tree.leaves(state))
 
 
 def measure(setting: str, method: str, target: str, microbatches: int = 1) -> aot.MemoryFigures:
     """Compiled memory of ``method`` at ``setting`` on ``target``; the fused
     methods with the batch in ``microbatches`` micro-batches."""
-    name, b, t = SETTINGS[setting]
-    cfg = MODELS[name]
+    _, b, t = SETTINGS[setting]
+    cfg = model_config(setting, method)
     mesh = aot.target_mesh(target)
     params = aot.abstract(llama.param_shapes(cfg), mesh)
     batch = aot.abstract({"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32)}, mesh)
@@ -151,19 +183,47 @@ def measure(setting: str, method: str, target: str, microbatches: int = 1) -> ao
     return aot.MemoryFigures.of(lowered.compile())
 
 
+def print_lora_costs(figures: dict) -> None:
+    """What each LoRA step adds to fused LOMO's at the same setting (``figures``: the
+    M = 1 :class:`aot.MemoryFigures` by ``(setting, method)``), beside the adapters' own
+    bytes; nothing without a LoRA row and its LOMO row."""
+    rows = [(s, m) for s, m in figures if m in LORA_METHODS and (s, "fused LOMO") in figures]
+    if not rows:
+        return
+    print("\nWhat LoRA adds to fused LOMO (rank 16 on q, k, v, o, gate, up, down; MiB): "
+          "measured - LOMO is the LoRA step's total minus fused LOMO's; adapters + state are "
+          "the adapters' parameters and their AdamW moments and count.\n")
+    print("| model | batch | method | total | fused LOMO | measured - LOMO | adapters + state "
+          "| difference |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for setting, method in rows:
+        name, b, t = SETTINGS[setting]
+        total, lomo = figures[setting, method].total, figures[setting, "fused LOMO"].total
+        own = adapter_bytes(model_config(setting, method))
+        print(f"| {name} | {b} x {t} | {method} | {total / 2**20:.2f} | {lomo / 2**20:.2f} | "
+              f"{(total - lomo) / 2**20:.2f} | {own / 2**20:.2f} | "
+              f"{(total - lomo - own) / 2**20:+.2f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", choices=("cpu",) + aot.GPU_TARGETS, default=None,
                     help="default: rtx4090 where the CUDA plugin is installed, else cpu")
     ap.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS,
                     choices=list(SETTINGS))
-    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(METHODS),
+                    help="default: all but the LoRA ones")
+    ap.add_argument("--lora", action="store_true",
+                    help=f"the LoRA comparison: settings {' '.join(LORA_RUN['settings'])}, "
+                    f"methods {', '.join(LORA_RUN['methods'])} (overrides both)")
     ap.add_argument("--microbatches", nargs="*", type=int, default=[1], metavar="M",
                     help="micro-batch counts for the fused methods (others: M = 1 only)")
     ap.add_argument("--unit", choices=("GiB", "MiB"), default="GiB")
     ap.add_argument("--keep-licm", action="store_true",
                     help="cpu: keep XLA:CPU's loop-invariant code motion (hoisted f32 weight copies)")
     args = ap.parse_args(argv)
+    if args.lora:
+        args.settings, args.methods = LORA_RUN["settings"], LORA_RUN["methods"]
     target = args.target or default_target()
     unit = GIB if args.unit == "GiB" else 2**20
 
@@ -172,11 +232,14 @@ def main(argv=None):
           f"lomo_jax.models.llama (compile only; nothing allocated). {args.unit}.\n")
     print("| model | batch | micro-batches | method | args | temp | total | host | paper (GB) |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    figures = {}
     for setting in args.settings:
         name, b, t = SETTINGS[setting]
         for method in args.methods:
             for mb in args.microbatches if method in MICROBATCHED else [1]:
                 m = measure(setting, method, target, mb)
+                if mb == 1:
+                    figures[setting, method] = m
                 paper = PAPER.get((setting, method)) if mb == 1 else None
                 print(f"| {name} | {b} x {t} | {mb} | {method} | {m.arguments / unit:.2f} | "
                       f"{m.temporaries / unit:.2f} | {m.total / unit:.2f} | "
@@ -185,6 +248,7 @@ def main(argv=None):
     print(f"\n(compiled in {time.time() - t0:.0f} s. total = args + outputs + temp - aliased, "
           "device memory; host: pinned host memory (the offloaded saved layer inputs). The "
           "paper's figure is measured on a GPU: not the same measurement.)")
+    print_lora_costs(figures)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,15 @@ linearly over ``--warmup-steps`` (default a tenth of the steps) and then
 follows ``--schedule`` (cosine by default; linear; constant), the decaying
 ones down to a tenth of ``--lr`` at the last step.
 
+``--lora RANK`` adds LoRA adapters (``lomo_jax.models.lora``; ``--lora-targets``, default
+``q_proj,v_proj``, or ``all``; ``--lora-alpha``, default 2 x RANK) trained with AdamW at
+``--lora-lr``: with ``--lora-only`` the base weights are frozen (no update, no optimizer
+state: LoRA), else every base weight gets ``--optimizer``'s fused update in the same
+backward (LoRA + LOMO). The run writes the merged model in ``OUT`` and the adapter in PEFT's
+format in ``OUT/adapter`` (on ``--model`` with ``--lora-only``; LoRA + LOMO's adapter sits on
+the base weights the run trained, which only the merged model holds); the report's ``mode``
+says ``lomo``, ``lora`` or ``lora+lomo`` and its ``lora`` the rank, alpha and targets.
+
 ``--checkpoint-every N`` saves, every N steps, the parameters, the optimizer state
 (with the stochastic-rounding key), the step, the data position and the losses so
 far into ``OUT/checkpoints/`` (``lomo_jax.checkpoint.Checkpointer``: orbax,
@@ -100,14 +109,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the finet
 from lomo_jax.models import llama  # noqa: E402
 from finetune.arguments import (  # noqa: E402,F401  (re-exported: tests use them)
     DATA, CORPUS, PRETRAINED, DTYPES, TOKENIZER_FILES, RESUME_FLAGS, CLIP_MODES,
-    LOMO_DEFAULT_CLIP, DEFAULT_CLIP, GLOBAL_CLIP_NORM, parse_args, add_clip_args, check_args,
-    clip_problem, check_data_args, schedule_problem, has_tokenizer, model_dir_problem)
+    LOMO_DEFAULT_CLIP, DEFAULT_CLIP, GLOBAL_CLIP_NORM, DEFAULT_LORA_TARGETS, DEFAULT_LORA_LR,
+    parse_args, add_clip_args, add_lora_args, check_args, clip_problem, lora_problem,
+    check_data_args, schedule_problem, has_tokenizer, model_dir_problem)
 from finetune.corpus import (  # noqa: E402,F401  (re-exported: tests use them)
     TARGET_LINE, corpus_parts, train_tokenizer, load_tokenizer, make_windows, batches,
     load_model, n_params, sample_prompt, load_all, load_jsonl, trained_tokens)
 from finetune.steps import (  # noqa: E402,F401  (re-exported: tests use them)
-    make_schedule, transform, adaptive_clip_warmup, with_clip, unfused_step, build_step,
-    compile_step, step_bytes, memory_report)
+    make_schedule, transform, adaptive_clip_warmup, with_clip, unfused_step, run_transform,
+    build_step, compile_step, step_bytes, memory_report)
+from finetune.lora_mode import (  # noqa: E402,F401  (re-exported: tests use them)
+    run_mode, lora_config, with_adapters, lora_transform, adapter_count, step_label,
+    describe_run, describe_mode, export_note, lora_report, split_for_export)
 from finetune.training import (  # noqa: E402,F401  (re-exported: tests use them)
     KILL_AFTER_STEP, select_device, train_loop, kill_hook, checkpoint_dir, run_flags,
     flags_problem, find_resume, make_saver, data_iterator, run_training)
@@ -125,6 +138,8 @@ def main(argv=None):
     where = select_device(args)
     out = Path(args.out)
     tokenizer, cfg, params, train, held_out, (prompt, sentence) = load_all(args)
+    base = (llama.llama_layered_model(cfg), params) if args.lora is not None else None
+    cfg, params = with_adapters(args, cfg, params)  # --lora: fresh adapters, same logits
     packed, packing, eval_data = load_jsonl(args, tokenizer, cfg)  # fails here on bad data
     if eval_data is not None and eval_data.choices:
         item = eval_data.choices[0]
@@ -134,7 +149,7 @@ def main(argv=None):
     print(f"model: {args.model}, {n_params(params) / 1e6:.2f}M parameters, "
           f"{cfg.num_hidden_layers} layers, {args.dtype} ({args.rounding} rounding); "
           f"fine-tuning data: {describe_data(args, train, held_out, packing)}; "
-          f"optimizer: {args.optimizer}, {describe_clip(args)}, {where}; {describe_batch(args)}")
+          f"{describe_mode(args, params)}, {describe_clip(args)}, {where}; {describe_batch(args)}")
 
     schedule = make_schedule(args.schedule, args.lr, args.steps, args.warmup_steps)
     step, init = build_step(args, lm, schedule)
@@ -146,7 +161,8 @@ def main(argv=None):
     opt_state = init(params)
 
     before = measure(cfg, lm, params, tokenizer, held_out, eval_data, prompt, args.batch_size)
-    memory = {} if args.no_memory_report else memory_report(args, lm, params, batch, schedule, step)
+    memory = {} if args.no_memory_report else memory_report(args, lm, params, batch, schedule,
+                                                            step, base)
     params, run = run_training(args, step, params, opt_state, itertools.chain([batch], data_it),
                                packed, flags, resume)
     after = measure(cfg, lm, params, tokenizer, held_out, eval_data, prompt, args.batch_size)
@@ -156,13 +172,14 @@ def main(argv=None):
         print_memory(args, memory)
 
     save_checkpoint(args, out, params, cfg)
-    report = make_report(args, before, after, run, prompt, packing, memory, t_compile, t_start)
-    title = f"{args.optimizer}, {cfg.num_hidden_layers} layers, {args.dtype}"
+    report = make_report(args, before, after, run, prompt, packing, memory, t_compile, t_start,
+                         params)
+    title = f"{describe_run(args)}, {cfg.num_hidden_layers} layers, {args.dtype}"
     png, report_json = write_results(out, tokenizer, report, lambda path: plot(
         path, run["train_losses"], memory, title, (before["loss"], after["loss"]),
         (before, after), "corpus held-out loss" if args.data else "held-out loss"))
     print(f"\nwrote {png}, {report_json} and a transformers checkpoint in "
-          f"{out}/ (AutoModelForCausalLM.from_pretrained loads it); "
+          f"{out}/ (AutoModelForCausalLM.from_pretrained loads it{export_note(args)}); "
           f"{report['wall_seconds']:.0f} s wall in all")
     return before["loss"], after["loss"]
 

@@ -147,11 +147,13 @@ def test_memory_benchmark_runs(target, capsys, monkeypatch):
     """The shipped model on a GPU target (deviceless) and on this CPU: one row per
     method asked for (the fused ones also with 2 micro-batches; offloading on the
     GPU target only, a no-op on XLA:CPU), and the fused steps hold less than
-    value_and_grad + AdamW. The GPU target compiles in this process; the CPU target
-    in its own, since its XLA flag must be set before JAX starts."""
+    value_and_grad + AdamW (LoRA + LOMO too, on the GPU target, at M = 1 only). The GPU
+    target compiles in this process; the CPU target in its own, since its XLA flag must
+    be set before JAX starts."""
     fused = ("fused AdaLomo, clip 1.0",) + (
         ("fused AdaLomo, clip 1.0, offload",) if target == "rtx4090" else ())
-    methods = ["--methods", "inference", "value_and_grad + AdamW", *fused]
+    lora = ("fused LoRA + LOMO",) if target == "rtx4090" else ()
+    methods = ["--methods", "inference", "value_and_grad + AdamW", *fused, *lora]
     args = RUNS["memory"] + ["--target", target] + methods
     if target == "cpu":
         out = run(args)
@@ -163,9 +165,11 @@ def test_memory_benchmark_runs(target, capsys, monkeypatch):
     table = {(cells[3], int(cells[2])): cells for cells in table_rows(out) if cells[0] == "tiny"}
     rows = {k: float(cells[6]) for k, cells in table.items()}
     assert set(rows) == ({("inference", 1), ("value_and_grad + AdamW", 1)}
-                         | {(m, mb) for m in fused for mb in (1, 2)}), out
+                         | {(m, mb) for m in fused for mb in (1, 2)}
+                         | {(m, 1) for m in lora}), out
     adamw = rows["value_and_grad + AdamW", 1]
     assert rows["inference", 1] < rows["fused AdaLomo, clip 1.0", 1] < adamw, rows
+    assert all(rows["inference", 1] < rows[m, 1] < adamw for m in lora), rows
     assert all(rows[m, mb] < adamw for m in fused for mb in (1, 2)), rows
     # host memory: only the offloading step has any: the saved inputs, 2 x 64 x 64
     # bf16 per layer, 2 layers = 32 KiB (the table is in MiB)
@@ -173,6 +177,30 @@ def test_memory_benchmark_runs(target, capsys, monkeypatch):
     if target == "rtx4090":
         assert [host.pop(("fused AdaLomo, clip 1.0, offload", mb)) for mb in (1, 2)] == [0.03] * 2
     assert set(host.values()) == {0.0}, table
+
+
+def test_memory_benchmark_lora_table(capsys, monkeypatch):
+    """The LoRA table (no compile here): the adapters' own bytes, from shapes, are rank 16
+    on the tiny model's seven projections, parameters and AdamW's two moments in bf16 plus
+    its int32 count; "measured - LOMO" and "difference" are the differences of the
+    figures given; no fused LOMO row of the same setting, no table."""
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+    monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
+    memory = load_benchmark("memory")
+    cfg = memory.model_config("tiny", "fused LoRA")
+    assert memory.model_config("tiny", "fused LOMO").lora is None
+    d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+    per_layer = 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)  # q, o; k, v; gate, up, down
+    own = cfg.num_hidden_layers * per_layer * 4 * 3 + 4  # fp32 adapters (PEFT's autocast), mu, nu
+    assert memory.adapter_bytes(cfg) == own
+    mib, figures = 2**20, memory.aot.MemoryFigures
+    memory.print_lora_costs({("tiny", "fused LoRA"): figures(3 * mib, 0, 2 * mib, 0)})
+    assert capsys.readouterr().out == ""
+    memory.print_lora_costs({("tiny", "fused LOMO"): figures(10 * mib, mib, 5 * mib, mib),
+                             ("tiny", "fused LoRA"): figures(11 * mib, mib, 5 * mib, mib)})
+    (row,) = [cells for cells in table_rows(capsys.readouterr().out) if cells[0] == "tiny"]
+    assert row == ["tiny", "2 x 64", "fused LoRA", "16.00", "15.00", "1.00", f"{own / mib:.2f}",
+                   f"{(mib - own) / mib:+.2f}"]
 
 
 SCALING_ROW = re.compile(r"^\| tiny \| 8 \| 64 \| (LOMO|AdaLomo, clip 1\.0(?:, offload)?) "

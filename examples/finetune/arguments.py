@@ -9,6 +9,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from lomo_jax.models.lora_config import LORA_TARGETS
+
 DESCRIPTION = "The main job: fine-tune a small pretrained LLaMA with the fused AdaLomo step, on the CPU."
 DATA = Path(__file__).resolve().parents[1] / "data"
 CORPUS = DATA / "corpus.txt"
@@ -18,11 +20,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # the flags a resumed run must share with the checkpoint's run (they change the math)
 RESUME_FLAGS = ("model", "tokenizer", "data", "optimizer", "steps", "epochs", "schedule",
                 "warmup_steps", "lr", "clip", "clip_grad_norm", "adaptive_clip_warmup", "dtype",
-                "rounding", "batch_size", "microbatches", "seq_len", "seed", "device")
+                "rounding", "batch_size", "microbatches", "seq_len", "seed", "device",
+                "lora", "lora_alpha", "lora_targets", "lora_only", "lora_lr")
 CLIP_MODES = ("none", "global", "adaptive")
 LOMO_DEFAULT_CLIP = "adaptive"  # set from benchmarks/stability.py (issue 31)
 DEFAULT_CLIP = {"adalomo": "none", "lomo": LOMO_DEFAULT_CLIP, "adamw": "global"}
 GLOBAL_CLIP_NORM = 1.0  # --clip global's threshold unless --clip-grad-norm says otherwise
+DEFAULT_LORA_TARGETS = "q_proj,v_proj"
+DEFAULT_LORA_LR = 3e-3
 
 
 def parse_args(argv=None):
@@ -54,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: 3e-2 adalomo, 3e-2 lomo, 3e-3 adamw)")
     add_clip_args(p)
+    add_lora_args(p)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                    help="parameter dtype (fp16 turns on dynamic loss scaling)")
     p.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
@@ -100,6 +106,66 @@ def add_clip_args(p):
                    "at least 1)")
 
 
+def add_lora_args(p):
+    """``--lora RANK``, ``--lora-alpha``, ``--lora-targets``, ``--lora-only`` and ``--lora-lr``
+    (see :func:`lora_problem`)."""
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="train LoRA adapters of this rank beside the base weights: with "
+                   "--lora-only the base is frozen (LoRA), else every base weight gets "
+                   "--optimizer's fused update in the same backward (LoRA + LOMO). Writes "
+                   "the merged model in OUT and the adapter (PEFT's format) in OUT/adapter")
+    p.add_argument("--lora-alpha", type=float, default=None, metavar="ALPHA",
+                   help="the adapters' output is scaled by ALPHA / RANK (default 2 x RANK, "
+                   "a scale of 2, the common choice)")
+    p.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help="comma-separated projections to adapt, of "
+                   f"{','.join(LORA_TARGETS)}, or 'all' (default {DEFAULT_LORA_TARGETS}: "
+                   "PEFT's default for LLaMA, the LoRA paper's and the original LOMO "
+                   "repository's LoRA + LOMO choice; with --lora-only, 'all' adapts more, "
+                   "as QLoRA recommends)")
+    p.add_argument("--lora-only", action="store_true",
+                   help="freeze the base weights (no update, no optimizer state): only the "
+                   "adapters train")
+    p.add_argument("--lora-lr", type=float, default=None, metavar="LR",
+                   help=f"the adapters' AdamW peak learning rate, on --schedule (default "
+                   f"{DEFAULT_LORA_LR:g}: the job's AdamW rate for this small model, where it "
+                   "beats 1e-3 (held-out 4.44 against 4.88 with --lora 8 --lora-only); LoRA "
+                   "wants a rate at least full fine-tuning's: for 7B models 1e-4 to 5e-4, the "
+                   "original LOMO repository's LoRA + LOMO rate)")
+
+
+def lora_problem(args):
+    """Fill in ``--lora-alpha``, ``--lora-targets`` (a sorted list of projection names) and
+    ``--lora-lr`` for a ``--lora`` run, or say which LoRA flag is wrong or contradicts
+    another. Without ``--lora`` the other LoRA flags are refused, and stay None/False."""
+    given = [f for f, v in (("--lora-alpha", args.lora_alpha), ("--lora-targets",
+             args.lora_targets), ("--lora-only", args.lora_only), ("--lora-lr", args.lora_lr))
+             if v not in (None, False)]
+    if args.lora is None:
+        return f"{given[0]} is a LoRA flag: pass --lora RANK with it" if given else None
+    if args.lora < 1:
+        return f"--lora RANK must be >= 1, got {args.lora}"
+    if args.optimizer == "adamw":
+        return ("--lora trains through the fused step: --optimizer adalomo or lomo (the "
+                "base's optimizer; with --lora-only the base is frozen)")
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora
+    elif not args.lora_alpha > 0:
+        return f"--lora-alpha must be positive, got {args.lora_alpha}"
+    names = DEFAULT_LORA_TARGETS if args.lora_targets is None else args.lora_targets
+    names = list(LORA_TARGETS) if names == "all" else [n.strip() for n in names.split(",")]
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown or not names:
+        return (f"--lora-targets {args.lora_targets}: unknown {unknown}; each must be one "
+                f"of {','.join(LORA_TARGETS)}, or all")
+    args.lora_targets = sorted(set(names))
+    if args.lora_lr is None:
+        args.lora_lr = DEFAULT_LORA_LR
+    elif not args.lora_lr > 0:
+        return f"--lora-lr must be positive, got {args.lora_lr}"
+    return None
+
+
 def check_args(p, args):
     if args.lr is None:
         args.lr = 3e-3 if args.optimizer == "adamw" else 3e-2
@@ -107,9 +173,9 @@ def check_args(p, args):
         args.batch_size, args.seq_len = 4, 32
     if args.checkpoint_every < 0:
         p.error(f"--checkpoint-every must be >= 0 (0: never), got {args.checkpoint_every}")
-    problem = clip_problem(args)
-    if problem:
-        p.error(problem)
+    for problem in (clip_problem(args), lora_problem(args)):
+        if problem:
+            p.error(problem)
     check_data_args(p, args)
     if args.steps is None and args.epochs is None:
         args.steps = 6 if args.tiny else 100

@@ -13,6 +13,7 @@ import numpy as np
 
 from lomo_jax.models import convert, generate, scoring
 
+from finetune.lora_mode import lora_report, split_for_export
 from finetune.steps import adaptive_clip_warmup
 
 MIB = 1024**2
@@ -113,9 +114,11 @@ def print_memory(args, memory):
 def save_checkpoint(args, out, params, cfg):
     """The fine-tuned weights in a checkpoint like ``--model``'s: its ``config.json`` (token
     ids kept) and its ``generation_config.json`` (which ``cfg`` carries); ``save_pretrained``
-    renames each file into place once written, the weights' index last."""
+    renames each file into place once written, the weights' index last. A ``--lora`` model
+    writes its adapter to ``out/adapter`` first and saves merged (``split_for_export``)."""
     import transformers
 
+    cfg, params = split_for_export(args, out, cfg, params)
     hf_config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
     convert.save_pretrained(params, cfg, str(out), hf_config=hf_config)
 
@@ -179,9 +182,12 @@ def print_results(args, before, after, run, prompt, sentence, t_compile):
           f"(the step was compiled ahead of time in {t_compile:.1f} s)")
 
 
-def make_report(args, before, after, run, prompt, packing, memory, t_compile, t_start):
+def make_report(args, before, after, run, prompt, packing, memory, t_compile, t_start,
+                params=None):
+    """The report JSON's fields (``mode`` and ``lora`` from ``lora_report(args, params)``)."""
     packed = packing or {}
-    return {"args": vars(args), "loss_before": before["loss"], "loss_after": after["loss"],
+    return {"args": vars(args), **lora_report(args, params),
+            "loss_before": before["loss"], "loss_after": after["loss"],
             "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
             "choice_accuracy_before": before["accuracy"],
             "choice_accuracy_after": after["accuracy"],

@@ -9,6 +9,9 @@ import optax
 import lomo_jax
 from lomo_jax import aot
 
+from finetune.lora_mode import lora_transform, step_label
+
+
 def make_schedule(kind, lr, steps, warmup=None):
     """Linear warmup from 0 over ``warmup`` steps (default ``max(1, steps // 10)``), then
     ``kind``: ``cosine``/``linear`` decay to ``lr / 10`` at the last step, or ``constant``."""
@@ -71,9 +74,19 @@ def unfused_step(lm, tx, clip):
     return jax.jit(step, donate_argnums=(0, 1)), tx.init
 
 
+def run_transform(args, schedule):
+    """``--optimizer``'s transform at ``schedule``; with ``--lora``, inside
+    ``lora.optimizer`` beside the adapters' AdamW at ``--lora-lr`` (same schedule shape)."""
+    tx = transform(args.optimizer, schedule)
+    if args.lora is None:
+        return tx
+    adapters = make_schedule(args.schedule, args.lora_lr, args.steps, args.warmup_steps)
+    return lora_transform(args, tx, adapters)
+
+
 def build_step(args, lm, schedule):
     fused = args.optimizer != "adamw"
-    tx, clip = with_clip(args, transform(args.optimizer, schedule), fused)
+    tx, clip = with_clip(args, run_transform(args, schedule), fused)
     if not fused:
         return unfused_step(lm, tx, clip)
     step = lomo_jax.fused_train_step(lm, tx, clip_grad_norm=clip, rounding=args.rounding,
@@ -95,12 +108,17 @@ def step_bytes(compiled):
     return m.total, m.temporaries
 
 
-def memory_report(args, lm, params, batch, schedule, compiled):
+def memory_report(args, lm, params, batch, schedule, compiled, base=None):
     """Compiled memory of the fused steps against whole-model gradients, each with
-    ``args.clip`` (``compiled``: the training step already compiled for ``args.optimizer``)."""
+    ``args.clip`` (``compiled``: the training step already compiled for ``args.optimizer``).
+    A ``--lora`` run passes ``base``, ``(lm, params)`` of the model without adapters: its
+    own step comes first (:func:`step_label`), the other rows are the base model's."""
     rows = {}
+    if base is not None:
+        rows[step_label(args)] = step_bytes(compiled)
+        lm, params = base
     for label, name in (("fused AdaLomo", "adalomo"), ("fused LOMO", "lomo")):
-        if name == args.optimizer:
+        if name == args.optimizer and base is None:
             rows[label] = step_bytes(compiled)
             continue
         tx, clip = with_clip(args, transform(name, schedule), fused=True)

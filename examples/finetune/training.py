@@ -17,6 +17,9 @@ from finetune.arguments import RESUME_FLAGS
 from finetune.corpus import batches, trained_tokens
 
 KILL_AFTER_STEP = "LOMO_EXAMPLES_KILL_AFTER_STEP"  # tests: SIGKILL this run after that step
+# the LoRA flags of a run without --lora (what a checkpoint saved before them means)
+NO_LORA = {"lora": None, "lora_alpha": None, "lora_targets": None, "lora_only": False,
+           "lora_lr": None}
 
 
 def select_device(args):
@@ -86,6 +89,7 @@ def flags_problem(saved, now):
     if "clip" not in saved:  # a checkpoint from before --clip: --clip-grad-norm said it
         saved = {**saved, "clip": "global" if saved.get("clip_grad_norm") else "none",
                  "adaptive_clip_warmup": None}
+    saved = {**NO_LORA, **saved}  # a checkpoint from before --lora: a run without it
     for k in RESUME_FLAGS:
         if saved.get(k) != now[k]:
             return (f"--{k.replace('_', '-')} was {saved.get(k)!r} in the checkpointed run, "

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from lomo_jax.models.config import LlamaConfig
-from lomo_jax.models.lora_config import LORA_TARGETS, LoraConfig, kaiming_uniform_a5, lora_path
+from lomo_jax.models.lora_config import (LORA_TARGETS, LoraConfig, adapter_dtype,
+                                          kaiming_uniform_a5, lora_path)
 from lomo_jax.models.params import check_params, param_shapes
 from lomo_jax.models.peft_adapter import load_adapter, save_adapter
 from lomo_jax.sharding_params import is_adapter
@@ -54,7 +55,8 @@ def add_adapters(cfg: LlamaConfig, params, *, rng) -> dict:
 
     PEFT's default initialisation: ``lora_a`` :math:`\sim U(\pm 1/\sqrt{d_\mathrm{in}})`
     (``kaiming_uniform_(a=sqrt(5))``), ``lora_b = 0``, so the logits are those
-    of the base model. Each adapter has the dtype of its kernel; the base
+    of the base model. Each adapter is fp32, or its kernel's dtype if wider (PEFT's
+    ``autocast_adapter_dtype``: a bf16 adapter would lose AdamW's small updates); the base
     arrays are shared, not copied.
 
     Example::
@@ -76,9 +78,10 @@ def add_adapters(cfg: LlamaConfig, params, *, rng) -> dict:
         branch, proj = lora_path(target)
         want = shapes[branch][proj]
         kernel = params["layers"][branch][proj]["kernel"]
-        a = kaiming_uniform_a5(jax.random.fold_in(key, i), want["lora_a"].shape, kernel.dtype)
+        dt = adapter_dtype(kernel.dtype)
+        a = kaiming_uniform_a5(jax.random.fold_in(key, i), want["lora_a"].shape, dt)
         out["layers"][branch][proj]["lora_a"] = a
-        out["layers"][branch][proj]["lora_b"] = jnp.zeros(want["lora_b"].shape, kernel.dtype)
+        out["layers"][branch][proj]["lora_b"] = jnp.zeros(want["lora_b"].shape, dt)
     return out
 
 

@@ -103,6 +103,13 @@ def lora_path(target: str) -> tuple:
     return (LORA_TARGETS[target], target)
 
 
+def adapter_dtype(kernel_dtype) -> jnp.dtype:
+    """An adapter's dtype beside a ``kernel_dtype`` kernel: fp32 at least (PEFT's
+    ``autocast_adapter_dtype``: bf16/fp16 adapters would lose AdamW's small
+    updates to rounding); the adapters are cast to the compute dtype in the forward."""
+    return jnp.promote_types(kernel_dtype, jnp.float32)
+
+
 def kaiming_uniform_a5(key, shape, dtype=jnp.float32):
     r"""PEFT's initialisation of ``lora_A`` (``kaiming_uniform_(a=sqrt(5))``):
     :math:`U(-1/\sqrt{d_\mathrm{in}}, 1/\sqrt{d_\mathrm{in}})` for a ``[d_in, r]`` factor."""
@@ -112,13 +119,14 @@ def kaiming_uniform_a5(key, shape, dtype=jnp.float32):
 
 class LoraLinear(nnx.Linear):
     r""":math:`x W + b + \frac{\alpha}{r} (x A) B`: ``nnx.Linear`` plus ``lora_a`` ``[d_in, r]``
-    (PEFT's Kaiming-uniform) and ``lora_b`` ``[r, d_out]`` (zero), so a fresh
+    (PEFT's Kaiming-uniform) and ``lora_b`` ``[r, d_out]`` (zero; both fp32 at least,
+    see :func:`adapter_dtype`), so a fresh
     adapter leaves the output unchanged. The adapter is computed in the
     layer's ``dtype``."""
 
     def __init__(self, in_features, out_features, *, lora: LoraConfig, rngs: nnx.Rngs, **kw):
         super().__init__(in_features, out_features, rngs=rngs, **kw)
-        pdt = kw.get("param_dtype", jnp.float32)
+        pdt = adapter_dtype(kw.get("param_dtype", jnp.float32))
         self.lora_scale = lora.scale
         self.lora_a = nnx.Param(kaiming_uniform_a5(rngs.params(), (in_features, lora.rank), pdt))
         self.lora_b = nnx.Param(jnp.zeros((lora.rank, out_features), pdt))

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from lomo_jax._files import write_atomically
 from lomo_jax.models.config import LlamaConfig
 from lomo_jax.models.hf_names import _fused_parts
-from lomo_jax.models.lora_config import LORA_TARGETS, LoraConfig, lora_path
+from lomo_jax.models.lora_config import LORA_TARGETS, LoraConfig, adapter_dtype, lora_path
 from lomo_jax.models.params import check_params, param_shapes
 from lomo_jax.models.safetensors_load import _finite_source, load_safetensors
 from lomo_jax.models.safetensors_save import _ST_DTYPES, _Out, _to_host, _write_safetensors
@@ -281,8 +281,8 @@ def load_adapter(path: str, cfg: LlamaConfig, params):
     ``r``, ``lora_alpha``, ``target_modules`` and ``lora_dropout`` become the
     :class:`LoraConfig` (``dropout``: see its docstring), each
     ``lora_A.weight`` ``[r, d_in]`` / ``lora_B.weight`` ``[d_out, r]`` a layer
-    of ``lora_a`` ``[L, d_in, r]`` / ``lora_b`` ``[L, r, d_out]``, cast to its
-    kernel's dtype (on the default device). The base arrays are shared, not copied.
+    of ``lora_a`` ``[L, d_in, r]`` / ``lora_b`` ``[L, r, d_out]``, in fp32 or
+    its kernel's dtype if wider (on the default device). The base arrays are shared, not copied.
 
     Example::
 
@@ -317,7 +317,7 @@ def load_adapter(path: str, cfg: LlamaConfig, params):
     out = jax.tree.map(lambda a: a, params)  # fresh dicts, the same arrays
     for (target, leaf), mats in layers.items():
         branch, proj = lora_path(target)
-        dtype = params["layers"][branch][proj]["kernel"].dtype
+        dtype = adapter_dtype(params["layers"][branch][proj]["kernel"].dtype)
         out["layers"][branch][proj][leaf] = jnp.asarray(np.stack(mats), dtype)
     check_params(cfg, out, "params")
     return cfg, out
