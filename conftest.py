@@ -20,6 +20,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 STRICT = not os.environ.get("LOMO_ALLOW_MISSING_DEPS")
 
 
+def _quick_cpu_codegen():
+    """XLA:CPU's LLVM backend at -O0 for the session and its subprocesses (set before
+    JAX starts, so in-process and subprocess programs are built alike). The tests'
+    programs are tiny and compiled once or twice each, so compile time dominates: CPU
+    seconds, ``pytest -n 0``, without/with the flag: tests/jax/test_microbatches.py
+    203.6/170.0, tests/test_benchmarks.py -k speed 93.7/59.6. Only code generation
+    changes: the HLO, its buffer assignment and so every ``memory_analysis()`` figure
+    are the same (tests/jax/test_fused_memory.py, test_fsdp_memory.py, test_soak.py,
+    test_reliability.py, test_checkpoint.py pass with it). A flag already given wins."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
+_quick_cpu_codegen()
+
+
 def _share_compilation_cache():
     """One persistent XLA compilation cache for the whole test session: the xdist workers
     and every subprocess a test starts (the main job, the examples, the multi-device

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
+
+from ._arguments import _check_number
 
 __all__ = ["AdaptiveClip", "DEFAULTS", "check_adaptive_clip"]
 
@@ -41,12 +44,21 @@ DEFAULTS = {"adaptive_clip_decay": 0.98, "adaptive_clip_warmup_steps": 100,
             "adaptive_clip_absolute": 1.0}
 
 
-def _real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+# each keyword's name in its errors, with the values it takes
+_NAMES = {"relative": "adaptive_clip (the relative bound: a finite number > 0)",
+          "decay": "adaptive_clip_decay (a number in [0, 1))",
+          "warmup_steps": "adaptive_clip_warmup_steps (an int >= 1: the relative rule needs a "
+                          "history)",
+          "absolute": "adaptive_clip_absolute (None or a finite number > 0)"}
 
 
 def check_adaptive_clip(relative, decay, warmup_steps, absolute):
-    """Refuse bad adaptive-clipping arguments with an error naming the keyword."""
+    """Refuse bad adaptive-clipping arguments with :func:`_check_number`'s error naming
+    the keyword and the values it takes; always a ValueError, as these keywords have
+    been refused since they came (its TypeError is raised as a ValueError).
+
+    Example: ``check_adaptive_clip(1.05, 1.0, 100, 1.0)`` raises "adaptive_clip_decay
+    (a number in [0, 1)) must be below 1, got 1.0"."""
     if relative is None:
         given = {k: v for k, v in zip(DEFAULTS, (decay, warmup_steps, absolute))
                  if v != DEFAULTS[k] or type(v) is not type(DEFAULTS[k])}
@@ -55,19 +67,26 @@ def check_adaptive_clip(relative, decay, warmup_steps, absolute):
                              f"without adaptive_clip (None: off); pass adaptive_clip=1.05 to turn "
                              f"adaptive clipping on")
         return
-    if not (_real(relative) and math.isfinite(relative) and relative > 0):
-        raise ValueError(f"adaptive_clip (the relative bound) must be a finite number > 0, "
-                         f"got {relative!r}")
-    if not (_real(decay) and 0 <= decay < 1):
-        raise ValueError(f"adaptive_clip_decay must be a number in [0, 1), got {decay!r}")
-    if not (isinstance(warmup_steps, numbers.Integral) and not isinstance(warmup_steps, bool)
-            and warmup_steps >= 1):
-        raise ValueError(f"adaptive_clip_warmup_steps must be an int >= 1 (the relative rule "
-                         f"needs a history), got {warmup_steps!r}")
-    if absolute is not None and not (_real(absolute) and math.isfinite(absolute)
-                                     and absolute > 0):
-        raise ValueError(f"adaptive_clip_absolute must be None or a finite number > 0, "
-                         f"got {absolute!r}")
+    try:
+        _check_number(_NAMES["relative"], relative, positive=True, tensor=False)
+        if not _check_number(_NAMES["decay"], decay, non_negative=True, tensor=False) < 1:
+            raise ValueError(f"{_NAMES['decay']} must be below 1, got {decay}")
+        _check_number(_NAMES["warmup_steps"], warmup_steps, positive=True, integer=True,
+                      tensor=False)
+        _check_number(_NAMES["absolute"], absolute, positive=True, optional=True, tensor=False)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+
+
+class _Constants(NamedTuple):
+    """:meth:`AdaptiveClip.clip_`'s fp32 constants on one device, made once."""
+
+    one: torch.Tensor
+    inf: torch.Tensor  # gamma before a parameter's first step
+    absolute: torch.Tensor  # the warm-up bound (+inf when absolute is None)
+    relative: torch.Tensor
+    decay: torch.Tensor
+    keep: torch.Tensor  # 1 - decay, rounded from float64 as ``x * (1 - decay)`` does
 
 
 class AdaptiveClip:
@@ -81,6 +100,7 @@ class AdaptiveClip:
         self.absolute = None if absolute is None else float(absolute)
         self.count = 0
         self.norm_ema = {}
+        self._constants = {}  # device -> _Constants
 
     @classmethod
     def build(cls, relative, decay, warmup_steps, absolute):
@@ -96,29 +116,46 @@ class AdaptiveClip:
         return {"adaptive_clip": relative, "adaptive_clip_decay": decay,
                 "adaptive_clip_warmup_steps": warmup_steps, "adaptive_clip_absolute": absolute}
 
+    def _on(self, device):
+        """The :class:`_Constants` on ``device`` (made at its first use there)."""
+        consts = self._constants.get(device)
+        if consts is None:
+            absolute = math.inf if self.absolute is None else self.absolute
+            values = (1.0, math.inf, absolute, self.relative, self.decay, 1 - self.decay)
+            consts = self._constants[device] = _Constants(
+                *(torch.tensor(v, dtype=torch.float32, device=device) for v in values))
+        return consts
+
     @torch.no_grad()
     def clip_(self, name, g, norm):
         """Scale fp32 gradient ``g`` in place by :math:`h_t` and update :math:`\\gamma`
-        of parameter ``name``; ``norm`` is the whole tensor's :math:`\\|g\\|_2` (0-d)."""
-        gamma = self.norm_ema.get(name)
-        if gamma is None:
-            gamma = torch.full((), math.inf, dtype=torch.float32, device=norm.device)
+        of parameter ``name``; ``norm`` is the whole tensor's :math:`\\|g\\|_2` (0-d fp32).
+
+        The stored :math:`\\gamma` is replaced, never written: its new value is a new
+        0-d tensor ``new``, and so are the scratch scalars ``mask``, ``scale`` and (after
+        warm-up) ``ema``; every step of the rule writes into one of these (``out=``)."""
+        c = self._on(norm.device)
+        gamma = self.norm_ema.get(name, c.inf)
         warm = self.count < self.warmup_steps
+        new = None if warm else torch.mul(gamma, c.relative)  # the bound, then ||g_hat||, then gamma
+        limit = c.absolute if warm else new
+        mask = torch.gt(norm, 0)
+        scale = torch.where(mask, norm, c.one)  # the norm, 1 where it is 0
+        torch.div(limit, scale, out=scale)
+        torch.where(torch.gt(norm, limit, out=mask), scale, c.one, out=scale)  # h_t
+        new = torch.mul(norm, scale, out=new)  # ||g_hat||
+        g.mul_(scale.to(g.device))  # scale is scratch from here on
+        torch.gt(new, 0, out=mask)  # a non-zero clipped norm: it enters gamma
         if warm:
-            limit = torch.full_like(gamma, math.inf if self.absolute is None else self.absolute)
+            torch.where(mask, torch.minimum(gamma, new, out=new), gamma, out=new)
         else:
-            limit = gamma * self.relative
-        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-        scale = torch.where(norm > limit, limit / safe, torch.ones_like(norm))
-        clipped = norm * scale
-        seen = clipped > 0
-        if warm:
-            new = torch.where(seen, torch.minimum(gamma, clipped), gamma)
-        else:
-            ema = gamma * self.decay + clipped * (1 - self.decay)
-            new = torch.where(torch.isinf(gamma), torch.where(seen, clipped, gamma), ema)
+            ema = torch.mul(new, c.keep)
+            torch.add(torch.mul(gamma, c.decay, out=scale), ema, out=ema)
+            torch.where(mask, new, gamma, out=new)  # gamma +inf: starts at the first non-zero norm
+            torch.eq(torch.abs(gamma, out=scale), math.inf, out=mask)  # torch.isinf(gamma)
+            torch.where(mask, new, ema, out=new)
         self.norm_ema[name] = new
-        return g.mul_(scale.to(g.device))
+        return g
 
     def end_step(self):
         """An updating backward completed: one more applied step."""

@@ -24,15 +24,20 @@ __all__ = ["MIRRORED", "check_mirrored", "sync_mirrored"]
 MIRRORED = ("clip_grad_norm", "clip_grad_value", "weight_decay", "eps")
 
 
-def _check_number(name, value, *, positive=False, non_negative=False, optional=False):
-    """``value`` as a real number (a one-element tensor is read), or a clear error."""
+def _check_number(name, value, *, positive=False, non_negative=False, optional=False,
+                  integer=False, tensor=True):
+    """``value`` as a real number (``integer``: an int; a one-element tensor is read
+    unless ``tensor`` is False), or a clear error."""
     if value is None and optional:
         return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if tensor and isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+    if integer:  # an int is finite (and may be too large for math.isnan)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    if math.isinf(value):
+    elif math.isinf(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")

@@ -251,6 +251,7 @@ def test_a_nonfinite_step_skipped_by_skip_nonfinite_changes_no_clip_state():
     (dict(adaptive_clip=-1.0), "adaptive_clip .*finite number > 0"),
     (dict(adaptive_clip=float("inf")), "adaptive_clip .*finite number > 0"),
     (dict(adaptive_clip="1.05"), "adaptive_clip .*finite number > 0"),
+    (dict(adaptive_clip=torch.tensor(1.05)), "adaptive_clip .*real number"),
     (dict(adaptive_clip=1.05, adaptive_clip_decay=1.0), r"adaptive_clip_decay .*\[0, 1\)"),
     (dict(adaptive_clip=1.05, adaptive_clip_decay=-0.1), r"adaptive_clip_decay .*\[0, 1\)"),
     (dict(adaptive_clip=1.05, adaptive_clip_warmup_steps=0), "adaptive_clip_warmup_steps .*>= 1"),
