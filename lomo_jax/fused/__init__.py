@@ -27,7 +27,9 @@ Modules: :mod:`~lomo_jax.fused.model` (:class:`LayeredModel`),
 :mod:`~lomo_jax.fused.state` (:class:`FusedState`, :func:`fused_init`),
 :mod:`~lomo_jax.fused.keys`, :mod:`~lomo_jax.fused.stages` and
 :mod:`~lomo_jax.fused.passes` (forward, head, layers, embedding; norm and
-update passes), :mod:`~lomo_jax.fused.unit_update`, :mod:`~lomo_jax.fused.stack`,
+update passes), :mod:`~lomo_jax.fused.unit_update`, :mod:`~lomo_jax.fused.unit_view`
+(a ``tx`` keyed to the whole tree, e.g. ``optax.multi_transform`` with a label
+tree shaped like ``params``), :mod:`~lomo_jax.fused.stack`,
 :mod:`~lomo_jax.fused.microbatch`, the checks (:mod:`~lomo_jax.fused.checks`,
 :mod:`~lomo_jax.fused.layer_checks`, :mod:`~lomo_jax.fused.state_checks`,
 :mod:`~lomo_jax.fused.input_checks`, :mod:`~lomo_jax.fused.donation`),

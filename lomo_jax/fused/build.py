@@ -24,6 +24,7 @@ from lomo_jax.fused.stages import Stages
 from lomo_jax.fused.state_checks import (check_one_clip, check_state, check_state_fits,
                                          check_step_key)
 from lomo_jax.fused.keys import step_keys
+from lomo_jax.fused.unit_view import unit_transforms
 from lomo_jax.fused.step import StepConfig, pack, train_step
 
 
@@ -71,7 +72,10 @@ def fused_train_step(
       model: a :class:`LayeredModel` (its ``layer`` may take ``index`` and
         ``key``; its ``num_layers``, if set, is checked against the params).
       tx: any leaf-wise optax transform (``lomo_jax.lomo``, ``lomo_jax.adalomo``,
-        ``optax.sgd``, ``optax.adamw``, ``optax.adafactor``, chains of such).
+        ``optax.sgd``, ``optax.adamw``, ``optax.adafactor``, chains of such;
+        ``optax.multi_transform`` of such, labelled by a function or by a tree
+        shaped like ``params`` whose ``layers`` labels apply to every layer,
+        :mod:`lomo_jax.fused.unit_view`).
         Transforms whose update of one leaf depends on another
         (``optax.clip_by_global_norm``, ``optax.apply_if_finite``,
         ``optax.MultiSteps``) raise ``ValueError`` here; the check is a static
@@ -201,7 +205,8 @@ def fused_train_step(
     def step(params, opt_state, batch, key=None):
         n_layers, p = model.split(params)
         check_state(opt_state, params, skip_nonfinite, rounding)
-        check_state_fits(tx, opt_state, p)
+        txs = unit_transforms(tx, params)
+        check_state_fits(txs, opt_state, p)
         check_one_clip(opt_state, clip_grad_norm)
         check_step_key(model, key, opt_state)
         check_leafwise_on(tx, _abstract(p.embed), _abstract(slice_at(p.layers, 0)),
@@ -211,7 +216,7 @@ def fused_train_step(
         # a key-taking layer needs its key before the forward; else (rounding
         # only) the split stays after the norm pass, where it always was
         draws = step_keys(rounding, opt_state.rng, key, True) if model.takes_key else None
-        stages = Stages(model, layer_fn, tx, batch, n_layers, microbatches,
+        stages = Stages(model, layer_fn, txs, batch, n_layers, microbatches,
                          None if draws is None else draws[2], _layer_placement(shardings, p),
                          offload_saved_inputs)
         s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)

@@ -61,11 +61,11 @@ def update_pass(stages: Stages, p: Units, s: Units, h_last, hs, seed, factor, ok
     keys = keys or Units(None, None, None)
     loss, g_head, dh_last = stages.head_grads(p, h_last, seed)
     if guard:  # ok needs the head's new values: they are selected
-        head_new = apply_unit(stages.tx, scaled(g_head, factor), s.head, p.head, keys.head)
+        head_new = apply_unit(stages.txs.head, scaled(g_head, factor), s.head, p.head, keys.head)
         ok = ok & jnp.isfinite(loss) & all_finite(head_new)
         ph, sh = keep_if_not(ok, head_new, (p.head, s.head))
     else:
-        ph, sh = apply_unit(stages.tx, scaled(g_head, factor), s.head, p.head, keys.head, ok,
+        ph, sh = apply_unit(stages.txs.head, scaled(g_head, factor), s.head, p.head, keys.head, ok,
                         keep_state="cond")
     # Everything after this point waits for the head's update (so its
     # gradient dies before the layer scan), and layer L-1's slice is read
@@ -74,7 +74,7 @@ def update_pass(stages: Stages, p: Units, s: Units, h_last, hs, seed, factor, ok
     pl, sl, dh0 = update_layers(stages, pl, sl, hs, stages.cotangent_to_layers(dh_last), factor,
                                       ok, keys.layers)
     g_embed = stages.embed_grads(p, h_last, stages.cotangent_from_layers(dh0), seed)  # old head
-    pe, se = apply_unit(stages.tx, scaled(g_embed, factor), s.embed, p.embed, keys.embed, ok)
+    pe, se = apply_unit(stages.txs.embed, scaled(g_embed, factor), s.embed, p.embed, keys.embed, ok)
     return Units(pe, pl, ph), Units(se, sl, sh), loss, ok
 
 
@@ -91,7 +91,7 @@ def update_layers(stages: Stages, pl, sl, hs, dh_last, factor, ok, key=None):
         p_i, s_i = slice_at(pl, i), slice_at(sl, i)
         g_i, dh_prev = stages.layer_grads(p_i, stages.from_saved(h_i), dh, i)
         key_i = None if key is None else jax.random.fold_in(key, i)
-        p_new, s_new = apply_unit(stages.tx, scaled(g_i, factor), s_i, p_i, key_i, ok,
+        p_new, s_new = apply_unit(stages.txs.layers, scaled(g_i, factor), s_i, p_i, key_i, ok,
                               keep_state="caller")
         return (pl, sl, p_new, s_new, i, dh_prev), None
 

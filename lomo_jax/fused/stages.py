@@ -9,7 +9,8 @@ FSDP placement and the host offload of the saved layer inputs.
 
 The norm and update passes built from them are :mod:`lomo_jax.fused.passes`.
 
-Example: ``h_last, hs = Stages(model, model.call_layer, tx, batch, L).forward(p)``.
+Example: ``h_last, hs = Stages(model, model.call_layer, unit_transforms(tx, params), batch,
+L).forward(p)``.
 """
 
 from __future__ import annotations
@@ -32,16 +33,18 @@ class Stages:
     gradients (the norm and update passes built from them are
     :mod:`lomo_jax.fused.passes`).
 
+    ``txs``: the transform of each unit (``Units``, from
+    :func:`lomo_jax.fused.unit_view.unit_transforms`).
     ``seed`` is the cotangent of the loss (the fp16 loss scale, or 1).
     ``layer_key``: the step key the layers' keys are folded from (``None`` when
     the layer takes no key). ``layer_fn`` is ``model.call_layer``, possibly
     under ``jax.checkpoint``, for the backward scans' recompute.
     """
 
-    def __init__(self, model: LayeredModel, layer_fn, tx, batch, n_layers: int,
+    def __init__(self, model: LayeredModel, layer_fn, txs: Units, batch, n_layers: int,
                  microbatches: int = 1, layer_key=None, placement=None,
                  offload: bool = False):
-        self.model, self.layer_fn, self.tx = model, layer_fn, tx
+        self.model, self.layer_fn, self.txs = model, layer_fn, txs
         self.offload = offload  # the saved layer inputs live in pinned host memory
         self.placement = placement  # _placement.LayerPlacement on a mesh, else None
         self.batch, self.n_layers = batch, n_layers

@@ -22,11 +22,17 @@ from lomo_jax import _loss_scale
 from lomo_jax._layout import split_params as _split_params
 from lomo_jax._loss_scale import LossScaleState
 from lomo_jax.fused.checks import check_tx
+from lomo_jax.fused.unit_view import unit_transforms
 from lomo_jax._per_layer import PerLayerState, per_layer
 
 
 class FusedState(NamedTuple):
     """Optimizer state of the fused step (see :func:`fused_init`).
+
+    A ``tx`` that cannot take a unit on its own (``optax.multi_transform`` with
+    a label tree shaped like ``params``) is initialised on the unit's view of the
+    whole tree instead (:mod:`lomo_jax.fused.unit_view`); every other ``tx`` gets
+    exactly the state below.
 
     Attributes:
       embed: ``tx.init(params["embed"])``.
@@ -81,7 +87,9 @@ def fused_init(
 
     Args:
       tx: a leaf-wise optax transform (the same one passed to
-        :func:`fused_train_step`).
+        :func:`fused_train_step`); an ``optax.multi_transform`` may label
+        ``params`` with a tree shaped like it (the labels of ``params["layers"]``,
+        without the layer axis, apply to every layer).
       params: ``{"embed": ..., "layers": ..., "head": ...}``.
       loss_scale: initial dynamic loss scale. ``None`` (default): ``2**16``
         if any parameter is fp16, otherwise no loss scaling. A number turns
@@ -95,6 +103,10 @@ def fused_init(
 
     Returns:
       A :class:`FusedState`.
+
+    Raises:
+      ValueError: ``tx`` takes neither a unit nor the whole ``params`` (e.g. a
+        label tree that does not match ``params``); names where they differ.
     """
     check_tx(tx)
     _split_params(params)
@@ -103,10 +115,11 @@ def fused_init(
     if loss_scale is None and has_fp16(params):
         loss_scale = _loss_scale.DEFAULT_INIT_SCALE
     ls = None if loss_scale is None else _loss_scale.init(float(loss_scale))
+    txs = unit_transforms(tx, params)
     return FusedState(
-        embed=tx.init(params["embed"]),
-        layers=per_layer(tx).init(params["layers"]),
-        head=tx.init(params["head"]),
+        embed=txs.embed.init(params["embed"]),
+        layers=per_layer(txs.layers).init(params["layers"]),
+        head=txs.head.init(params["head"]),
         loss_scale=ls,
         nonfinite_steps=jnp.zeros([], jnp.int32) if skip_nonfinite else None,
         rng=_check_rng(rng),

@@ -60,12 +60,14 @@ def check_one_clip(opt_state, clip_grad_norm: Optional[float]) -> None:
             "pass; choose one (clip_grad_norm=None, or drop adaptive_clip from tx).")
 
 
-def check_state_fits(tx, opt_state: FusedState, p: Units) -> None:
+def check_state_fits(txs: Units, opt_state: FusedState, p: Units) -> None:
     """At trace time: the embed/layers/head parts of ``opt_state`` have the
     structure, shapes and dtypes that ``fused_init(tx, params)`` makes for these
     params (``jax.eval_shape``, nothing computed); else a ``ValueError`` naming
-    the first leaf that differs."""
-    want = jax.eval_shape(lambda e, l, h: (tx.init(e), per_layer(tx).init(l), tx.init(h)),
+    the first leaf that differs. ``txs``: each unit's transform
+    (:func:`lomo_jax.fused.unit_view.unit_transforms`)."""
+    want = jax.eval_shape(lambda e, l, h: (txs.embed.init(e), per_layer(txs.layers).init(l),
+                                           txs.head.init(h)),
                           *(_abstract(u) for u in p))
     got = (opt_state.embed, opt_state.layers, opt_state.head)
     for name, g, w in zip(("embed", "layers", "head"), got, want):
