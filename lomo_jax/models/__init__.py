@@ -12,6 +12,9 @@
   and :mod:`~lomo_jax.models.safetensors_save` (streaming I/O).
 * :mod:`lomo_jax.models.decoding` -- :func:`generate`: greedy / sampled
   decoding with a KV cache on the plain-dict parameters.
+* :mod:`lomo_jax.models.lora` -- LoRA adapters on any family's projections
+  (``LlamaConfig.lora``): add, train (``lora.optimizer``), merge, and PEFT's
+  adapter format (``save_adapter``/``load_adapter``).
 
 Family-agnostic entry points (whatever family ``cfg`` is): :func:`logits`,
 :func:`layered_model`, :func:`generate`, ``convert.from_hf_model`` and
