@@ -169,7 +169,13 @@ def test_memory_benchmark_runs(target, capsys, monkeypatch):
                          | {(m, 1) for m in lora}), out
     adamw = rows["value_and_grad + AdamW", 1]
     assert rows["inference", 1] < rows["fused AdaLomo, clip 1.0", 1] < adamw, rows
-    assert all(rows["inference", 1] < rows[m, 1] < adamw for m in lora), rows
+    # LoRA (rank 16 on a 64-wide toy: adapters bigger than AdamW's state here): its
+    # arguments are the inference's plus exactly the adapters and their AdamW state
+    args = {k: float(cells[4]) for k, cells in table.items()}
+    own = load_benchmark("memory").adapter_bytes(
+        load_benchmark("memory").model_config("tiny", "fused LoRA + LOMO")) / 2**20
+    assert all(abs(args[m, 1] - args["inference", 1] - own) <= 0.02 for m in lora), (args, own)
+    assert all(rows["inference", 1] < rows[m, 1] for m in lora), rows
     assert all(rows[m, mb] < adamw for m in fused for mb in (1, 2)), rows
     # host memory: only the offloading step has any: the saved inputs, 2 x 64 x 64
     # bf16 per layer, 2 layers = 32 KiB (the table is in MiB)
