@@ -31,18 +31,11 @@ from lomo_jax.models.config import LlamaConfig
 from lomo_jax.models.lora_config import (LORA_TARGETS, LoraConfig, adapter_dtype,
                                           kaiming_uniform_a5, lora_path)
 from lomo_jax.models.params import check_params, param_shapes
-from lomo_jax.models.peft_adapter import load_adapter, save_adapter
+from lomo_jax.models.peft_adapter import _lora_of, load_adapter, save_adapter
 from lomo_jax.sharding_params import is_adapter
 
 __all__ = ["LORA_TARGETS", "LoraConfig", "add_adapters", "is_adapter", "load_adapter", "merge",
            "optimizer", "save_adapter"]
-
-
-def _lora_of(cfg: LlamaConfig, what: str) -> LoraConfig:
-    if not isinstance(cfg, LlamaConfig) or cfg.lora is None:
-        raise ValueError(f"{what} needs a config with lora set (cfg.replace(lora=LoraConfig(...))); "
-                         f"got lora={getattr(cfg, 'lora', None)!r}.")
-    return cfg.lora
 
 
 def _copy_tree(tree):
@@ -95,7 +88,7 @@ def merge(cfg: LlamaConfig, params):
     Example::
 
         cfg, params = merge(cfg, params)
-        convert.save_pretrained(cfg, params, "out/merged")
+        convert.save_pretrained(params, cfg, "out/merged")
     """
     lora = _lora_of(cfg, "merge")
     check_params(cfg, params, "params")
