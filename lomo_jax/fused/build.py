@@ -24,6 +24,7 @@ from lomo_jax.fused.stages import Stages
 from lomo_jax.fused.state_checks import (check_one_clip, check_state, check_state_fits,
                                          check_step_key)
 from lomo_jax.fused.keys import step_keys
+from lomo_jax.fused.frozen import unit_masks
 from lomo_jax.fused.unit_view import unit_transforms
 from lomo_jax.fused.step import StepConfig, pack, train_step
 
@@ -216,10 +217,10 @@ def fused_train_step(
         # a key-taking layer needs its key before the forward; else (rounding
         # only) the split stays after the norm pass, where it always was
         draws = step_keys(rounding, opt_state.rng, key, True) if model.takes_key else None
+        s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)
         stages = Stages(model, layer_fn, txs, batch, n_layers, microbatches,
                          None if draws is None else draws[2], _layer_placement(shardings, p),
-                         offload_saved_inputs)
-        s = Units(opt_state.embed, opt_state.layers.inner_state, opt_state.head)
+                         offload_saved_inputs, frozen=unit_masks(txs, p, s))
         p, s, metrics, flags, rng = train_step(stages, config, p, s, opt_state, draws)
         return pack(p, s, opt_state, metrics, flags, rng, config)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lomo_jax._layout import Units
+from lomo_jax.fused.frozen import trainable
 from lomo_jax.fused.stack import slice_at, write_at, write_at_if
 from lomo_jax.fused.stages import Stages
 from lomo_jax.fused.unit_update import all_finite, apply_unit, keep_if_not, scaled, sq_norm
@@ -61,12 +62,13 @@ def update_pass(stages: Stages, p: Units, s: Units, h_last, hs, seed, factor, ok
     keys = keys or Units(None, None, None)
     loss, g_head, dh_last = stages.head_grads(p, h_last, seed)
     if guard:  # ok needs the head's new values: they are selected
-        head_new = apply_unit(stages.txs.head, scaled(g_head, factor), s.head, p.head, keys.head)
+        head_new = apply_unit(stages.txs.head, scaled(g_head, factor), s.head, p.head, keys.head,
+                              frozen=stages.mask("head"))
         ok = ok & jnp.isfinite(loss) & all_finite(head_new)
         ph, sh = keep_if_not(ok, head_new, (p.head, s.head))
     else:
         ph, sh = apply_unit(stages.txs.head, scaled(g_head, factor), s.head, p.head, keys.head, ok,
-                        keep_state="cond")
+                            keep_state="cond", frozen=stages.mask("head"))
     # Everything after this point waits for the head's update (so its
     # gradient dies before the layer scan), and layer L-1's slice is read
     # only now (not hoisted to the start of the step).
@@ -74,7 +76,8 @@ def update_pass(stages: Stages, p: Units, s: Units, h_last, hs, seed, factor, ok
     pl, sl, dh0 = update_layers(stages, pl, sl, hs, stages.cotangent_to_layers(dh_last), factor,
                                       ok, keys.layers)
     g_embed = stages.embed_grads(p, h_last, stages.cotangent_from_layers(dh0), seed)  # old head
-    pe, se = apply_unit(stages.txs.embed, scaled(g_embed, factor), s.embed, p.embed, keys.embed, ok)
+    pe, se = apply_unit(stages.txs.embed, scaled(g_embed, factor), s.embed, p.embed, keys.embed, ok,
+                        frozen=stages.mask("embed"))
     return Units(pe, pl, ph), Units(se, sl, sh), loss, ok
 
 
@@ -82,7 +85,8 @@ def update_layers(stages: Stages, pl, sl, hs, dh_last, factor, ok, key=None):
     """The reverse scan ``i = L-1..0``: gradient of layer ``i``, ``tx`` on it,
     its new slice carried and written at the start of the next iteration
     (before any read of the stack, so XLA writes in place;
-    ``docs/fused-design.md``)."""
+    ``docs/fused-design.md``). Frozen leaves are neither carried nor written."""
+    frozen = stages.mask("layers")
 
     def body(carry, xs):
         pl, sl, pend_p, pend_s, pend_i, dh = carry
@@ -92,11 +96,11 @@ def update_layers(stages: Stages, pl, sl, hs, dh_last, factor, ok, key=None):
         g_i, dh_prev = stages.layer_grads(p_i, stages.from_saved(h_i), dh, i)
         key_i = None if key is None else jax.random.fold_in(key, i)
         p_new, s_new = apply_unit(stages.txs.layers, scaled(g_i, factor), s_i, p_i, key_i, ok,
-                              keep_state="caller")
-        return (pl, sl, p_new, s_new, i, dh_prev), None
+                                  keep_state="caller", frozen=frozen)
+        return (pl, sl, trainable(p_new, frozen), s_new, i, dh_prev), None
 
     last = jnp.asarray(stages.n_layers - 1, stages.idx.dtype)
-    init = (pl, sl, slice_at(pl, last), slice_at(sl, last), last, dh_last)
+    init = (pl, sl, trainable(slice_at(pl, last), frozen), slice_at(sl, last), last, dh_last)
     (pl, sl, pend_p, pend_s, pend_i, dh0), _ = lax.scan(
         body, init, (hs, stages.idx), reverse=True
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 
@@ -18,12 +19,14 @@ def slice_at(tree, i, axis=lambda x: 0):
 
 
 def write_at(tree, value, i, axis=lambda x: 0):
-    """``tree`` with entry ``i`` along ``axis(leaf)`` replaced by ``value`` (in place)."""
-    return jax.tree.map(
-        lambda x, v: lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), i, axis(x)),
-        tree,
-        value,
-    )
+    """``tree`` with entry ``i`` along ``axis(leaf)`` replaced by ``value`` (in place);
+    a leaf whose value is ``optax.MaskedNode()`` (frozen) is left as it is."""
+    def leaf(x, v):
+        if isinstance(v, optax.MaskedNode):
+            return x
+        return lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), i, axis(x))
+
+    return jax.tree.map(leaf, tree, value)
 
 
 def write_at_if(ok, tree, value, i):

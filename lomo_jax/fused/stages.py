@@ -21,6 +21,7 @@ from jax import lax
 
 from lomo_jax import _loss_scale, _placement
 from lomo_jax._layout import Units
+from lomo_jax.fused.frozen import trainable
 from lomo_jax.fused.keys import layer_key
 from lomo_jax.fused.layer_checks import check_activation, check_loss
 from lomo_jax.fused.microbatch import from_micro, pick, put, to_micro
@@ -38,13 +39,17 @@ class Stages:
     ``seed`` is the cotangent of the loss (the fp16 loss scale, or 1).
     ``layer_key``: the step key the layers' keys are folded from (``None`` when
     the layer takes no key). ``layer_fn`` is ``model.call_layer``, possibly
-    under ``jax.checkpoint``, for the backward scans' recompute.
+    under ``jax.checkpoint``, for the backward scans' recompute. ``frozen``:
+    ``Units`` of bool masks (:func:`lomo_jax.fused.frozen.unit_masks`) or None;
+    the gradients returned hold ``optax.MaskedNode()`` at frozen leaves, whose
+    gradients so never exist (XLA drops them).
     """
 
     def __init__(self, model: LayeredModel, layer_fn, txs: Units, batch, n_layers: int,
                  microbatches: int = 1, layer_key=None, placement=None,
-                 offload: bool = False):
+                 offload: bool = False, frozen=None):
         self.model, self.layer_fn, self.txs = model, layer_fn, txs
+        self.frozen = frozen
         self.offload = offload  # the saved layer inputs live in pinned host memory
         self.placement = placement  # _placement.LayerPlacement on a mesh, else None
         self.batch, self.n_layers = batch, n_layers
@@ -109,16 +114,22 @@ class Stages:
         """A layer's slice all-gathered for computing (FSDP), as placed on a mesh."""
         return _placement.constrain(p_i, None if self.placement is None else self.placement.gathered)
 
+    def mask(self, unit: str):
+        """The frozen-leaf mask of ``unit`` ("embed", "layers", "head"), or None."""
+        return None if self.frozen is None else getattr(self.frozen, unit)
+
     def unit_grads(self, g, unit: str):
         """The embedding's or head's gradient constrained to that unit's stored
-        sharding (built in this device's shard on a mesh)."""
+        sharding (built in this device's shard on a mesh), frozen leaves masked."""
         place = self.placement
-        return _placement.constrain(g, None if place is None else getattr(place, unit))
+        g = _placement.constrain(g, None if place is None else getattr(place, unit))
+        return trainable(g, self.mask(unit))
 
     def split_grads(self, g):
         """A layer's gradient constrained to the layer's stored sharding (so it is
-        reduce-scattered and ``tx`` runs on this device's shard)."""
-        return _placement.constrain(g, None if self.placement is None else self.placement.split)
+        reduce-scattered and ``tx`` runs on this device's shard), frozen leaves masked."""
+        g = _placement.constrain(g, None if self.placement is None else self.placement.split)
+        return trainable(g, self.mask("layers"))
 
     # ---- forward ---------------------------------------------------------
 

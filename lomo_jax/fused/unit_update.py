@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lomo_jax.fused.frozen import filled, kept
 from lomo_jax.rounding import apply_updates
 
 
-def apply_unit(tx, grads, state, params, key=None, keep=None, keep_state="select"):
+def apply_unit(tx, grads, state, params, key=None, keep=None, keep_state="select", frozen=None):
     """One ``tx.update`` + ``apply_updates`` on one unit (embed, head or one
     layer); with a ``key``, bf16/fp16 leaves are rounded stochastically
     (:func:`lomo_jax.rounding.apply_updates`). New state leaves are cast back
@@ -32,13 +33,18 @@ def apply_unit(tx, grads, state, params, key=None, keep=None, keep_state="select
     update and holds the new state next to the old); ``"caller"``, returned
     as is, for the caller to write only where ``keep`` (the layer scan,
     :func:`write_at_if`). Each measured, ``tests/jax/test_fused_memory.py``.
+
+    ``frozen`` (a bool per leaf of ``params``, or None): those leaves have no
+    gradient in ``grads`` (``optax.MaskedNode``) and come back as ``params``'
+    own arrays (:mod:`lomo_jax.fused.frozen`).
     """
-    updates, new_state = tx.update(grads, state, params)
+    updates, new_state = tx.update(filled(grads, params, frozen), state, params)
     if keep is not None:
         updates = jax.tree.map(
             lambda u: jnp.where(keep, u, jnp.asarray(-0.0, jnp.result_type(u))), updates)
     new_params = apply_updates(params, updates, rng=key)
     new_params = jax.tree.map(lambda n, o: n.astype(jnp.result_type(o)), new_params, params)
+    new_params = kept(new_params, params, frozen)
     new_state = jax.tree.map(
         lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new_state, state
     )

@@ -133,9 +133,11 @@ def optimizer(*, base: Optional[optax.GradientTransformation],
     from each unit the step updates; ``adapters`` must be leaf-wise there, as
     ``optax.adamw`` is). In the fused step the adapters' gradients live only as
     long as their layer's, like every other gradient, and
-    ``clip_grad_norm``'s norm covers every gradient the step computes: the
-    base weights' and the adapters' (with ``base=None`` too: the frozen
-    weights' gradients count in the norm).
+    ``clip_grad_norm``'s norm covers everything the step updates: the base
+    weights' and the adapters' gradients, or with ``base=None`` the adapters'
+    alone. A frozen base is never differentiated, copied or written there
+    (:mod:`lomo_jax.fused.frozen`), so LoRA only costs inference plus the
+    adapters.
 
     Example::
 

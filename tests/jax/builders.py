@@ -99,11 +99,12 @@ def copy_tree(t):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), t)
 
 
-def reference_step(model, tx, clip_grad_norm=None, loss_scale=None):
+def reference_step(model, tx, clip_grad_norm=None, loss_scale=None, norm_of=None):
     """The unfused path the fused step must equal. With ``loss_scale`` S the
     gradient is that of ``S * loss``, divided by S in fp32 (as the fused step
     does for fp16). ``metrics["updates"]`` holds tx's fp32 updates, before the
-    rounding into the parameters' dtype."""
+    rounding into the parameters' dtype. ``norm_of(path) -> bool``: the leaves
+    the gradient norm covers (default: all)."""
     layer_tx = per_layer(tx)
     scale = 1.0 if loss_scale is None else loss_scale
 
@@ -113,7 +114,8 @@ def reference_step(model, tx, clip_grad_norm=None, loss_scale=None):
         if loss_scale is not None:
             loss = loss / scale
             g = jax.tree.map(lambda x: x.astype(jnp.float32) / scale, g)
-        norm = optax.tree.norm(g)
+        norm = optax.tree.norm(g if norm_of is None else jax.tree_util.tree_map_with_path(
+            lambda path, x: x if norm_of(path) else jnp.zeros_like(x), g))
         if clip_grad_norm is not None:
             coef = jnp.minimum(1.0, clip_grad_norm / (norm + 1e-6))
             g = jax.tree.map(lambda x: x.astype(jnp.float32) * coef, g)
