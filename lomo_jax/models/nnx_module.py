@@ -44,7 +44,7 @@ def _linear(config, d_in, d_out, use_bias, rngs, name=None):
     :class:`~lomo_jax.models.lora_config.LoraLinear` when ``config.lora`` targets it."""
     lora = config.lora
     targeted = lora is not None and name in lora.targets
-    kw = {"lora": lora} if targeted else {}
+    kw = {"lora": lora, "name": name} if targeted else {}
     return (LoraLinear if targeted else nnx.Linear)(
         d_in,
         d_out,

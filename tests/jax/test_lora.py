@@ -175,6 +175,25 @@ def test_lora_linear_is_xw_plus_b_plus_scaled_xab():
     np.testing.assert_allclose(lin(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
 
 
+def test_gate_and_up_sum_at_once_with_the_same_values():
+    """``SUMMED_AT_ONCE`` (gate_proj, up_proj): ``xW + s(xA)B`` is one array behind
+    an ``optimization_barrier`` (what lets XLA:GPU drop the low-rank term before the
+    MLP's backward; benchmarks/results/memory.md), the values and gradients bit for
+    bit those of any other projection's."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    outs, grads = {}, {}
+    for name in ("up_proj", "gate_proj", "q_proj"):
+        lin = LoraLinear(6, 5, lora=LoraConfig(3, 12, (name,)), rngs=nnx.Rngs(0), name=name)
+        lin.lora_b[...] = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5)), jnp.float32)
+        jaxpr = str(jax.make_jaxpr(lambda xx: lin(xx))(x))
+        assert ("optimization_barrier" in jaxpr) == (name != "q_proj"), name
+        outs[name] = np.asarray(lin(x))
+        grads[name] = np.asarray(jax.grad(lambda xx: jnp.sum(lin(xx) ** 2))(x))
+    assert bits(outs["up_proj"]) == bits(outs["q_proj"]) == bits(outs["gate_proj"])
+    assert bits(grads["up_proj"]) == bits(grads["q_proj"])
+
+
 def test_adapters_change_logits_as_the_numpy_merged_kernel_does_and_merge_matches():
     """With B != 0 the logits of (W, A, B) equal those of the base model whose kernels
     are W + (alpha / r) A B computed in float64 numpy, to fp32 rounding: the logits
