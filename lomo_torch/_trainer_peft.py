@@ -17,8 +17,13 @@ modes, chosen from which parameters require grad:
   are clipped to ``max_grad_norm`` by their own norm and stepped by torch
   AdamW (built as above, at the scheduler's lr of the step); a skipped fp16
   step skips them too. The adapters' AdamW state is saved with the
-  optimizer's ``state_dict()`` (key ``"adapter_optimizer"``), so Trainer
-  checkpoints resume both.
+  optimizer's ``state_dict()`` (key ``"adapter_optimizer"``). The Trainer
+  saves only a PEFT model's adapters, so ``LomoTrainer`` also writes the
+  full model (trained base and adapters) to ``lora_lomo_model.safetensors``
+  in each checkpoint and in ``save_model``'s directory, and loads it on
+  resume (and for ``load_best_model_at_end``); a LoRA + LOMO resume from a
+  checkpoint without it is refused. Load a saved model into the same PEFT
+  model with ``safetensors.torch.load_model(peft_model, path)``.
 
 Example::
 
@@ -32,16 +37,20 @@ Example::
 from __future__ import annotations
 
 import copy
+import os
 import types
 
+import safetensors.torch
 import torch
 from transformers.training_args import OptimizerNames
 
 from ._fused import FusedOptimizer
 
-__all__ = ["LORA_LOMO", "LORA_ONLY", "PeftAdapters", "adamw_args"]
+__all__ = ["FULL_WEIGHTS_NAME", "LORA_LOMO", "LORA_ONLY", "PeftAdapters", "adamw_args"]
 
 LORA_ONLY, LORA_LOMO = "lora_only", "lora_lomo"
+#: LoRA + LOMO: the full PEFT model's weights, saved beside the Trainer's adapter files
+FULL_WEIGHTS_NAME = "lora_lomo_model.safetensors"
 
 
 def adamw_args(args):
@@ -116,6 +125,35 @@ class PeftAdapters:
         opt.state_dict = types.MethodType(_state_dict_with_adapters, opt)
         opt.load_state_dict = types.MethodType(_load_state_dict_with_adapters, opt)
         opt.adapter_optimizer = adamw
+
+    def save_full(self, model, output_dir):
+        """LoRA + LOMO: write ``model``'s full weights (its trained base too) to ``output_dir``."""
+        if self.mode == LORA_LOMO:
+            safetensors.torch.save_model(model, os.path.join(output_dir, FULL_WEIGHTS_NAME),
+                                         metadata={"format": "pt"})
+
+    def full_weights(self, checkpoint, who):
+        """The full-weights file in ``checkpoint`` (None if absent); LoRA + LOMO needs it."""
+        path = os.path.join(checkpoint, FULL_WEIGHTS_NAME)
+        if os.path.isfile(path):
+            return path
+        if self.mode == LORA_LOMO:
+            raise ValueError(
+                f"{who}: the checkpoint {checkpoint} has no {FULL_WEIGHTS_NAME}, so it holds only "
+                f"the PEFT adapters, but this LoRA + LOMO run trains the base too: loading it "
+                f"would put the trained adapters on the untrained base. Use a checkpoint "
+                f"LomoTrainer wrote in LoRA + LOMO mode, or load the trained base into the "
+                f"model yourself and train without resume_from_checkpoint")
+        return None
+
+    def load_full(self, model, path, who):
+        """Load the full weights at ``path`` (from :meth:`full_weights`) into ``model``."""
+        missing, unexpected = safetensors.torch.load_model(model, path, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{who}: {path} does not match the model: missing "
+                             f"{sorted(missing)[:3]} ({len(missing)}), unexpected "
+                             f"{sorted(unexpected)[:3]} ({len(unexpected)}); the model is "
+                             f"partly loaded, rebuild it before training")
 
     def step(self, stepped, lr, max_grad_norm):
         """After ``fused_backward`` (which returned ``stepped``): clip the adapters'

@@ -43,8 +43,10 @@ What it does differently from ``Trainer``:
   AdamW, LOMO unused; with the base unfrozen LoRA + LOMO, the base by
   AdaLomo/Lomo (``exclude=`` the adapters) and the adapters by AdamW stepped
   after the fused backward (:mod:`lomo_torch._trainer_peft`). The log says
-  which mode runs. The limits below are LOMO's; ``lora_only`` is the plain
-  Trainer and skips their checks.
+  which mode runs. LoRA + LOMO checkpoints (and ``save_model``) hold the full
+  model in ``lora_lomo_model.safetensors`` besides the adapters, so resuming
+  restores the trained base. The limits below are LOMO's; ``lora_only`` is
+  the plain Trainer and skips their checks.
 
 Limits: ``gradient_accumulation_steps`` must be 1 (a LOMO step consumes each
 gradient the moment it is complete, so nothing can be accumulated; use a
@@ -393,6 +395,33 @@ class LomoTrainerMixin:
         if self._lora_only:
             return super()._get_grad_norm(model, grad_norm)
         return self._lomo_grad_norm if grad_norm is None else grad_norm
+
+    # ---------------------------------------------------------- checkpoints
+    def _save(self, output_dir=None, state_dict=None):
+        """The Trainer's save (of a PEFT model: its adapters, PEFT's format). LoRA +
+        LOMO: also the full model, trained base included, in ``lora_lomo_model.safetensors``
+        (checkpoints and ``save_model`` alike; ``PeftModel.from_pretrained`` reads only
+        the adapters, ``safetensors.torch.load_model(peft_model, path)`` everything)."""
+        super()._save(output_dir, state_dict)
+        if self.peft_adapters is not None and self.args.should_save:
+            self.peft_adapters.save_full(self.model, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer's load, then a PEFT model's full weights if saved (LoRA + LOMO
+        refuses a checkpoint without them before loading anything)."""
+        peft, who = self.peft_adapters, type(self).__name__
+        path = peft and peft.full_weights(resume_from_checkpoint, who)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if path:
+            peft.load_full(self.model if model is None else model, path, who)
+
+    def _load_best_model(self):
+        """The Trainer's load of the best checkpoint, then a PEFT model's full weights."""
+        peft, who = self.peft_adapters, type(self).__name__
+        path = peft and peft.full_weights(self.state.best_model_checkpoint, who)
+        super()._load_best_model()
+        if path:
+            peft.load_full(self.model, path, who)
 
 
 class LomoTrainer(LomoTrainerMixin, _Trainer):

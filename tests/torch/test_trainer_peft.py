@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import lomo_torch  # noqa: E402
-from transformers import Trainer, get_scheduler  # noqa: E402
+import safetensors.torch  # noqa: E402
+from transformers import Trainer, TrainerCallback, get_scheduler  # noqa: E402
 
+from lomo_torch._trainer_peft import FULL_WEIGHTS_NAME, PeftAdapters  # noqa: E402
 from lomo_torch.trainer import LomoTrainer  # noqa: E402
 from tests.torch.test_trainer import (BATCH, dataset, max_rel_diff, one_thread,  # noqa: E402,F401
                                       sequences, tiny_llama, training_args)
@@ -73,6 +76,9 @@ def test_lora_only_trains_the_adapters_with_the_plain_trainer(tmp_path, caplog):
     Trainer(model=plain, args=args_for(tmp_path, optim="adamw_torch"),
             train_dataset=dataset(sequences(STEPS * BATCH))).train()
     assert max_rel_diff(model, plain) == 0
+    trainer.save_model(str(tmp_path / "saved"))  # lora_only: PEFT's adapter files only, as before
+    assert (tmp_path / "saved" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "saved" / FULL_WEIGHTS_NAME).exists()
 
 
 def reference_loop(model, ids, max_grad_norm):
@@ -146,3 +152,99 @@ def test_lora_plus_lomo_skips_the_adapters_with_an_overflowed_step(tmp_path):
     assert moved(base, model) == set() and moved(adapters, model) == set()
     assert all(p.grad is None for p in model.parameters())
     assert opt.adapter_optimizer.state_dict()["state"] == {}
+
+
+class StopAfterSave(TrainerCallback):
+    """The run dies right after its first checkpoint."""
+
+    def on_save(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+def assert_same(a, b, where="state_dict"):
+    """Nested state_dicts equal, tensors bitwise."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def resume_args(tmp_path, **kw):
+    return args_for(tmp_path, max_steps=6, max_grad_norm=CLIP, **kw)
+
+
+def test_lora_plus_lomo_resumes_from_a_checkpoint_exactly(tmp_path):
+    """A LoRA + LOMO run checkpointed at step 3, resumed on a fresh model: the trained
+    base, the adapters and both optimizers' states equal a straight run's, bitwise."""
+    ids = sequences(6 * BATCH)
+    straight, interrupted, resumed = (lora_llama(base_frozen=False) for _ in range(3))
+    base, adapters = split(straight)
+    done = LomoTrainer(model=straight, args=resume_args(tmp_path / "a"), train_dataset=dataset(ids))
+    done.train()
+    LomoTrainer(model=interrupted, args=resume_args(tmp_path / "b", save_strategy="steps", save_steps=3),
+                train_dataset=dataset(ids), callbacks=[StopAfterSave()]).train()
+    ckpt = tmp_path / "b" / "out" / "checkpoint-3"
+    assert (ckpt / FULL_WEIGHTS_NAME).exists() and (ckpt / "adapter_model.safetensors").exists()
+    trainer = LomoTrainer(model=resumed, args=resume_args(tmp_path / "c"), train_dataset=dataset(ids))
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    opt = trainer.lomo_optimizer
+    assert opt.step_num == 6
+    adamw = opt.adapter_optimizer.state_dict()["state"]
+    assert len(adamw) == len(adapters) and {int(s["step"]) for s in adamw.values()} == {6}
+    assert moved(base, straight) == set(base) and moved(adapters, straight) == set(adapters)
+    now, then = dict(resumed.named_parameters()), dict(straight.named_parameters())
+    differ = {part: [n for n in names if not torch.equal(now[n], then[n])]
+              for part, names in (("base", base), ("adapters", adapters))}
+    assert differ == {"base": [], "adapters": []}  # the trained base restored, not the original
+    assert_same(opt.state_dict(), done.lomo_optimizer.state_dict())
+    # save_model writes the full model too: it loads into a fresh PEFT model
+    done.save_model(str(tmp_path / "final"))
+    fresh = lora_llama(base_frozen=False)
+    safetensors.torch.load_model(fresh, str(tmp_path / "final" / FULL_WEIGHTS_NAME))
+    assert max_rel_diff(fresh, straight) == 0
+    # load_best_model_at_end's load: the best checkpoint's base too, not only its adapters
+    best = LomoTrainer(model=fresh, args=resume_args(tmp_path / "d"), train_dataset=dataset(ids))
+    best.state.best_model_checkpoint = str(ckpt)
+    best._load_best_model()
+    assert max_rel_diff(fresh, interrupted) == 0
+
+
+def test_lora_plus_lomo_refuses_a_checkpoint_without_the_base(tmp_path):
+    """An adapters-only checkpoint (the plain Trainer's) cannot resume LoRA + LOMO: the
+    trained base would be lost. Refused before anything is loaded."""
+    ids = sequences(2 * BATCH)
+    trained = lora_llama(base_frozen=False)
+    LomoTrainer(model=trained, train_dataset=dataset(ids),
+                args=args_for(tmp_path / "b", save_strategy="steps", save_steps=2,
+                              max_steps=2)).train()
+    ckpt = tmp_path / "b" / "out" / "checkpoint-2"
+    adapters_only = tmp_path / "adapters_only"
+    shutil.copytree(ckpt, adapters_only)
+    (adapters_only / FULL_WEIGHTS_NAME).unlink()
+    model = lora_llama(base_frozen=False)
+    before = copy.deepcopy(model)
+    trainer = LomoTrainer(model=model, args=args_for(tmp_path / "c"), train_dataset=dataset(ids))
+    with pytest.raises(ValueError, match=f"(?s)no {FULL_WEIGHTS_NAME}.*LoRA \\+ LOMO.*base"):
+        trainer.train(resume_from_checkpoint=str(adapters_only))
+    assert max_rel_diff(model, before) == 0 < max_rel_diff(trained, before)
+
+
+def test_full_weights_of_another_model_are_refused(tmp_path):
+    """Full weights saved from a PEFT model with other adapters do not load silently."""
+    model = lora_llama(base_frozen=False)
+    PeftAdapters.of(model).save_full(model, str(tmp_path))
+    other = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    for p in other.parameters():
+        p.requires_grad_(True)
+    adapters = PeftAdapters.of(other)
+    path = adapters.full_weights(str(tmp_path), "LomoTrainer")
+    with pytest.raises(ValueError, match="does not match the model: missing .* unexpected"):
+        adapters.load_full(other, path, "LomoTrainer")
