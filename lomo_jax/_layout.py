@@ -61,6 +61,11 @@ def abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
 
 
+def abstract_slice(tree):
+    """``jax.ShapeDtypeStruct`` of one entry along every leaf's leading (layer) axis."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), tree)
+
+
 def non_float_leaves(tree, prefix: str = "") -> list[str]:
     """``"path (dtype)"`` of every leaf of ``tree`` that is not a real float array."""
     return [

@@ -35,7 +35,9 @@ import numpy as np
 import optax
 from jax.extend import core as jex_core
 
-__all__ = ["frozen_leaves", "trainable", "filled", "any_frozen"]
+from lomo_jax._layout import Units, abstract, abstract_slice
+
+__all__ = ["any_frozen", "filled", "frozen_leaves", "kept", "trainable", "unit_masks"]
 
 # Primitives that only change the shape or type of a constant.
 _CONST_SHAPE_OPS = ("broadcast_in_dim", "convert_element_type", "reshape")
@@ -45,12 +47,10 @@ def frozen_leaves(tx: optax.GradientTransformation, params, state):
     """A bool per leaf of ``params`` (arrays or ``jax.ShapeDtypeStruct``s): True
     where ``tx.update(g, state, params)`` is a constant zero that reads no
     gradient of that leaf (see the module docstring)."""
-    g_leaves, treedef = jax.tree.flatten(params)
-    closed = jax.make_jaxpr(tx.update)(params, state, params)
-    jaxpr = closed.jaxpr
-    n_out = len(g_leaves)
-    reached = _reached_by_gradients(jaxpr, len(g_leaves))
-    updates = jaxpr.outvars[:n_out]
+    leaves, treedef = jax.tree.flatten(params)
+    jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
+    reached = _reached_by_gradients(jaxpr, len(leaves))
+    updates = jaxpr.outvars[:len(leaves)]
     producers = {v: e for e in jaxpr.eqns for v in e.outvars}
     mask = [not (reached & (1 << j)) and _is_zero(u, producers) for j, u in enumerate(updates)]
     return jax.tree.unflatten(treedef, mask)
@@ -103,7 +103,7 @@ def filled(tree, like, mask: Optional[object]):
         return tree
     return jax.tree.map(
         lambda f, x, ref: jnp.zeros(jnp.shape(ref), jnp.result_type(ref)) if f else x,
-        mask, tree, like, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        mask, tree, like)
 
 
 def kept(new, old, mask: Optional[object]):
@@ -117,16 +117,9 @@ def unit_masks(txs, p, s):
     """``Units`` of :func:`frozen_leaves` masks for the embedding, one layer's slice
     and the head (``txs``, ``p``, ``s``: ``Units`` of transforms, parameters and
     states, the layers stacked), or None where no leaf is frozen."""
-    def one_layer(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)),
-                            tree)
-
-    def shapes(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
-
-    masks = type(p)(
-        frozen_leaves(txs.embed, shapes(p.embed), shapes(s.embed)),
-        frozen_leaves(txs.layers, one_layer(p.layers), one_layer(s.layers)),
-        frozen_leaves(txs.head, shapes(p.head), shapes(s.head)),
+    masks = Units(
+        frozen_leaves(txs.embed, abstract(p.embed), abstract(s.embed)),
+        frozen_leaves(txs.layers, abstract_slice(p.layers), abstract_slice(s.layers)),
+        frozen_leaves(txs.head, abstract(p.head), abstract(s.head)),
     )
     return masks if any(any_frozen(m) for m in masks) else None

@@ -32,7 +32,7 @@ from typing import Optional
 import jax
 import optax
 
-from lomo_jax._layout import KEYS, Units, abstract
+from lomo_jax._layout import KEYS, Units, abstract, abstract_slice
 
 
 def unit_transforms(tx: optax.GradientTransformation, params) -> Units:
@@ -46,9 +46,7 @@ def unit_transforms(tx: optax.GradientTransformation, params) -> Units:
     """
     shapes = abstract({k: params[k] for k in KEYS})
     skeleton = {k: jax.tree.map(lambda _: optax.MaskedNode(), shapes[k]) for k in KEYS}
-    one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                             shapes["layers"])
-    units = Units(shapes["embed"], one_layer, shapes["head"])
+    units = Units(shapes["embed"], abstract_slice(shapes["layers"]), shapes["head"])
     return Units(*(_for_unit(tx, name, unit, skeleton, shapes)
                    for name, unit in zip(KEYS, units)))
 

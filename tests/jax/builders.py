@@ -140,6 +140,19 @@ TRANSFORMS = {
 }
 
 
+def with_random_lora_b(params, scale=0.5, seed=1):
+    """``params`` with every ``lora_b`` redrawn ~ N(0, scale^2): the adapters matter
+    from the first step (PEFT initialises B to zero)."""
+    rng = np.random.default_rng(seed)
+
+    def redraw(path, x):
+        if jax.tree_util.keystr(path).endswith("['lora_b']"):
+            return jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(redraw, params)
+
+
 def bits(tree):
     """The bytes of every leaf: equal lists mean bit-identical trees."""
     return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]

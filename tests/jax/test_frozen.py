@@ -14,7 +14,7 @@ import lomo_jax
 from lomo_jax import models
 from lomo_jax.fused.frozen import frozen_leaves
 from lomo_jax.models import llama, lora
-from tests.jax.builders import bits, reference_step
+from tests.jax.builders import bits, reference_step, with_random_lora_b
 from tests.jax.tiny_llama import TINY
 
 LORA = lora.LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
@@ -48,10 +48,7 @@ def _lora_setup(seed=0):
     cfg0 = llama.LlamaConfig(**TINY)
     cfg = cfg0.replace(lora=LORA)
     p = lora.add_adapters(cfg, llama.init_params(cfg0, seed), rng=jax.random.key(7))
-    rng = np.random.default_rng(1)
-    return cfg, jax.tree_util.tree_map_with_path(  # non-zero B: the adapters matter
-        lambda path, x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype)
-        if jax.tree_util.keystr(path).endswith("['lora_b']") else x, p)
+    return cfg, with_random_lora_b(p, scale=0.1)
 
 
 def _batch(i, b=2, t=8):

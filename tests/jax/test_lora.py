@@ -30,7 +30,7 @@ from lomo_jax import sharding as lsh
 from lomo_jax.models import llama, lora
 from lomo_jax.models.lora import LoraConfig
 from lomo_jax.models.lora_config import LoraLinear, lora_path
-from tests.jax.builders import bits, reference_step
+from tests.jax.builders import bits, reference_step, with_random_lora_b
 from tests.jax.cpu_devices import cpu_devices_env
 from tests.jax.tiny_llama import TINY
 
@@ -52,18 +52,6 @@ def _base(seed=0):
 def _batch(seed=0, b=2, t=8):
     ids = np.random.default_rng(seed).integers(0, TINY["vocab_size"], (b, t)).astype(np.int32)
     return {"input_ids": jnp.asarray(ids)}
-
-
-def _with_b(params, scale=0.5, seed=1):
-    """``params`` with every ``lora_b`` redrawn ~ N(0, scale^2): the adapters matter."""
-    rng = np.random.default_rng(seed)
-
-    def redraw(path, x):
-        if jax.tree_util.keystr(path).endswith("['lora_b']"):
-            return jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(redraw, params)
 
 
 def _adapted(seed=0):
@@ -202,7 +190,7 @@ def test_adapters_change_logits_as_the_numpy_merged_kernel_does_and_merge_matche
     is ~100x that and far below any error in the math (a wrong scale, A and B
     swapped, an adapter left out all move the logits by O(effect))."""
     cfg0, p0, cfg, p = _adapted()
-    p = _with_b(p)
+    p = with_random_lora_b(p)
     batch = _batch()
     got = np.asarray(_logits(cfg, p, batch), np.float64)
     base = np.asarray(_logits(cfg0, p0, batch), np.float64)
@@ -238,7 +226,7 @@ def test_nnx_module_and_generate_use_the_adapters():
     ``models.generate`` (KV cache) picks the argmax of ``models.logits`` on the
     growing sequence (no cache), and differs from the base model's choice."""
     cfg0, p0, cfg, p = _adapted()
-    p = _with_b(p, scale=2.0)
+    p = with_random_lora_b(p, scale=2.0)
     batch = _batch(1)
     module = models.params_to_module(cfg, p)
     assert isinstance(module.layers.self_attn.q_proj, LoraLinear)
@@ -279,7 +267,7 @@ def test_lora_only_keeps_base_bit_identical_and_has_no_base_state():
     weight included: ``+0.0`` updates would flip it), the state holds only the
     adapters' AdamW moments and counts, and the adapters move."""
     _, _, cfg, p = _adapted()
-    p = _with_b(p, scale=0.1)
+    p = with_random_lora_b(p, scale=0.1)
     k = p["layers"]["self_attn"]["k_proj"]["kernel"]
     p["layers"]["self_attn"]["k_proj"]["kernel"] = k.at[0, 0, :3].set(-0.0)
     tx = lora.optimizer(base=None, adapters=optax.adamw(1e-2, weight_decay=0.0))
@@ -324,7 +312,7 @@ def test_lora_plus_adalomo_fused_equals_unfused():
     of the whole loss + the same transform (per layer on the stack), to fp32
     rounding (1e-5 relative, as the fused step's own tests), and both parts move."""
     _, _, cfg, p = _adapted()
-    p = _with_b(p, scale=0.1)
+    p = with_random_lora_b(p, scale=0.1)
     tx = lora.optimizer(base=lomo_jax.adalomo(1e-2, weight_decay=0.01),
                         adapters=optax.adamw(1e-2, weight_decay=0.0))
     lm = models.layered_model(cfg)
