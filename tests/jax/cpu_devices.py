@@ -20,6 +20,18 @@ from pathlib import Path
 
 REPLACED_FLAGS = ("--xla_force_host_platform_device_count",)
 
+# XLA:CPU built for compile time, not run time: the tests' programs are tiny and each is
+# compiled once or twice, so compiling is most of a test's time. ``-O0`` skips LLVM's
+# optimisations; with the fusion emitters off, XLA:CPU emits each fusion's loops as LLVM IR
+# directly instead of lowering it through MLIR first. Both are code generation only: the
+# HLO, its fusions and the results' values are XLA's own either way (no test changed its
+# outcome; the XLA:CPU buffer assignment moves by at most a few hundred bytes of scalars,
+# e.g. 10,712,408 -> 10,712,920 bytes of temporaries for a 4-layer fused LOMO step).
+# Measured on 2 cores: tests/jax/test_fused.py, ``pytest -n 0``, 167 s at -O0 alone,
+# 67 s with both; the whole suite 1547 s -> 1027 s. The root conftest sets them for the
+# session; a subprocess that builds its own environment adds them (run_processes).
+QUICK_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
 
 def cpu_devices_env(n: int, extra_flags: Iterable[str] = (),
                     base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -39,11 +51,12 @@ def cpu_devices_env(n: int, extra_flags: Iterable[str] = (),
 def run_processes(script: Path, n: int, *args: str, timeout: int = 600) -> list[str]:
     """Run ``python script RANK PORT *args`` as ``n`` processes of one JAX
     distributed job (``PORT``: a free coordinator port; the inherited
-    ``XLA_FLAGS`` dropped, the repository on ``PYTHONPATH``) and return each
+    ``XLA_FLAGS`` replaced by :data:`QUICK_COMPILE_FLAGS`, the repository on
+    ``PYTHONPATH``) and return each
     one's output, after checking that all of them succeeded."""
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join(QUICK_COMPILE_FLAGS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

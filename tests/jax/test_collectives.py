@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jax.cpu_devices import cpu_devices_env
+from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "COLLECTIVES "
@@ -66,7 +66,7 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def hlo():
-    env = cpu_devices_env(N_DEVICES, ["--xla_backend_optimization_level=0"])
+    env = cpu_devices_env(N_DEVICES, QUICK_COMPILE_FLAGS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.jax.cpu_devices import cpu_devices_env, run_processes
+from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env, run_processes
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "LOAD_RESULT "
-FAST_COMPILE = ["--xla_backend_optimization_level=0"]  # the subprocesses' compiles
 
 
 def _write_tiny(path, tied=False, seed=0):
@@ -303,7 +302,7 @@ def _reads(convert, src_shapes, log, shardings, cfg):
 
 def _worker(rank: int, port: int, path: str) -> None:
     """All sharded loads in one process of two; prints a JSON report."""
-    os.environ.update(cpu_devices_env(4, FAST_COMPILE))
+    os.environ.update(cpu_devices_env(4, QUICK_COMPILE_FLAGS))
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

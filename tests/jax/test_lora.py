@@ -31,7 +31,7 @@ from lomo_jax.models import llama, lora
 from lomo_jax.models.lora import LoraConfig
 from lomo_jax.models.lora_config import LoraLinear, lora_path
 from tests.jax.builders import bits, reference_step, with_random_lora_b
-from tests.jax.cpu_devices import cpu_devices_env
+from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env
 from tests.jax.tiny_llama import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -377,7 +377,7 @@ def test_lora_adalomo_step_on_8_cpu_devices_equals_one_device():
     relative); the default shardings replicate these small adapters and let
     AdaLomo's statistics of the base weights follow the weights through
     ``optax.multi_transform``'s masked state."""
-    env = cpu_devices_env(8, ["--xla_backend_optimization_level=0"])
+    env = cpu_devices_env(8, QUICK_COMPILE_FLAGS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, str(REPO / "tests/jax/lora_mesh_script.py")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

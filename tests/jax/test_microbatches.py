@@ -23,7 +23,7 @@ from lomo_jax import aot
 from lomo_jax.fused import fused_init, fused_train_step
 from lomo_jax.models import llama
 from tests.jax import builders as tf
-from tests.jax.cpu_devices import cpu_devices_env
+from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env
 from tests.jax.gpu_target import rtx4090_mesh
 
 B = 8  # rows; micro-batches of 4, 2 and 1
@@ -202,7 +202,7 @@ print("SAME")
 def test_sharded_microbatches_match_one_device():
     """data=2 x fsdp=4, micro-batches split along the data axis (each device holds
     rows of every micro-batch): equal to one device, M=1, to 1e-5; shardings kept."""
-    env = cpu_devices_env(8, ["--xla_backend_optimization_level=0"])
+    env = cpu_devices_env(8, QUICK_COMPILE_FLAGS)
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0 and "SAME" in proc.stdout, proc.stderr[-3000:]
@@ -254,12 +254,11 @@ def test_working_set_shrinks_with_microbatches():
 
     layer_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params["layers"]))
     accumulator = 4 * layer_params // cfg.num_hidden_layers  # one layer's gradient, fp32
-    temps = {m: temp(total, m) for m in (1, 4, 16)}
-    assert temps[16] < temps[4] < temps[1], temps
+    # M = 16 (one row a micro-batch) against one batch: the bound at the far end (an M
+    # between, e.g. 4, takes three more GPU-target compiles and adds no other code path)
+    temps = {m: temp(total, m) for m in (1, 16)}
     assert temps[16] - saved(total) < 0.6 * (temps[1] - saved(total)), temps
-    head_total = head(total)
-    for m in (4, 16):
-        b = total // m
-        layer_working_set = temp(b, 1) - saved(b) - head(b)
-        bound = saved(total) + layer_working_set + head_total + accumulator
-        assert temps[m] <= bound, (m, temps[m], bound)
+    b = total // 16
+    layer_working_set = temp(b, 1) - saved(b) - head(b)
+    bound = saved(total) + layer_working_set + head(total) + accumulator
+    assert temps[16] <= bound, (temps[16], bound)

@@ -58,11 +58,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.jax.cpu_devices import cpu_devices_env, run_processes
+from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env, run_processes
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "SAVE_RESULT "
-FAST_COMPILE = ["--xla_backend_optimization_level=0"]
 SHARD = 20_000
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -164,7 +163,7 @@ def _complete(path: str) -> bool:
 
 
 def _single_worker(out: str) -> None:
-    os.environ.update(cpu_devices_env(8, FAST_COMPILE))
+    os.environ.update(cpu_devices_env(8, QUICK_COMPILE_FLAGS))
     import jax
     from jax.sharding import AxisType
 
@@ -203,7 +202,7 @@ def _stub_configs(cfg, hf_config, first_dtype, path):
 
 
 def _rank_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(cpu_devices_env(4, FAST_COMPILE))
+    os.environ.update(cpu_devices_env(4, QUICK_COMPILE_FLAGS))
     import jax
     from jax.sharding import AxisType
 
@@ -332,7 +331,7 @@ def _report(text: str) -> dict:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = tmp_path_factory.mktemp("saves")
-    env = cpu_devices_env(8, FAST_COMPILE)
+    env = cpu_devices_env(8, QUICK_COMPILE_FLAGS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     single = subprocess.Popen([sys.executable, __file__, "single", str(out)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -22,7 +22,7 @@ For each case a tiny LLaMA (:mod:`lomo_jax.models.llama`, every leaf split:
   figure) and ``alias_size_in_bytes`` is exactly its params + state: every
   output is written into its donated input; the donated inputs are deleted.
 
-Compiles use ``--xla_backend_optimization_level=0`` (the same for the
+Compiles use ``QUICK_COMPILE_FLAGS`` (the same for the
 single-device reference and the sharded steps) to keep this file fast.
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.jax.cpu_devices import cpu_devices_env
+from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env
 from tests.jax.tiny_llama import TINY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -240,7 +240,7 @@ def _worker(case: str) -> dict:
 
 
 def _run(case: str) -> dict:
-    env = cpu_devices_env(N_DEVICES, ["--xla_backend_optimization_level=0"])
+    env = cpu_devices_env(N_DEVICES, QUICK_COMPILE_FLAGS)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), case],
