@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS
+from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, with_xla_flags
 
 # The tests run on the CPU. With JAX's CUDA plugin installed (requirements-test.txt
 # installs it for deviceless GPU-target compiles, lomo_jax.aot) this must be set
@@ -22,18 +22,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 STRICT = not os.environ.get("LOMO_ALLOW_MISSING_DEPS")
 
 
-def _add_xla_flags(*flags):
-    """Append each of ``flags`` to ``XLA_FLAGS`` unless that flag is given already (a flag
-    given wins). Set before JAX starts, so in-process and subprocess programs alike."""
-    given = os.environ.get("XLA_FLAGS", "").split()
-    names = {f.split("=")[0] for f in given}
-    added = [f for f in flags if f.split("=")[0] not in names]
-    os.environ["XLA_FLAGS"] = " ".join(given + added)
-
-
 # XLA:CPU compiled for compile time (tests/jax/cpu_devices.py says what and how much);
-# the HLO, and so the tests' outcomes, are the same.
-_add_xla_flags(*QUICK_COMPILE_FLAGS)
+# the HLO, and so the tests' outcomes, are the same. Set before JAX starts, so in-process
+# and subprocess programs alike; a flag already given wins.
+os.environ["XLA_FLAGS"] = with_xla_flags(os.environ.get("XLA_FLAGS", ""), QUICK_COMPILE_FLAGS,
+                                         replace=False)
 
 
 def _share_compilation_cache():
@@ -72,9 +65,8 @@ def _share_gpu_kernels():
     (the subprocesses a worker starts share it, one at a time: the worker waits for them)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     path = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], f"gpu-kernels-{worker}.bin")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_gpu_kernel_cache_file=")]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_gpu_kernel_cache_file={path}"])
+    os.environ["XLA_FLAGS"] = with_xla_flags(os.environ.get("XLA_FLAGS", ""),
+                                             [f"--xla_gpu_kernel_cache_file={path}"], replace=True)
 
 
 _share_gpu_kernels()

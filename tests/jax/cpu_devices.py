@@ -18,8 +18,6 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-REPLACED_FLAGS = ("--xla_force_host_platform_device_count",)
-
 # XLA:CPU built for compile time, not run time: the tests' programs are tiny and each is
 # compiled once or twice, so compiling is most of a test's time. ``-O0`` skips LLVM's
 # optimisations; with the fusion emitters off, XLA:CPU emits each fusion's loops as LLVM IR
@@ -33,16 +31,27 @@ REPLACED_FLAGS = ("--xla_force_host_platform_device_count",)
 QUICK_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
+def with_xla_flags(current: str, flags: Iterable[str], *, replace: bool) -> str:
+    """``current`` (an ``XLA_FLAGS`` value) with ``flags`` appended; a flag whose name
+    ``current`` already has replaces it (``replace=True``) or is left out (False)."""
+    flags = list(flags)
+    names = {f.split("=")[0] for f in flags}
+    given = current.split()
+    if replace:
+        return " ".join([f for f in given if f.split("=")[0] not in names] + flags)
+    have = {f.split("=")[0] for f in given}
+    return " ".join(given + [f for f in flags if f.split("=")[0] not in have])
+
+
 def cpu_devices_env(n: int, extra_flags: Iterable[str] = (),
                     base: Mapping[str, str] | None = None) -> dict[str, str]:
     """``base`` (default ``os.environ``) with ``n`` CPU devices, enough pool
     threads for their collectives, ``JAX_PLATFORMS=cpu`` and ``extra_flags``
     added to ``XLA_FLAGS`` (a flag given again replaces the inherited one)."""
     env = dict(os.environ if base is None else base)
-    extra = list(extra_flags)
-    replaced = REPLACED_FLAGS + tuple(f.split("=")[0] for f in extra)
-    kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(replaced)]
-    env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={n}"] + extra)
+    env["XLA_FLAGS"] = with_xla_flags(
+        env.get("XLA_FLAGS", ""),
+        [f"--xla_force_host_platform_device_count={n}", *extra_flags], replace=True)
     env["PJRT_NPROC"] = str(max(2 * n, int(env.get("PJRT_NPROC", 0) or 0)))
     env["JAX_PLATFORMS"] = "cpu"
     return env
