@@ -185,8 +185,8 @@ def gpu_status():
 @contextlib.contextmanager
 def benchmark_import_env():
     """benchmarks/ on ``sys.path`` and the environment restored after the import
-    (benchmarks/memory.py sets ``JAX_PLATFORMS``/``XLA_FLAGS`` for its own compile-only use;
-    the case processes must see the user's)."""
+    (benchmarks/memory.py sets ``JAX_PLATFORMS`` and ``TF_CPP_MIN_LOG_LEVEL`` for its own
+    compile-only use; the case processes must see the user's)."""
     saved = dict(os.environ)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

@@ -131,7 +131,9 @@ def train(arm_fns, params0, batches) -> dict:
     """One run: ``{"params", "loss" (unweighted, per step), "change" (per step), "ms"}``."""
     init, step = arm_fns
     params = jax.tree.map(jnp.array, params0)
-    state = init(params)
+    # the state on the parameters' device, as the step returns it: a state left
+    # uncommitted would make the second step compile the program again
+    state = jax.device_put(init(params), jax.tree.leaves(params)[0].sharding)
     losses, changes, seconds = [], [], []
     for b in batches:
         before = [np.array(x) for x in jax.tree.leaves(params)]

@@ -106,7 +106,6 @@ logging.getLogger("transformers").addFilter(_NoTorchNotice())  # before transfor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/: the finetune package
 
-from lomo_jax.models import llama  # noqa: E402
 from finetune.arguments import (  # noqa: E402,F401  (re-exported: tests use them)
     DATA, CORPUS, PRETRAINED, DTYPES, TOKENIZER_FILES, RESUME_FLAGS, CLIP_MODES,
     LOMO_DEFAULT_CLIP, DEFAULT_CLIP, GLOBAL_CLIP_NORM, DEFAULT_LORA_TARGETS, DEFAULT_LORA_LR,
@@ -114,7 +113,7 @@ from finetune.arguments import (  # noqa: E402,F401  (re-exported: tests use the
     check_data_args, schedule_problem, has_tokenizer, model_dir_problem)
 from finetune.corpus import (  # noqa: E402,F401  (re-exported: tests use them)
     TARGET_LINE, corpus_parts, train_tokenizer, load_tokenizer, make_windows, batches,
-    load_model, n_params, sample_prompt, load_all, load_jsonl, trained_tokens)
+    load_model, layered_model, n_params, sample_prompt, load_all, load_jsonl, trained_tokens)
 from finetune.steps import (  # noqa: E402,F401  (re-exported: tests use them)
     make_schedule, transform, adaptive_clip_warmup, with_clip, unfused_step, run_transform,
     build_step, compile_step, step_bytes, memory_report)
@@ -122,7 +121,7 @@ from finetune.lora_mode import (  # noqa: E402,F401  (re-exported: tests use the
     run_mode, lora_config, with_adapters, lora_transform, adapter_count, step_label,
     describe_run, describe_mode, export_note, lora_report, split_for_export)
 from finetune.training import (  # noqa: E402,F401  (re-exported: tests use them)
-    KILL_AFTER_STEP, select_device, train_loop, kill_hook, checkpoint_dir, run_flags,
+    KILL_AFTER_STEP, select_device, placed, train_loop, kill_hook, checkpoint_dir, run_flags,
     flags_problem, find_resume, make_saver, data_iterator, run_training)
 from finetune.report import (  # noqa: E402,F401  (re-exported: tests use them)
     MIB, CAVEAT, evaluate, describe_clip, describe_batch, complete, plot_eval, plot,
@@ -138,14 +137,15 @@ def main(argv=None):
     where = select_device(args)
     out = Path(args.out)
     tokenizer, cfg, params, train, held_out, (prompt, sentence) = load_all(args)
-    base = (llama.llama_layered_model(cfg), params) if args.lora is not None else None
+    base = (layered_model(cfg), params) if args.lora is not None else None
     cfg, params = with_adapters(args, cfg, params)  # --lora: fresh adapters, same logits
+    params = placed(params)
     packed, packing, eval_data = load_jsonl(args, tokenizer, cfg)  # fails here on bad data
     if eval_data is not None and eval_data.choices:
         item = eval_data.choices[0]
         prompt, sentence = item["prompt"], item["prompt"] + item["choices"][item["answer"]]
     out.mkdir(parents=True, exist_ok=True)
-    lm = llama.llama_layered_model(cfg)
+    lm = layered_model(cfg)
     print(f"model: {args.model}, {n_params(params) / 1e6:.2f}M parameters, "
           f"{cfg.num_hidden_layers} layers, {args.dtype} ({args.rounding} rounding); "
           f"fine-tuning data: {describe_data(args, train, held_out, packing)}; "
@@ -165,7 +165,8 @@ def main(argv=None):
                                                             step, base)
     params, run = run_training(args, step, params, opt_state, itertools.chain([batch], data_it),
                                packed, flags, resume)
-    after = measure(cfg, lm, params, tokenizer, held_out, eval_data, prompt, args.batch_size)
+    after = measure(cfg, lm, placed(params), tokenizer, held_out, eval_data, prompt,
+                    args.batch_size)
 
     print_results(args, before, after, run, prompt, sentence, t_compile)
     if memory:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.jax.gpu_target import COMPILES_FOR_GPU
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
@@ -22,14 +24,18 @@ RUNS = {
                          "--intermediate", "64", "--heads", "2", "--vocab", "64", "--seq", "8",
                          "--batch", "2", "--warmup", "1", "--repeats", "2", "--threads", "1"],
     "memory": ["memory.py", "--settings", "tiny", "--unit", "MiB", "--microbatches", "1", "2"],
-    "precision": ["precision.py", "--frameworks", "jax", "--steps", "4", "--pretrain-steps", "6",
-                  "--seq", "64"],
+    # 1 pretraining step, then 4 fine-tuning steps of 2 x 32 bytes: enough for nearest
+    # rounding to lose the update that stochastic rounding keeps (a step's time is mostly
+    # the update of the 3M parameters, whatever the batch)
+    "precision": ["precision.py", "--frameworks", "jax", "--steps", "4", "--pretrain-steps", "1",
+                  "--batch", "2", "--seq", "32"],
     "speed": ["speed.py", "--layers", "2", "--d", "32", "--ffn", "64", "--heads", "2",
               "--vocab", "64", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "1",
               "--rows", "1", "4",  # AdaLomo without and with clipping
               "--clip-rows", "2", "3",  # AdaLomo: global (its fused step shared) and adaptive
-              "--microbatches", "2", "--microbatch-transforms", "lomo"],
-    "stability": ["stability.py", "--steps", "6", "--seeds", "0", "--batch", "2", "--seq", "64",
+              # AdaLomo: its one-step-per-micro-batch side is the first table's fused step
+              "--microbatches", "2", "--microbatch-transforms", "adalomo"],
+    "stability": ["stability.py", "--steps", "6", "--seeds", "0", "--batch", "1", "--seq", "64",
                   "--adaptive-warmup", "2"],
     "scaling": ["scaling.py", "--target", "rtx4090", "--rows", "tiny-8",
                 "--methods", "LOMO", "AdaLomo, clip 1.0, offload"],
@@ -51,20 +57,18 @@ def load_benchmark(name):
     return module
 
 
-def run_in_process(capsys, args):
-    """``main(args[1:])`` of benchmark ``args[0]``, in this process: its stdout."""
-    load_benchmark(args[0].removesuffix(".py")).main(args[1:])
+def run_in_process(capsys, args, module=None):
+    """``main(args[1:])`` of benchmark ``args[0]`` (or of ``module``, that benchmark
+    already loaded), in this process: its stdout."""
+    (module or load_benchmark(args[0].removesuffix(".py"))).main(args[1:])
     return capsys.readouterr().out
 
 
-def run(args):
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]],
-                          cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
-                          timeout=600)
-    run.seconds = time.perf_counter() - t0
-    assert proc.returncode == 0, f"{args}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+@pytest.fixture
+def gpu_compile_env(monkeypatch):
+    """memory.py and scaling.py set these (if unset) when imported: put back after the test."""
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
+    monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
 
 
 TORCH_STEP_ROW = re.compile(r"^(Lomo|AdaLomo)\s+(fwd \+ (?:grad_norm \+ )?fused_backward)\s+"
@@ -74,13 +78,25 @@ TORCH_STEP_PLAIN = re.compile(r"SGD\.step ([\d.]+) ms; lomo_torch Lomo ([\d.]+) 
 
 
 @pytest.mark.parametrize("model", ["stack", "llama"])
-def test_torch_step_benchmark_runs(model):
+def test_torch_step_benchmark_runs(model, lomo_optim, capsys):
     """Every row is there, each ratio is the quotient of the two times it claims to
     compare (the plain-step line repeats the Lomo row's own measurements), the lomo-optim
     and lomo_torch models end equal, the model is the one asked for, and no step took
-    longer than the whole run (steps x their time fit in the process's wall time)."""
-    out = run(RUNS["torch_step" if model == "stack" else "torch_step_llama"])
-    seconds = run.seconds
+    longer than the whole run (steps x their time fit in the run's wall time). In this
+    process (torch and lomo-optim imported once); what the script changes in it is put
+    back: the ``Tensor.cuda`` no-op it installs on the CPU (the ``lomo_optim`` fixture's
+    monkeypatch restores it), torch's thread count and random state."""
+    import torch
+
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            out = run_in_process(capsys, RUNS["torch_step" if model == "stack"
+                                              else "torch_step_llama"])
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - t0
     if model == "llama":  # 1 layer, d=32, ffn 64, vocab 64, untied: 14,432 parameters
         assert "transformers LlamaForCausalLM" in out and " 14,432 parameters" in out, out
     else:
@@ -122,7 +138,8 @@ def test_speed_benchmark_runs(capsys):
     """In-process, one compile a step: the fused vs unfused rows asked for (AdaLomo
     without and with global clipping), the clipping table's AdaLomo rows (global: 2
     passes, its fused step the first table's; adaptive: 1 pass) and the accumulation
-    row, each ratio the quotient of the times it claims to compare."""
+    row (AdaLomo: its steps on the micro-batches one by one are the first table's fused
+    step), each ratio the quotient of the times it claims to compare."""
     out = run_in_process(capsys, RUNS["speed"])
     fused_vs_unfused, _, rest = out.partition("Clipping's cost")
     clipping, _, accumulation = rest.partition("Gradient accumulation")
@@ -137,32 +154,26 @@ def test_speed_benchmark_runs(capsys):
     for cells in rows:
         assert_ratio_of_printed_times(float(cells[3]), float(cells[4]), float(cells[5]), cells)
     rows = table_rows(accumulation)
-    assert [cells[0] for cells in rows] == ["lomo"], out
+    assert [cells[0] for cells in rows] == ["adalomo"], out
     for cells in rows:
         assert_ratio_of_printed_times(float(cells[1]), float(cells[2]), float(cells[3]), cells)
 
 
-@pytest.mark.parametrize("target", ["rtx4090", "cpu"])
-def test_memory_benchmark_runs(target, capsys, monkeypatch):
+@pytest.mark.parametrize("target", [pytest.param("rtx4090", marks=COMPILES_FOR_GPU), "cpu"])
+def test_memory_benchmark_runs(target, capsys, gpu_compile_env):
     """The shipped model on a GPU target (deviceless) and on this CPU: one row per
     method asked for (the fused one also with 2 micro-batches; offloading on the
     GPU target, a no-op on XLA:CPU), and the fused steps hold less than
-    value_and_grad + AdamW (LoRA + LOMO too, on the GPU target, at M = 1 only). The GPU
-    target compiles in this process; the CPU target in its own, since its XLA flag must
-    be set before JAX starts."""
+    value_and_grad + AdamW (LoRA + LOMO too, on the GPU target, at M = 1 only). Both
+    compile in this process (the CPU target's switched-off pass is a compile option)."""
     # the GPU target: the offloading step only (its plain twin is the CPU run's and
     # tests/jax/test_fused_memory.py's; every GPU-target program costs ~7 s to compile)
     fused = (("fused AdaLomo, clip 1.0, offload",) if target == "rtx4090"
              else ("fused AdaLomo, clip 1.0",))
     lora = ("fused LoRA + LOMO",) if target == "rtx4090" else ()
     methods = ["--methods", "inference", "value_and_grad + AdamW", *fused, *lora]
-    args = RUNS["memory"] + ["--target", target] + methods
-    if target == "cpu":
-        out = run(args)
-    else:  # memory.py sets these (if unset) when imported: put back after the test
-        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
-        monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
-        out = run_in_process(capsys, args)
+    memory = load_benchmark("memory")
+    out = run_in_process(capsys, RUNS["memory"] + ["--target", target] + methods, memory)
     assert f"target {target}" in out, out
     table = {(cells[3], int(cells[2])): cells for cells in table_rows(out) if cells[0] == "tiny"}
     rows = {k: float(cells[6]) for k, cells in table.items()}
@@ -174,8 +185,7 @@ def test_memory_benchmark_runs(target, capsys, monkeypatch):
     # LoRA (rank 16 on a 64-wide toy: adapters bigger than AdamW's state here): its
     # arguments are the inference's plus exactly the adapters and their AdamW state
     args = {k: float(cells[4]) for k, cells in table.items()}
-    own = load_benchmark("memory").adapter_bytes(
-        load_benchmark("memory").model_config("tiny", "fused LoRA + LOMO")) / 2**20
+    own = memory.adapter_bytes(memory.model_config("tiny", "fused LoRA + LOMO")) / 2**20
     assert all(abs(args[m, 1] - args["inference", 1] - own) <= 0.02 for m in lora), (args, own)
     assert all(rows["inference", 1] < rows[m, 1] for m in lora), rows
     assert all(rows[m, mb] < adamw for m in fused for mb in (1, 2)), rows
@@ -187,13 +197,11 @@ def test_memory_benchmark_runs(target, capsys, monkeypatch):
     assert set(host.values()) == {0.0}, table
 
 
-def test_memory_benchmark_lora_table(capsys, monkeypatch):
+def test_memory_benchmark_lora_table(capsys, gpu_compile_env):
     """The LoRA table (no compile here): the adapters' own bytes, from shapes, are rank 16
     on the tiny model's seven projections, parameters and AdamW's two moments in bf16 plus
     its int32 count; "measured - LOMO" and "difference" are the differences of the
     figures given; no fused LOMO row of the same setting, no table."""
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"))
-    monkeypatch.setenv("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
     memory = load_benchmark("memory")
     cfg = memory.model_config("tiny", "fused LoRA")
     assert memory.model_config("tiny", "fused LOMO").lora is None
@@ -216,12 +224,15 @@ SCALING_ROW = re.compile(r"^\| tiny \| 8 \| 64 \| (LOMO|AdaLomo, clip 1\.0(?:, o
                          re.M)
 
 
-def test_scaling_benchmark_runs(monkeypatch):
-    """The paper-table script on a toy row, compiled for 8 RTX 4090s: both methods'
+@COMPILES_FOR_GPU
+def test_scaling_benchmark_runs(capsys, monkeypatch, gpu_compile_env):
+    """The paper-table script on a toy row, compiled for 8 RTX 4090s (in this process:
+    only its cpu target needs flags set before JAX starts): both methods'
     rows, the bound printed is tokens / max(FLOPs / peak, sent / link, host /
     host link) of the figures it prints (to their rounding), and clipping's
     second backward pass costs FLOPs and bytes."""
-    out = run(RUNS["scaling"])
+    scaling = load_benchmark("scaling")
+    out = run_in_process(capsys, RUNS["scaling"], scaling)
     rows = {m[0]: [float(v) for v in m[1:]] for m in SCALING_ROW.findall(out)}
     assert set(rows) == {"LOMO", "AdaLomo, clip 1.0, offload"}, out
     peak, link = 165.2e12, 32e9
@@ -231,11 +242,6 @@ def test_scaling_benchmark_runs(monkeypatch):
     assert ada[1] >= lomo[1] and ada[2] >= lomo[2]
     # the printed figures are rounded to 0.1 (0.0 at this size): the bound's formula,
     # on figures given to scaling.figures directly
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import scaling
-    finally:
-        sys.path.pop(0)
     fake = type("Compiled", (), {})()
     monkeypatch.setattr(scaling.hlo_cost, "matmul_flops", lambda c: 3.3e15)
     monkeypatch.setattr(scaling.hlo_cost, "bytes_sent", lambda c: 2.0 * 2**30)
@@ -303,9 +309,9 @@ def test_stability_refuses_a_warmup_past_the_first_spike():
 def test_packages_import_without_the_other_framework():
     """A PyTorch-only user needs no JAX, a JAX-only user no torch: importing one package
     imports nothing of the other framework."""
-    code = "import sys, {pkg}; assert '{other}' not in sys.modules"
-    for pkg, other in (("lomo_torch", "jax"), ("lomo_jax", "torch"),
-                       ("lomo_jax.models.llama", "torch")):
-        proc = subprocess.run([sys.executable, "-c", code.format(pkg=pkg, other=other)],
+    code = "import sys, {pkgs}; assert '{other}' not in sys.modules"
+    # one process for lomo_jax and its LLaMA (the latter imports the former first)
+    for pkgs, other in (("lomo_torch", "jax"), ("lomo_jax, lomo_jax.models.llama", "torch")):
+        proc = subprocess.run([sys.executable, "-c", code.format(pkgs=pkgs, other=other)],
                               cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"importing {pkg} imported {other}:\n{proc.stderr[-2000:]}"
+        assert proc.returncode == 0, f"importing {pkgs} imported {other}:\n{proc.stderr[-2000:]}"

@@ -1,10 +1,10 @@
 """Every example runs, on its tiny configuration, so none can rot; the PyTorch
-example reads the JAX job's JSONL forms with the same token ids and labels,
-without importing JAX, and saves a model that loads with its trained logits."""
+example runs as a script and reads the JAX job's JSONL forms with the same token ids
+and labels, without importing JAX, and saves a model that loads with its trained logits."""
 
 import importlib.util
 import json
-import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "examples" / "data" / "finetune.jsonl"
 PRETRAINED = ROOT / "examples" / "data" / "pretrained"
 # The main job, finetune_llama.py, runs as a user runs it in tests/test_main_job.py;
-# torch_finetune.py --trainer on JSONL runs in test_torch_example_on_jsonl_... below
-# (on text: tests/torch/test_trainer.py).
-EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name != "finetune_llama.py")
-RUNS = [(name, []) for name in EXAMPLES]
+# torch_finetune.py runs in a fresh process of its own below (it must not import JAX):
+# as a script (the plain loop on text), then --trainer on JSONL
+# (test_torch_example_runs_..., on text with --trainer: tests/torch/test_trainer.py).
+# The JAX examples run as scripts in this process (their imports are the session's).
+TORCH_EXAMPLE = "torch_finetune.py"
+EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py")
+                  if p.name not in ("finetune_llama.py", TORCH_EXAMPLE))
 
 
 def load_example(name):
@@ -29,12 +32,20 @@ def load_example(name):
     return module
 
 
-@pytest.mark.parametrize("name,args", RUNS, ids=[" ".join([n, *a]) for n, a in RUNS])
-def test_example_runs_tiny(name, args, tmp_path):
-    env = dict(os.environ, LOMO_EXAMPLES_TINY="1", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs_tiny(name, tmp_path, monkeypatch):
+    """``LOMO_EXAMPLES_TINY=1 python examples/NAME`` from ``tmp_path``: the file run as
+    ``__main__`` with the script's directory first on ``sys.path``, as Python runs it."""
+    script = ROOT / "examples" / name
+    monkeypatch.setenv("LOMO_EXAMPLES_TINY", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    monkeypatch.syspath_prepend(str(script.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:  # what `python examples/NAME` would exit with
+        assert e.code in (None, 0), f"{name} failed: {e.code}"
 
 
 def tiny_jsonl(tmp_path):
@@ -47,11 +58,16 @@ def tiny_jsonl(tmp_path):
     return path
 
 
-# Runs the example's run() and saves what the trained model gives for PROBE, then
-# reports whether any jax module was ever imported.
+# Runs the example as `python examples/torch_finetune.py` does (tiny: the plain loop on the
+# text corpus), then its run() on JSONL, and saves what that trained model gives for PROBE;
+# then reports whether any jax module was ever imported.
 WRAPPER = """
-import sys, torch
+import os, runpy, sys, torch
 sys.path.insert(0, {examples!r})
+os.environ["LOMO_EXAMPLES_TINY"] = "1"
+sys.argv = [{script!r}]
+runpy.run_path({script!r}, run_name="__main__")
+print("JSONL_RUN")
 import torch_finetune
 result = torch_finetune.run({argv!r})
 with torch.no_grad():  # (the tiny run computes on one thread)
@@ -62,19 +78,26 @@ print("JAX_MODULES", sorted(m for m in sys.modules if m == "jax" or m.startswith
 PROBE = [5, 17, 42, 99, 3, 250, 7]
 
 
-def test_torch_example_on_jsonl_imports_no_jax_and_saves_a_loadable_model(tmp_path):
+def test_torch_example_runs_tiny_imports_no_jax_and_saves_a_loadable_model(tmp_path):
+    """One fresh process (torch and transformers imported once): the example as a script
+    (the plain loop on the text corpus, saved in ``runs/torch_finetune``), then with
+    ``--trainer`` on JSONL; neither imports JAX."""
     import torch
     import transformers
 
     out, logits = tmp_path / "out", tmp_path / "logits.pt"
     argv = ["--tiny", "--trainer", "--data", str(tiny_jsonl(tmp_path)), "--out", str(out)]
     code = WRAPPER.format(examples=str(ROOT / "examples"), argv=argv, probe=PROBE,
-                          logits=str(logits))
+                          logits=str(logits), script=str(ROOT / "examples" / TORCH_EXAMPLE))
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "JAX_MODULES []" in proc.stdout
-    assert "from " + str(tmp_path / "tiny.jsonl") in proc.stdout and "nearest rounding" in proc.stdout
+    script_run, jsonl_run = proc.stdout.split("JSONL_RUN\n")
+    assert "from " + str(ROOT / "examples" / "data" / "corpus.txt") in script_run
+    assert "held-out loss" in script_run
+    assert (tmp_path / "runs" / "torch_finetune" / "config.json").is_file()
+    assert "from " + str(tmp_path / "tiny.jsonl") in jsonl_run and "nearest rounding" in jsonl_run
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     saved = torch.load(logits)
     trained = saved["logits"]

@@ -12,6 +12,7 @@ deterministic."""
 from __future__ import annotations
 
 import filecmp
+import functools
 import importlib.util
 import json
 import logging
@@ -33,13 +34,15 @@ import jax.numpy as jnp  # noqa: E402
 
 from lomo_jax.models import convert, llama  # noqa: E402
 from tests.jax.compile_cache import compiled_afresh  # noqa: E402
+from tests.once_per_run import once_per_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAINED = ROOT / "examples" / "data" / "pretrained"
 
 
-@pytest.fixture(scope="session")
-def job():
+@functools.lru_cache(maxsize=None)
+def load_job():
+    """``examples/finetune_llama.py`` as a module (loaded once)."""
     spec = importlib.util.spec_from_file_location("finetune_llama", ROOT / "examples" / "finetune_llama.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -47,28 +50,25 @@ def job():
 
 
 @pytest.fixture(scope="session")
+def job():
+    return load_job()
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """The README's command, as a user runs it (a subprocess of the script), on the tiny
     configuration; this is also the examples suite's run of the main job."""
-    # Built once for all pytest-xdist workers (their base temp dirs share a parent, this
-    # session's): the first worker runs the job, the others wait on the lock and reuse its
-    # output. Without xdist the parent is shared by every session: stay in our own.
-    from filelock import FileLock
+    def run(out):
+        env = dict(os.environ, MPLBACKEND="Agg")
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "finetune_llama.py"), "--tiny",
+             "--steps", "12", "--out", str(out)],
+            cwd=out, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return {"stdout": proc.stdout, "stderr": proc.stderr}
 
-    base = tmp_path_factory.getbasetemp()
-    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "main_job_tiny"
-    with FileLock(f"{out}.lock"):
-        done = out / "process.json"
-        if not done.exists():
-            out.mkdir(exist_ok=True)
-            env = dict(os.environ, MPLBACKEND="Agg")
-            proc = subprocess.run(
-                [sys.executable, str(ROOT / "examples" / "finetune_llama.py"), "--tiny",
-                 "--steps", "12", "--out", str(out)],
-                cwd=out, env=env, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            done.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
-    proc = subprocess.CompletedProcess([], 0, **json.loads(done.read_text()))
+    out, output = once_per_run(tmp_path_factory, "main_job_tiny", run)
+    proc = subprocess.CompletedProcess([], 0, **output)
     report = json.loads((out / "finetune_report.json").read_text())
     return out, report, proc
 
@@ -247,9 +247,9 @@ def test_checkpoint_loads_in_transformers_with_same_logits(trained):
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("extra", [["--optimizer", "lomo"],
-                                   ["--optimizer", "adamw", "--dtype", "bf16"]],
-                         ids=["lomo", "adamw_bf16"])
+# (the lomo case: tests/test_main_job_clip.py's run, which starts from the same checkpoint)
+@pytest.mark.parametrize("extra", [["--optimizer", "adamw", "--dtype", "bf16"]],
+                         ids=["adamw_bf16"])
 def test_model_dir_is_fine_tuned_again(job, trained, tmp_path, extra):
     out, report, _ = trained
     after = report["loss_after"]
@@ -355,18 +355,24 @@ FINETUNE = ROOT / "examples" / "data" / "finetune.jsonl"
 EVAL = ROOT / "examples" / "data" / "eval.jsonl"
 
 
-@pytest.fixture(scope="module")
-def trained_jsonl(job, tmp_path_factory):
-    """One tiny run on the shipped JSONL files: a tenth of an epoch of packed rows, scored on
-    the eval file before and after (in-process, no memory report)."""
-    out = tmp_path_factory.mktemp("main_job_jsonl")
-    job.main(["--tiny", "--data", str(FINETUNE), "--eval-data", str(EVAL), "--epochs", "0.1",
-              "--out", str(out), "--no-memory-report"])
+# A tenth of an epoch of packed rows (6 steps), scored on the eval file before and after,
+# in bf16, checkpointed every 3 steps: tests/test_main_job_resume.py kills and resumes a run
+# with these flags, and compares it with this one.
+JSONL_FLAGS = ["--tiny", "--data", str(FINETUNE), "--eval-data", str(EVAL), "--epochs", "0.1",
+               "--dtype", "bf16", "--checkpoint-every", "3", "--no-memory-report"]
+
+
+@pytest.fixture(scope="session")
+def jsonl_run(tmp_path_factory):
+    """``(out, report)`` of one tiny in-process run on the shipped JSONL files (``--resume``
+    with no checkpoint there: it starts fresh)."""
+    out, _ = once_per_run(tmp_path_factory, "main_job_jsonl", lambda out: load_job().main(
+        [*JSONL_FLAGS, "--resume", "--out", str(out)]))
     return out, json.loads((out / "finetune_report.json").read_text())
 
 
-def test_jsonl_run_reports_eval_loss_and_accuracy(trained_jsonl):
-    out, report = trained_jsonl
+def test_jsonl_run_reports_eval_loss_and_accuracy(jsonl_run):
+    out, report = jsonl_run
     before, after = report["eval_loss_before"], report["eval_loss_after"]
     assert math.isfinite(before) and math.isfinite(after) and after < before - 0.5
     for key in ("choice_accuracy_before", "choice_accuracy_after"):
@@ -376,12 +382,12 @@ def test_jsonl_run_reports_eval_loss_and_accuracy(trained_jsonl):
     assert (out / "loss_and_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_jsonl_epochs_and_trained_tokens_follow_the_packing(job, trained_jsonl):
+def test_jsonl_epochs_and_trained_tokens_follow_the_packing(job, jsonl_run):
     """--epochs 0.1 runs ceil(0.1 * rows / batch) steps (rows from data.packing_report), and
     trained_tokens counts the loss tokens of exactly the packed batches those steps took."""
     from lomo_jax import data
 
-    _, report = trained_jsonl
+    _, report = jsonl_run
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(PRETRAINED))
     tokenized = data.load(FINETUNE, tokenizer, 32)
     packing = data.packing_report(tokenized, 4, seed=0)

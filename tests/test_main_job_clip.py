@@ -3,7 +3,8 @@
 adaptive clip chained in front of the optimizer in one pass (fused and unfused alike: one
 scalar a layer's tensor), recorded in the report, and its state in the checkpoints: a
 resumed adaptive run ends with the weights of an uninterrupted one, and a resume with
-another ``--clip`` is refused."""
+another ``--clip`` is refused. The LOMO run starts from the main job's output: it is also
+the lomo case of tests/test_main_job.py's test_model_dir_is_fine_tuned_again."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import lomo_jax
 from lomo_jax.adaptive_clipping import AdaptiveClipState
 from lomo_jax.models import llama
 from tests.jax.tiny_llama import TINY
-from tests.test_main_job import refused
+from tests.once_per_run import once_per_run
+from tests.test_main_job import refused, trained  # noqa: F401  (trained: a fixture)
 from tests.test_main_job_resume import job, report  # noqa: F401  (job: a fixture)
 
 
@@ -126,24 +128,30 @@ FLAGS = ["--tiny", "--optimizer", "lomo", "--clip", "adaptive", "--adaptive-clip
          "--no-memory-report"]
 
 
-def run(job, out, *extra):  # noqa: F811
-    """A tiny in-process LOMO run with the adaptive clip past its warm-up by step 2."""
-    job.main([*FLAGS, "--out", str(out), *extra])
+def run(job, out, model, *extra):  # noqa: F811
+    """A tiny in-process LOMO run from ``model`` with the adaptive clip past its warm-up by
+    step 2."""
+    job.main([*FLAGS, "--model", str(model), "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
-def whole(job, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("clip_whole")
-    run(job, out)
+def model(trained):  # noqa: F811
+    """Where the LOMO runs start: the main job's output (tests/test_main_job.py)."""
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def whole(job, model, tmp_path_factory):  # noqa: F811
+    out, _ = once_per_run(tmp_path_factory, "clip_whole", lambda out: run(job, out, model))
     return out
 
 
-def clip_state(job, out, step):  # noqa: F811
+def clip_state(job, out, model, step):  # noqa: F811
     """The layers' adaptive-clip state (:class:`AdaptiveClipState`) in the checkpoint of
     ``step``, restored into the job's own state structure."""
     from lomo_jax import checkpoint
 
-    args = job.parse_args([*FLAGS, "--out", str(out)])
+    args = job.parse_args([*FLAGS, "--model", str(model), "--out", str(out)])
     cfg, params = job.load_model(args)
     _, init = job.build_step(args, llama.llama_layered_model(cfg),
                              job.make_schedule(args.schedule, args.lr, args.steps))
@@ -153,37 +161,47 @@ def clip_state(job, out, step):  # noqa: F811
     return state["opt_state"].layers.inner_state[0]
 
 
+def test_lomo_fine_tunes_the_main_jobs_output_again(whole, trained):  # noqa: F811
+    """``--model OUT`` of the main job (the lomo case of tests/test_main_job.py's
+    test_model_dir_is_fine_tuned_again): the run starts from the trained checkpoint, with its
+    tokenizer, not from scratch."""
+    after = trained[1]["loss_after"]
+    assert abs(report(whole)["loss_before"] - after) < 0.05 * after + 1e-4
+    assert np.isfinite(report(whole)["loss_after"])
+    assert (whole / "model.safetensors").exists()
+
+
 def test_report_records_the_clip_mode(whole):
     assert report(whole)["args"]["clip"] == "adaptive"
     assert report(whole)["args"]["clip_grad_norm"] == 0.0
     assert report(whole)["args"]["adaptive_clip_warmup"] == 1
 
 
-def test_resumed_adaptive_run_equals_an_uninterrupted_one(job, whole, tmp_path):  # noqa: F811
+def test_resumed_adaptive_run_equals_an_uninterrupted_one(job, whole, model, tmp_path):  # noqa: F811
     """Resumed from the checkpoint of step 2 (the clip's averages restored with the rest of
     the optimizer state), the run ends with the uninterrupted run's weights, byte for byte,
     and the same clip state at step 4."""
     resumed = tmp_path / "resumed"
     shutil.copytree(whole / "checkpoints" / str(EVERY), resumed / "checkpoints" / str(EVERY))
-    run(job, resumed, "--resume")
+    run(job, resumed, model, "--resume")
     assert report(resumed)["resumed_from_step"] == EVERY
     assert report(resumed)["train_losses"] == report(whole)["train_losses"]
     a, b = (Path(d, "model.safetensors").read_bytes() for d in (whole, resumed))
     assert a == b, "the resumed adaptive run's weights differ from the uninterrupted run's"
-    ours, theirs = clip_state(job, resumed, STEPS), clip_state(job, whole, STEPS)
+    ours, theirs = clip_state(job, resumed, model, STEPS), clip_state(job, whole, model, STEPS)
     assert isinstance(ours, AdaptiveClipState) and np.all(np.asarray(ours.count) == STEPS)
     for x, y in zip(jax.tree.leaves(ours.norm_ema), jax.tree.leaves(theirs.norm_ema)):
         assert np.all(np.isfinite(x)) and np.array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_resume_with_another_clip_is_refused(job, whole, tmp_path):  # noqa: F811
+def test_resume_with_another_clip_is_refused(job, whole, model, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     shutil.copytree(whole / "checkpoints", out / "checkpoints")
     for clip in ("global", "none"):  # none: --clip-grad-norm is 0.0 in both runs
         with pytest.raises(SystemExit) as e:
             job.main(["--tiny", "--optimizer", "lomo", "--clip", clip, "--steps", str(STEPS),
                       "--checkpoint-every", str(EVERY), "--lr", "0.1", "--no-memory-report",
-                      "--out", str(out), "--resume"])
+                      "--model", str(model), "--out", str(out), "--resume"])
         assert f"--clip was 'adaptive' in the checkpointed run, now {clip!r}" in str(e.value.code)
     assert not (out / "model.safetensors").exists()
 

@@ -20,6 +20,7 @@ import pytest
 
 from lomo_jax.models import llama, lora
 from tests.jax.tiny_llama import TINY
+from tests.once_per_run import once_per_run
 from tests.test_main_job import refused
 from tests.test_main_job_resume import job, report  # noqa: F401  (job: a fixture)
 
@@ -171,8 +172,7 @@ def run(job, out, *extra):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def whole(job, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("lora_whole")
-    run(job, out)
+    out, _ = once_per_run(tmp_path_factory, "lora_whole", lambda out: run(job, out))
     return out
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lomo_jax import data
-from lomo_jax.models import convert
+from lomo_jax.models import convert, llama
 
 from finetune.arguments import CORPUS, DTYPES, schedule_problem
 
@@ -85,6 +86,13 @@ def batches(train, batch_size, seed, start=0):
 def load_model(args):
     dtype = DTYPES[args.dtype]
     return convert.load_pretrained(args.model, dtype=dtype, config_dtype=dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def layered_model(cfg):
+    """``llama.llama_layered_model(cfg)``, one per config: a process that runs the job again
+    (the tests) compiles the held-out loss (``report.evaluate``) once per model."""
+    return llama.llama_layered_model(cfg)
 
 
 def n_params(params):

@@ -30,6 +30,13 @@ def select_device(args):
     return str(device).upper()
 
 
+def placed(params):
+    """``params`` committed to the job's device (the compiled step's outputs are not, the
+    loaded weights are): the held-out loss and the greedy sample before and after training
+    then take the same arguments and compile once."""
+    return jax.device_put(params, jax.config.jax_default_device or jax.devices()[0])
+
+
 def train_loop(args, step, params, opt_state, data, start=0, prior=None, save=None):
     """Steps ``start + 1 .. args.steps`` with a progress bar, then ``save(k, params, opt_state,
     totals)`` after each step ``k``; returns the new params and the run's figures (the

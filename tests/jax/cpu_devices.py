@@ -7,16 +7,25 @@ its thread until all ``n`` devices reach it, so with fewer threads than devices
 ones never arrive: the rendezvous times out and XLA aborts the process. Two
 threads per device leave room for every device's collective and its neighbours'
 work, whatever the load on the machine.
+
+Also the tests' ways of running such programs: a script on ``n`` devices that
+prints a JSON result (:func:`run_json`), ``n`` processes of one JAX distributed job
+(:func:`run_processes`, :func:`join_processes`), and a script that uses
+``transformers`` without importing torch (:func:`hide_torch`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
 
 # XLA:CPU built for compile time, not run time: the tests' programs are tiny and each is
 # compiled once or twice, so compiling is most of a test's time. ``-O0`` skips LLVM's
@@ -57,21 +66,70 @@ def cpu_devices_env(n: int, extra_flags: Iterable[str] = (),
     return env
 
 
+def _with_repo_path(env: dict[str, str]) -> dict[str, str]:
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def script_env(n_devices: int) -> dict[str, str]:
+    """The environment of a test script on ``n_devices`` CPU devices:
+    :func:`cpu_devices_env` with :data:`QUICK_COMPILE_FLAGS`, the repository on
+    ``PYTHONPATH``."""
+    return _with_repo_path(cpu_devices_env(n_devices, QUICK_COMPILE_FLAGS))
+
+
+def run_json(args: Sequence[str], mark: str, n_devices: int, timeout: int = 600) -> Any:
+    """Run ``python *args`` in :func:`script_env` (``cwd``: the repository), check that
+    it succeeded and return the JSON after ``mark`` on its last stdout line that starts so."""
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=script_env(n_devices),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return marked_json(proc.stdout, mark)
+
+
+def marked_json(stdout: str, mark: str) -> Any:
+    """The JSON after ``mark`` on the last line of ``stdout`` that starts with it."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(mark)]
+    assert lines, stdout[-3000:]
+    return json.loads(lines[-1][len(mark):])
+
+
+def hide_torch() -> None:
+    """Make ``import torch`` fail in this process (a subprocess that needs
+    ``transformers`` only for configs calls it first): ``transformers`` then reads
+    and writes configs without importing torch, ~4 s of CPU less per process. The
+    files are the same (checked: ``config.json`` and ``generation_config.json``
+    written, ``load_pretrained``'s ``LlamaConfig`` read, with and without)."""
+    sys.modules.setdefault("torch", None)  # a None entry: find_spec says not installed
+
+
+def join_processes(rank: int, port: int, n: int, local_devices: int) -> None:
+    """Start JAX in this process as process ``rank`` of the ``n`` that
+    :func:`run_processes` started (``port``: its coordinator's), with
+    ``local_devices`` CPU devices and gloo collectives. (Not
+    ``jax_share_binary_between_hosts``: on the CPU the processes' cache keys differ,
+    they hash their own devices, and the others wait for ever for process 0's.)"""
+    os.environ.update(cpu_devices_env(local_devices, QUICK_COMPILE_FLAGS))
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=n,
+                               process_id=rank, initialization_timeout=120)
+
+
 def run_processes(script: Path, n: int, *args: str, timeout: int = 600) -> list[str]:
     """Run ``python script RANK PORT *args`` as ``n`` processes of one JAX
     distributed job (``PORT``: a free coordinator port; the inherited
     ``XLA_FLAGS`` replaced by :data:`QUICK_COMPILE_FLAGS`, the repository on
     ``PYTHONPATH``) and return each
     one's output, after checking that all of them succeeded."""
-    repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
+    env = _with_repo_path(dict(os.environ))
     env["XLA_FLAGS"] = " ".join(QUICK_COMPILE_FLAGS)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(port), *args],
-                              cwd=repo, env=env, stdout=subprocess.PIPE,
+                              cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for rank in range(n)]
     outputs = []

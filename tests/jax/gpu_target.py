@@ -5,6 +5,8 @@ They need JAX's CUDA plugin (``requirements-test.txt`` installs it on Linux
 x86-64; the root conftest sets ``JAX_PLATFORMS=cpu`` so that it compiles
 without a GPU). Without the plugin a test fails, as a missing dependency does
 under the root conftest's rule, and is skipped with ``LOMO_ALLOW_MISSING_DEPS=1``.
+
+Every test that compiles for a GPU target is marked :data:`COMPILES_FOR_GPU`.
 """
 
 import os
@@ -15,6 +17,11 @@ import numpy as np
 import pytest
 
 from lomo_jax import aot
+
+# The mark of every test that compiles for a GPU target: the root conftest runs them first,
+# one after another, so that one xdist worker compiles them all and its XLA GPU kernel cache
+# (root conftest) reuses a kernel for every later program with the same fused computation.
+COMPILES_FOR_GPU = pytest.mark.gpu_target
 
 
 def nbytes(tree) -> int:

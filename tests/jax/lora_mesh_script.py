@@ -1,16 +1,21 @@
 """A LoRA + AdaLomo fused step on 8 host-platform CPU devices vs one device.
 
-Run by ``tests/jax/test_lora.py`` with ``cpu_devices_env(8, ...)``; prints one
-``LORA_MESH {json}`` line, and the test makes the assertions. A tiny LLaMA with
-adapters on q/v/down_proj takes ``N_STEPS`` fused steps
-(``lora.optimizer(base=adalomo, adapters=adamw)``) on one device and on an
-``fsdp=8`` mesh with every leaf split (``min_size=0, adapter_min_size=0``);
-the specs with the default ``adapter_min_size`` are reported too.
+A tiny LLaMA with adapters on q/v/down_proj (:func:`initial_params`) takes
+``N_STEPS`` fused steps (``lora.optimizer(base=adalomo, adapters=adamw)``,
+:func:`batches`). :func:`one_device_run` makes them on one device, in the test
+process (``tests/jax/test_lora.py``, which also checks them against the unfused
+step), and pickles the result; this script, run by the test with
+``cpu_devices_env(8, ...)`` as ``python tests/jax/lora_mesh_script.py RUN``,
+makes them on an ``fsdp=8`` mesh with every leaf split (``min_size=0,
+adapter_min_size=0``), compares, and prints one ``LORA_MESH {json}`` line; the
+test makes the assertions. The specs with the default ``adapter_min_size`` are
+reported too.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from lomo_jax import sharding as lsh  # noqa: E402
 from lomo_jax.models import llama, lora  # noqa: E402
 from tests.jax.tiny_llama import TINY  # noqa: E402
 
-N_STEPS = 2
+N_STEPS = 3
 ks = jax.tree_util.keystr
 
 
@@ -40,26 +45,48 @@ def _specs(tree):
     return {k: [list(e) if isinstance(e, tuple) else e for e in s.spec] for k, s in _leaves(tree)}
 
 
-def _setup():
+def config():
+    """The base model's config and the adapted one."""
     cfg0 = llama.LlamaConfig(**TINY)
-    cfg = cfg0.replace(lora=lora.LoraConfig(4, 8, ("q_proj", "v_proj", "down_proj")))
+    return cfg0, cfg0.replace(lora=lora.LoraConfig(4, 8, ("q_proj", "v_proj", "down_proj")))
+
+
+def transform():
+    return lora.optimizer(base=lomo_jax.adalomo(1e-2, weight_decay=0.01),
+                          adapters=optax.adamw(1e-2, weight_decay=0.0))
+
+
+def initial_params() -> dict:
+    """The base model's and the adapters' initial values (numpy)."""
+    cfg0, cfg = config()
     params = lora.add_adapters(cfg, llama.init_params(cfg0, 0), rng=jax.random.key(7))
     rng = np.random.default_rng(1)
     params = jax.tree_util.tree_map_with_path(  # B != 0: the adapters matter from step 0
         lambda p, x: jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype)
         if ks(p).endswith("['lora_b']") else x, params)
-    tx = lora.optimizer(base=lomo_jax.adalomo(1e-2, weight_decay=0.01),
-                        adapters=optax.adamw(1e-2, weight_decay=0.0))
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16)).astype(np.int32)
-    return cfg, params, tx, {"input_ids": ids, "labels": ids}
+    return jax.tree.map(np.asarray, params)
 
 
-def _run(step, p, s, batch):
-    losses = []
-    for _ in range(N_STEPS):
+def batches() -> list:
+    """One batch per step: 8 rows (one per device of the mesh) of 16 tokens."""
+    out = []
+    for i in range(N_STEPS):
+        ids = np.random.default_rng(i).integers(0, TINY["vocab_size"], (8, 16)).astype(np.int32)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def one_device_run() -> dict:
+    """``initial`` params, and after the fused steps on one device the ``params``,
+    ``state`` (numpy) and the ``losses``."""
+    cfg, tx, initial = config()[1], transform(), initial_params()
+    step = lomo_jax.fused_train_step(models.layered_model(cfg), tx)
+    p, s, losses = jax.tree.map(jnp.asarray, initial), lomo_jax.fused_init(tx, initial), []
+    for batch in batches():
         p, s, m = step(p, s, batch)
         losses.append(float(m["loss"]))
-    return jax.device_get((p, s)), losses
+    params, state = jax.device_get((p, s))
+    return {"initial": initial, "params": params, "state": state, "losses": losses}
 
 
 def _compare(ref, got):
@@ -74,26 +101,22 @@ def _compare(ref, got):
     return rel, not_close
 
 
-def main() -> dict:
-    cfg, params, tx, batch = _setup()
-    lm = models.layered_model(cfg)
-    (ref_p, ref_s), ref_losses = _run(lomo_jax.fused_train_step(lm, tx),
-                                      jax.tree.map(jnp.copy, params),
-                                      lomo_jax.fused_init(tx, params), batch)
-
+def main(run_file: str) -> dict:
+    ref = pickle.loads(Path(run_file).read_bytes())  # one_device_run()'s
+    cfg, tx, params = config()[1], transform(), ref["initial"]
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
     sh = lsh.llama_shardings(cfg, mesh, tx, min_size=0, adapter_min_size=0)
     p = jax.device_put(params, sh.params)
     s = jax.jit(lambda q: lomo_jax.fused_init(tx, q), out_shardings=sh.opt_state)(p)
-    step, b = lomo_jax.fused_train_step(lm, tx, shardings=sh), jax.device_put(batch, sh.batch)
+    step = lomo_jax.fused_train_step(models.layered_model(cfg), tx, shardings=sh)
     losses, bad = [], []
-    for _ in range(N_STEPS):
-        p, s, m = step(p, s, b)
+    for batch in batches():
+        p, s, m = step(p, s, jax.device_put(batch, sh.batch))
         losses.append(float(m["loss"]))
         bad += [k for (k, x), (_, w) in zip(_leaves((p, s)), _leaves((sh.params, sh.opt_state)))
                 if not x.sharding.is_equivalent_to(w, x.ndim)]
     got_p, got_s = jax.device_get((p, s))
-    rel, not_close = _compare((ref_p, ref_s), (got_p, got_s))
+    rel, not_close = _compare((ref["params"], ref["state"]), (got_p, got_s))
     worst = max(rel.items(), key=lambda kv: kv[1])
 
     default = lsh.llama_shardings(cfg, mesh, tx, min_size=0)  # adapter_min_size: default
@@ -102,8 +125,8 @@ def main() -> dict:
     return {
         "devices": jax.device_count(),
         "worst_rel": worst[1], "worst": worst[0], "not_close": not_close,
-        "compared": len(rel), "n_leaves": len(_leaves((ref_p, ref_s))),
-        "ref_losses": ref_losses, "losses": losses,
+        "compared": len(rel), "n_leaves": len(_leaves((ref["params"], ref["state"]))),
+        "ref_losses": ref["losses"], "losses": losses,
         "adapters_moved": all(v for k, v in moved.items() if "lora" in k),
         "base_moved": all(v for k, v in moved.items() if "lora" not in k),
         "bad_shardings": bad,
@@ -114,4 +137,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    print("LORA_MESH " + json.dumps(main()), flush=True)
+    print("LORA_MESH " + json.dumps(main(sys.argv[1])), flush=True)

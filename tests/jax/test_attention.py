@@ -1,6 +1,7 @@
 """Attention of lomo_jax.models.llama: packed sequences (segment_ids), the
 cuDNN flash path on a GPU target, and lomo_jax.grad_order's reordering."""
 
+import functools
 import re
 
 import jax
@@ -13,15 +14,21 @@ from lomo_jax import aot
 from lomo_jax.grad_order import param_grads_first
 from lomo_jax.models import llama
 from tests.jax.tiny_llama import TINY
-from tests.jax.gpu_target import rtx4090_mesh
+from tests.jax.gpu_target import COMPILES_FOR_GPU, rtx4090_mesh
 
 CFG = llama.LlamaConfig(**TINY)
+# Compiled once per batch structure (run op by op, each call cost 0.3-1 s of dispatch).
+logits_of = jax.jit(functools.partial(llama.llama_logits, CFG))
+loss_of = jax.jit(functools.partial(llama.llama_loss, CFG))
 
 
-def _params(seed=0):
-    p = llama.init_params(CFG, seed)
+@functools.lru_cache(maxsize=None)
+@jax.jit
+def _params():
+    """Random parameters, drawn once (one compiled program) for the tests that share them."""
+    p = llama.init_params(CFG, 0)
     leaves, tree = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    keys = jax.random.split(jax.random.key(1), len(leaves))
     return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
@@ -38,19 +45,19 @@ def test_packed_documents_do_not_see_each_other():
     ids = jax.random.randint(jax.random.key(3), (1, 12), 0, CFG.vocab_size)
     a, b = ids[:, :5], ids[:, 5:]
     packed = {"input_ids": ids, "segment_ids": jnp.array([[0] * 5 + [1] * 7])}
-    logits = llama.llama_logits(CFG, params, packed)
-    alone_a = llama.llama_logits(CFG, params, {"input_ids": a})
-    alone_b = llama.llama_logits(CFG, params, {"input_ids": b})
+    logits = logits_of(params, packed)
+    alone_a = logits_of(params, {"input_ids": a})
+    alone_b = logits_of(params, {"input_ids": b})
     np.testing.assert_allclose(logits[:, :5], alone_a, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logits[:, 5:], alone_b, rtol=1e-5, atol=1e-5)
     # without segment ids the second document does see the first
-    assert np.abs(llama.llama_logits(CFG, params, {"input_ids": ids})[:, 5:] - alone_b).max() > 1e-2
+    assert np.abs(logits_of(params, {"input_ids": ids})[:, 5:] - alone_b).max() > 1e-2
 
     labels = llama.default_labels(packed)
     assert int(labels[0, 5]) == llama.IGNORE_INDEX and int(labels[0, 4]) == int(ids[0, 4])
-    loss = llama.llama_loss(CFG, params, packed)
-    loss_a = llama.llama_loss(CFG, params, {"input_ids": a})
-    loss_b = llama.llama_loss(CFG, params, {"input_ids": b})
+    loss = loss_of(params, packed)
+    loss_a = loss_of(params, {"input_ids": a})
+    loss_b = loss_of(params, {"input_ids": b})
     np.testing.assert_allclose(loss, (4 * loss_a + 6 * loss_b) / 10, rtol=1e-5)
 
 
@@ -59,8 +66,8 @@ def test_segments_combine_with_padding():
     ids = jax.random.randint(jax.random.key(4), (1, 10), 0, CFG.vocab_size)
     batch = {"input_ids": ids, "segment_ids": jnp.array([[0] * 4 + [1] * 6]),
              "attention_mask": jnp.array([[1] * 8 + [0] * 2])}
-    logits = llama.llama_logits(CFG, params, batch)
-    alone = llama.llama_logits(CFG, params, {"input_ids": ids[:, 4:8]})
+    logits = logits_of(params, batch)
+    alone = logits_of(params, {"input_ids": ids[:, 4:8]})
     np.testing.assert_allclose(logits[:, 4:8], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -74,6 +81,7 @@ def _compiled_hlo(cfg, batch_extra):
     return step.lower(p, s, b).compile().as_text()
 
 
+@COMPILES_FOR_GPU
 @pytest.mark.parametrize("extra", [(), ("attention_mask",), ("segment_ids",)],
                          ids=["causal", "padding", "packed"])
 def test_gpu_target_uses_cudnn_flash_attention(extra):

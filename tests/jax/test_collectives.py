@@ -16,16 +16,13 @@ the sharded step computes the single-device numbers.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env
+from tests.jax.cpu_devices import run_json
+from tests.once_per_run import once_per_run
 
-REPO = Path(__file__).resolve().parents[2]
 MARK = "COLLECTIVES "
 # sizes chosen so that no two of B*T, D, FFN, the kv width and the head's vocabulary
 # chunk (128) coincide: a collective's shape says what it carries
@@ -65,15 +62,9 @@ def _worker() -> dict:
 
 
 @pytest.fixture(scope="module")
-def hlo():
-    env = cpu_devices_env(N_DEVICES, QUICK_COMPILE_FLAGS)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    assert lines, proc.stdout[-3000:]
-    return json.loads(lines[-1][len(MARK):])
+def hlo(tmp_path_factory):
+    return once_per_run(tmp_path_factory, "collectives", lambda _: run_json(
+        [str(Path(__file__).resolve())], MARK, N_DEVICES))[1]
 
 
 def _dims(shape: str):

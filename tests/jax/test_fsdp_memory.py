@@ -40,7 +40,9 @@ import lomo_jax
 from lomo_jax import aot, hlo_cost
 from lomo_jax import sharding as lsh
 from lomo_jax.models import llama
-from tests.jax.gpu_target import nbytes, rtx4090_mesh
+from tests.jax.gpu_target import COMPILES_FOR_GPU, nbytes, rtx4090_mesh
+
+pytestmark = COMPILES_FOR_GPU
 
 N_DEVICES, N_LAYERS, SEQ = 8, 4, 512
 CFG = llama.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,

@@ -36,7 +36,7 @@ import pytest
 import lomo_jax
 from lomo_jax import aot, hlo_cost
 from lomo_jax.models import llama
-from tests.jax.gpu_target import nbytes, rtx4090_mesh
+from tests.jax.gpu_target import COMPILES_FOR_GPU, nbytes, rtx4090_mesh
 
 GIB = 2**30
 
@@ -56,7 +56,7 @@ def compile_step(cfg, tx, batch_shape, mesh, **kw):
     batch = aot.abstract({"input_ids": jax.ShapeDtypeStruct(batch_shape, jnp.int32)}, mesh)
     step = lomo_jax.fused_train_step(llama.llama_layered_model(cfg), tx, **kw)
     compiled = step.lower(params, state, batch).compile()
-    return params, state, aot.MemoryFigures.of(compiled), compiled.as_text()
+    return params, state, aot.MemoryFigures.of(compiled), compiled
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,13 +86,13 @@ def bound_terms(cfg, params, state, batch_shape, name):
 
 def check_bound(cfg, name, batch_shape, mesh, **kw):
     tx = TRANSFORMS[name]()
-    params, state, mem, hlo = compile_step(cfg, tx, batch_shape, mesh, **kw)
+    params, state, mem, compiled = compile_step(cfg, tx, batch_shape, mesh, **kw)
     inf = inference_temp(cfg, batch_shape, mesh)
     terms = bound_terms(cfg, params, state, batch_shape, name)
     bound = inf + sum(terms.values())
     assert mem.temporaries <= bound, (
         f"{name} {kw}: temp {mem.temporaries} > {bound} = inference {inf} + {terms}")
-    return params, state, mem, hlo
+    return params, state, mem, compiled
 
 
 def stacked_copies(hlo_text, params, state):
@@ -128,6 +128,7 @@ def gpu_config(which, dtype=jnp.bfloat16, tied=False):
     return cfg, batch
 
 
+@COMPILES_FOR_GPU
 @pytest.mark.parametrize(
     "which,name,kw,dtype,tied",
     [
@@ -151,6 +152,7 @@ def test_gpu_target_bound(which, name, kw, dtype, tied):
     assert mem.aliased == nbytes(params) + nbytes(state)  # every output in place
 
 
+@COMPILES_FOR_GPU
 @pytest.mark.parametrize("which,kw", [
     ("head", {"clip_grad_norm": 1.0}),
     ("layers", {}),
@@ -162,8 +164,9 @@ def test_gpu_target_offloaded_saved_inputs(which, kw):
     mesh = rtx4090_mesh()
     cfg, (b, t) = gpu_config(which)
     tx = TRANSFORMS["adalomo"]()
-    params, state, mem, hlo = compile_step(cfg, tx, (b, t), mesh, offload_saved_inputs=True, **kw)
-    host = hlo_cost.host_transfers(hlo)
+    params, state, mem, compiled = compile_step(cfg, tx, (b, t), mesh, offload_saved_inputs=True,
+                                                **kw)
+    host = hlo_cost.host_transfers(compiled)
     terms = bound_terms(cfg, params, state, (b, t), "adalomo")
     saved = terms.pop("saved inputs")
     inf = inference_temp(cfg, (b, t), mesh)
@@ -183,6 +186,7 @@ LLAMA3_8B = llama.LlamaConfig(vocab_size=128256, intermediate_size=14336, num_ke
                               rope_theta=500000.0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
 
 
+@COMPILES_FOR_GPU
 @pytest.mark.slow
 def test_gpu_target_real_scale_goals():
     mesh = rtx4090_mesh()
@@ -219,9 +223,9 @@ def test_cpu_bound_in_place_and_flat_in_depth(name):
     excess = []
     for n_layers in DEPTHS:
         cfg = cpu_config(n_layers)
-        params, state, mem, hlo = check_bound(cfg, name, CPU_BATCH, None)
+        params, state, mem, compiled = check_bound(cfg, name, CPU_BATCH, None)
         assert mem.aliased == nbytes(params) + nbytes(state)  # every output in place
-        assert stacked_copies(hlo, params, state) == []
+        assert stacked_copies(compiled.as_text(), params, state) == []
         saved = n_layers * CPU_BATCH[0] * CPU_BATCH[1] * cfg.hidden_size * 4
         excess.append(mem.temporaries - saved)
     layer = nbytes(params["layers"]) // DEPTHS[-1]
@@ -240,10 +244,10 @@ def test_cpu_bound_in_place_and_flat_in_depth(name):
     ids=["clip", "skip_nonfinite", "fp16", "fp16-clip-adamw"],
 )
 def test_cpu_every_path_in_place(name, kw, dtype):
-    params, state, mem, hlo = compile_step(cpu_config(4, dtype), TRANSFORMS[name](), CPU_BATCH,
-                                           None, **kw)
+    params, state, mem, compiled = compile_step(cpu_config(4, dtype), TRANSFORMS[name](),
+                                                CPU_BATCH, None, **kw)
     assert mem.aliased == nbytes(params) + nbytes(state)
-    assert stacked_copies(hlo, params, state) == []
+    assert stacked_copies(compiled.as_text(), params, state) == []
 
 
 def test_unfused_baseline_holds_all_gradients():

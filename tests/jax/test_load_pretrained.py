@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env, run_processes
+from tests.jax.cpu_devices import hide_torch, join_processes, marked_json, run_processes
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "LOAD_RESULT "
@@ -302,12 +302,9 @@ def _reads(convert, src_shapes, log, shardings, cfg):
 
 def _worker(rank: int, port: int, path: str) -> None:
     """All sharded loads in one process of two; prints a JSON report."""
-    os.environ.update(cpu_devices_env(4, QUICK_COMPILE_FLAGS))
+    hide_torch()  # transformers reads the config; torch is not needed here
+    join_processes(rank, port, 2, 4)
     import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=rank, initialization_timeout=120)
     import jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
@@ -372,8 +369,7 @@ def _worker(rank: int, port: int, path: str) -> None:
 
 def _run_two_processes(path) -> list:
     outputs = run_processes(Path(__file__).resolve(), 2, str(path))
-    return [json.loads([ln for ln in text.splitlines() if ln.startswith(MARK)][-1][len(MARK):])
-            for text in outputs]
+    return [marked_json(text, MARK) for text in outputs]
 
 
 def test_shardings_place_every_leaf_and_each_process_reads_its_shards(tmp_path):

@@ -5,16 +5,15 @@ AdaLomo: the fused step equals the unfused one), the adapters' shardings, and a
 LoRA + AdaLomo step on an 8-device CPU mesh equal to one device.
 
 The 8-device case runs ``tests/jax/lora_mesh_script.py`` in one subprocess
-(``--xla_force_host_platform_device_count`` acts only before JAX starts).
+(``--xla_force_host_platform_device_count`` acts only before JAX starts); it and
+the unfused step are compared with one run of the fused step on one device
+(``adalomo_run``, made once).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
+import pickle
 from pathlib import Path
 
 import jax
@@ -31,10 +30,10 @@ from lomo_jax.models import llama, lora
 from lomo_jax.models.lora import LoraConfig
 from lomo_jax.models.lora_config import LoraLinear, lora_path
 from tests.jax.builders import bits, reference_step, with_random_lora_b
-from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env
+from tests.jax.cpu_devices import run_json
+from tests.once_per_run import once_per_run
 from tests.jax.tiny_llama import TINY
 
-REPO = Path(__file__).resolve().parents[2]
 LORA = LoraConfig(rank=4, alpha=8, targets=("v_proj", "q_proj", "down_proj"))
 TARGETS = {"q_proj": ("self_attn", 64, 64), "v_proj": ("self_attn", 64, 32),
            "down_proj": ("mlp", 128, 64)}  # TINY: branch, d_in, d_out
@@ -307,22 +306,36 @@ def test_lora_only_keeps_base_bit_identical_and_has_no_base_state():
     assert base_bits(optax.apply_updates(p, u)) == before
 
 
-def test_lora_plus_adalomo_fused_equals_unfused():
-    """``base=adalomo``, ``adapters=adamw``: the fused step == ``jax.value_and_grad``
-    of the whole loss + the same transform (per layer on the stack), to fp32
-    rounding (1e-5 relative, as the fused step's own tests), and both parts move."""
-    _, _, cfg, p = _adapted()
-    p = with_random_lora_b(p, scale=0.1)
-    tx = lora.optimizer(base=lomo_jax.adalomo(1e-2, weight_decay=0.01),
-                        adapters=optax.adamw(1e-2, weight_decay=0.0))
-    lm = models.layered_model(cfg)
-    step, ref = lomo_jax.fused_train_step(lm, tx), reference_step(lm, tx)
-    params, state = jax.tree.map(jnp.copy, p), lomo_jax.fused_init(tx, p)
-    r_params, r_state = jax.tree.map(jnp.copy, p), lomo_jax.fused_init(tx, p)
-    for i in range(3):
-        params, state, m = step(params, state, _train_batch(i))
-        r_params, r_state, rm = ref(r_params, r_state, _train_batch(i))
-        np.testing.assert_allclose(m["loss"], rm["loss"], rtol=1e-6)
+@pytest.fixture(scope="module")
+def adalomo_run(tmp_path_factory):
+    """``lora_mesh_script.one_device_run()`` (the fused LoRA + AdaLomo steps on one
+    device: the reference of the unfused step's test and of the 8-device one, made once
+    per test run) and the ``file`` it is pickled in."""
+    from tests.jax import lora_mesh_script
+
+    def compute(directory):
+        path = directory / "one_device.pkl"
+        path.write_bytes(pickle.dumps(lora_mesh_script.one_device_run()))
+        return str(path)
+
+    _, path = once_per_run(tmp_path_factory, "lora_adalomo_run", compute)
+    return {**pickle.loads(Path(path).read_bytes()), "file": path}
+
+
+def test_lora_plus_adalomo_fused_equals_unfused(adalomo_run):
+    """``base=adalomo``, ``adapters=adamw``: the fused step
+    (``lora_mesh_script.one_device_run``) == ``jax.value_and_grad`` of the whole loss +
+    the same transform (per layer on the stack), to fp32 rounding (1e-5 relative, as
+    the fused step's own tests), and both parts move."""
+    from tests.jax import lora_mesh_script
+
+    p, tx = adalomo_run["initial"], lora_mesh_script.transform()
+    ref = reference_step(models.layered_model(lora_mesh_script.config()[1]), tx)
+    r_params, r_state = jax.tree.map(jnp.asarray, p), lomo_jax.fused_init(tx, p)
+    for loss, batch in zip(adalomo_run["losses"], lora_mesh_script.batches(), strict=True):
+        r_params, r_state, rm = ref(r_params, r_state, batch)
+        np.testing.assert_allclose(loss, rm["loss"], rtol=1e-6)
+    params, state = adalomo_run["params"], adalomo_run["state"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  params, r_params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -370,21 +383,16 @@ def test_adapter_shardings_rule():
     assert specs["['layers']['mlp']['down_proj']['lora_b']"] == ()
 
 
-def test_lora_adalomo_step_on_8_cpu_devices_equals_one_device():
-    """One subprocess, one tiny model: 2 LoRA + AdaLomo fused steps on an
+def test_lora_adalomo_step_on_8_cpu_devices_equals_one_device(adalomo_run):
+    """One subprocess, one tiny model: 3 LoRA + AdaLomo fused steps on an
     ``fsdp=8`` mesh (every base leaf and adapter split: ``min_size=0``,
     ``adapter_min_size=0``) == one device (losses, params and state to 1e-5
     relative); the default shardings replicate these small adapters and let
     AdaLomo's statistics of the base weights follow the weights through
     ``optax.multi_transform``'s masked state."""
-    env = cpu_devices_env(8, QUICK_COMPILE_FLAGS)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(REPO / "tests/jax/lora_mesh_script.py")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LORA_MESH ")]
-    assert lines, proc.stdout[-3000:]
-    r = json.loads(lines[-1][len("LORA_MESH "):])
+    from tests.jax import lora_mesh_script
+
+    r = run_json([lora_mesh_script.__file__, adalomo_run["file"]], "LORA_MESH ", 8)
 
     assert r["devices"] == 8
     assert r["worst_rel"] <= 1e-5, r["worst"]

@@ -24,7 +24,7 @@ from lomo_jax.fused import fused_init, fused_train_step
 from lomo_jax.models import llama
 from tests.jax import builders as tf
 from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env
-from tests.jax.gpu_target import rtx4090_mesh
+from tests.jax.gpu_target import COMPILES_FOR_GPU, rtx4090_mesh
 
 B = 8  # rows; micro-batches of 4, 2 and 1
 
@@ -116,7 +116,8 @@ def test_loss_is_token_weighted_over_the_whole_batch():
     step = fused_train_step(lm, tx, microbatches=4, clip_grad_norm=1e-3)
     _, _, met = step(jax.tree.map(jnp.copy, params), fused_init(tx, params), b)
     np.testing.assert_allclose(met["loss"], ref_loss, rtol=1e-6)
-    np.testing.assert_allclose(met["grad_norm"], optax.tree.norm(ref_grads), rtol=1e-5)
+    # jitted: one program, not one per gradient leaf and op (1 s of dispatch)
+    np.testing.assert_allclose(met["grad_norm"], jax.jit(optax.tree.norm)(ref_grads), rtol=1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -213,6 +214,7 @@ def test_sharded_microbatches_match_one_device():
 # --------------------------------------------------------------------------
 
 
+@COMPILES_FOR_GPU
 def test_working_set_shrinks_with_microbatches():
     """At a fixed total batch B the temporaries fall with M, within
 

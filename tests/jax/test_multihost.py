@@ -15,33 +15,36 @@ elementwise to 1e-5 relative; every array spans both processes (not fully
 addressable) and each process holds only its 4 devices' shards; shardings are
 kept and the donated inputs are deleted after every step (in place).
 
-This file is also the worker: ``python tests/jax/test_multihost.py RANK PORT OUT``.
+This file is also the worker: ``python tests/jax/test_multihost.py RANK PORT OUT``;
+the initial parameters are the test process's, ``OUT/params.pkl``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
-import os
+import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from tests.jax.cpu_devices import cpu_devices_env, run_processes
+from tests.jax.cpu_devices import join_processes, run_processes
 from tests.jax.tiny_llama import TINY
 
 N_PROCESSES, LOCAL_DEVICES, N_STEPS = 2, 4, 3
 GLOBAL_BATCH, SEQ = 8, 16
 
 
-def _setup():
-    """Model, transform, initial params and the global batches (the same in every process)."""
+def _setup(out: Path):
+    """Model, transform, initial params (``out/params.pkl``) and the global batches
+    (the same in every process)."""
     import lomo_jax
     from lomo_jax.models import llama
 
     cfg = llama.LlamaConfig(**TINY)
     tx = lomo_jax.adalomo(1e-2, weight_decay=0.01)
-    params = llama.init_params(cfg, 0)
+    params = pickle.loads((out / "params.pkl").read_bytes())
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(N_STEPS):
@@ -55,13 +58,8 @@ def _setup():
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    os.environ.update(cpu_devices_env(LOCAL_DEVICES))
+    join_processes(rank, port, N_PROCESSES, LOCAL_DEVICES)
     import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=N_PROCESSES, process_id=rank,
-                               initialization_timeout=120)
     from jax.experimental import multihost_utils
     from jax.sharding import AxisType
 
@@ -70,7 +68,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
     from lomo_jax.models import llama
 
     assert jax.process_count() == N_PROCESSES and jax.device_count() == 8
-    cfg, tx, params, batches = _setup()
+    cfg, tx, params, batches = _setup(out)
     lm = llama.llama_layered_model(cfg)
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     sh = lsh.llama_shardings(cfg, mesh, tx, min_size=0)
@@ -113,14 +111,14 @@ def _worker(rank: int, port: int, out: Path) -> None:
     jax.distributed.shutdown()
 
 
-def _reference():
+def _reference(out: Path):
     """The same steps on one device in this process."""
     import jax
 
     import lomo_jax
     from lomo_jax.models import llama
 
-    cfg, tx, params, batches = _setup()
+    cfg, tx, params, batches = _setup(out)
     step = lomo_jax.fused_train_step(llama.llama_layered_model(cfg), tx, clip_grad_norm=0.5)
     p = jax.tree.map(np.asarray, params)
     s = lomo_jax.fused_init(tx, p)
@@ -134,17 +132,21 @@ def _reference():
 
 
 def test_two_process_sharded_step_matches_single_device(tmp_path):
-    run_processes(Path(__file__).resolve(), N_PROCESSES, str(tmp_path))
+    import jax
 
-    ref, ref_losses, ref_norms = _reference()
+    from lomo_jax.models import llama
+
+    params0 = jax.tree.map(np.asarray, llama.init_params(llama.LlamaConfig(**TINY), 0))
+    (tmp_path / "params.pkl").write_bytes(pickle.dumps(params0))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the reference while they run
+        workers = pool.submit(run_processes, Path(__file__).resolve(), N_PROCESSES, str(tmp_path))
+        ref, ref_losses, ref_norms = _reference(tmp_path)
+        workers.result()
     got = dict(np.load(tmp_path / "final.npz"))
     assert got.keys() == ref.keys()
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
     initial = {k: v for k, v in ref.items() if k.startswith("[0]")}
-    _, _, params0, _ = _setup()
-    import jax
-
     start = {"[0]" + jax.tree_util.keystr(k): np.asarray(v)
              for k, v in jax.tree_util.tree_flatten_with_path(params0)[0]}
     assert start.keys() == initial.keys()

@@ -13,16 +13,18 @@ params): untied fp32 and tied cast to bf16 (``dtype=``) in shards of at most
 This file is the worker of both (``python this.py single OUT`` and
 ``python this.py RANK PORT OUT``). Checked here:
 
-* every file loads in ``transformers`` (``AutoModelForCausalLM.from_pretrained``)
-  with a state dict bit-equal to ``params_to_hf``'s of the same values; the
+* every file loads in ``transformers`` (``AutoModelForCausalLM.from_pretrained``,
+  in the test process, which has torch already) with a state dict bit-equal to
+  ``params_to_hf``'s of the same values; the
   safetensors tensors bit-equal too; ``model.safetensors.index.json`` exact
   (``total_size``, ``weight_map``), each shard's tensors within
   ``max_shard_size``; tied embeddings written once;
 * the two-process directory is byte-identical to the single-process one, and
   rank 1 wrote nothing and returned only once process 0 had written
   everything (the two-process run writes a stub ``config.json``:
-  importing transformers, and torch with it, would cost ~4 s of the CI
-  budget; the single-process run writes and loads the real one);
+  importing transformers would cost ~2 s of the CI budget; the
+  single-process run writes the real one, with ``transformers`` but without
+  torch, :func:`tests.jax.cpu_devices.hide_torch`);
 * memory: each array gathered to the host is one tensor (a layer's slice of a
   stacked leaf or an unstacked leaf), never more than the largest such, and
   at most one gathered tensor is alive at a time (it is written before the
@@ -58,7 +60,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env, run_processes
+from tests.jax.cpu_devices import (QUICK_COMPILE_FLAGS, cpu_devices_env, hide_torch,
+                                    join_processes, marked_json, run_processes,
+                                    script_env)
+from tests.once_per_run import once_per_run
 
 REPO = Path(__file__).resolve().parents[2]
 MARK = "SAVE_RESULT "
@@ -163,6 +168,7 @@ def _complete(path: str) -> bool:
 
 
 def _single_worker(out: str) -> None:
+    hide_torch()  # transformers writes the configs; torch is not needed here
     os.environ.update(cpu_devices_env(8, QUICK_COMPILE_FLAGS))
     import jax
     from jax.sharding import AxisType
@@ -170,15 +176,12 @@ def _single_worker(out: str) -> None:
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
     report = _save_cases(os.path.join(out, "single"), mesh)
-    for case in CASES:
-        report[case]["transformers"] = _loaded(os.path.join(out, "single", case))
     print(MARK + json.dumps(report), flush=True)
 
 
-def _loaded(path: str) -> dict:
-    """``{name: [torch dtype, shape, sha256 of the bytes]}`` of the state dict
-    of ``AutoModelForCausalLM.from_pretrained(path)`` (its class too). Done in
-    this worker, which has torch already (transformers' config imports it)."""
+def _loaded(path) -> dict:
+    """``{name: [dtype, shape, sha256 of the bytes]}`` of the state dict of
+    ``AutoModelForCausalLM.from_pretrained(path)`` (its class too)."""
     import transformers
 
     from lomo_jax.models import convert
@@ -202,13 +205,10 @@ def _stub_configs(cfg, hf_config, first_dtype, path):
 
 
 def _rank_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(cpu_devices_env(4, QUICK_COMPILE_FLAGS))
+    join_processes(rank, port, 2, 4)
     import jax
     from jax.sharding import AxisType
 
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                               process_id=rank, initialization_timeout=120)
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
     from lomo_jax.models import hf_config, safetensors_save as sst
 
@@ -324,27 +324,28 @@ def _kill_points(convert, base: Path, save) -> list:
 # --------------------------------------------------------------------------
 
 
-def _report(text: str) -> dict:
-    return json.loads([ln for ln in text.splitlines() if ln.startswith(MARK)][-1][len(MARK):])
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    out = tmp_path_factory.mktemp("saves")
-    env = cpu_devices_env(8, QUICK_COMPILE_FLAGS)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    single = subprocess.Popen([sys.executable, __file__, "single", str(out)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _save_all(out: Path) -> dict:
+    """The single-process and the two-process saves into ``out``, concurrently."""
+    single = subprocess.Popen([sys.executable, __file__, "single", str(out)], cwd=REPO,
+                              env=script_env(8), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             ranks = pool.submit(run_processes, Path(__file__).resolve(), 2, str(out))
             importlib.import_module("lomo_jax.models.convert")  # while they run
-            ranks = [_report(t) for t in ranks.result()]
+            ranks = [marked_json(t, MARK) for t in ranks.result()]
         text = single.communicate(timeout=600)[0]
     finally:
         single.kill()
     assert single.returncode == 0, text[-6000:]
-    return {"out": out, "single": _report(text), "ranks": ranks}
+    return {"out": str(out), "single": marked_json(text, MARK), "ranks": ranks}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The saves' directory and reports (once per test run)."""
+    _, result = once_per_run(tmp_path_factory, "save_pretrained", _save_all)
+    return {**result, "out": Path(result["out"])}
 
 
 def _tensors(path) -> dict:
@@ -407,7 +408,7 @@ def test_sharded_save_is_params_to_hf_and_loads_in_transformers(saved, case):
             assert sum(a.nbytes for g, a in got.values() if g == f) <= shard, f
 
     # transformers loads it: its state dict is params_to_hf's (with the tied head)
-    loaded = dict(saved["single"][case]["transformers"])
+    loaded = _loaded(path)
     assert loaded.pop("class") == "LlamaForCausalLM"
     if cfg.tie_word_embeddings:
         want["lm_head.weight"] = want["model.embed_tokens.weight"]
@@ -517,7 +518,7 @@ def test_a_killed_save_leaves_the_old_export_or_the_new_one(tmp_path):
     proc = subprocess.run([sys.executable, __file__, "kill", str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = _report(proc.stdout)
+    report = marked_json(proc.stdout, MARK)
     for case, points in report.items():
         old = _export(tmp_path / case / "old")
         new = _export(tmp_path / case / "count")  # the save that ran to the end

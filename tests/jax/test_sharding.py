@@ -3,7 +3,9 @@
 The pytest process has already started JAX with one CPU device, and
 ``--xla_force_host_platform_device_count`` only acts before JAX starts, so the
 8-device checks run in a subprocess: this file run as a script
-(``python tests/jax/test_sharding.py CASE``) with ``XLA_FLAGS`` set. The
+(``python tests/jax/test_sharding.py DIR``) with ``XLA_FLAGS`` set, both cases
+in one process (one import of JAX, one warm-up of its small programs; the
+initial parameters come from this process, in ``DIR/params.pkl``). The
 subprocess measures and prints one JSON line; the assertions are made here.
 
 For each case a tiny LLaMA (:mod:`lomo_jax.models.llama`, every leaf split:
@@ -30,24 +32,36 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
+import pickle
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.jax.cpu_devices import QUICK_COMPILE_FLAGS, cpu_devices_env
+from tests.jax.cpu_devices import run_json
+from tests.once_per_run import once_per_run
 from tests.jax.tiny_llama import TINY
 
-REPO = Path(__file__).resolve().parents[2]
 N_DEVICES = 8
 MARK = "SHARDING_RESULT "
 MESHES = {"data2_fsdp4": ((2, 4), ("data", "fsdp")), "fsdp8": ((8,), ("fsdp",))}
+CASES = ("adalomo", "lomo_clip_tied")
 N_STEPS = 3
 RTOL = 1e-5
 
+
+def _case(case: str):
+    """``(LlamaConfig, transform, fused_train_step keywords)`` of a case."""
+    import lomo_jax
+    from lomo_jax.models import llama
+
+    if case == "adalomo":
+        return llama.LlamaConfig(**TINY), lomo_jax.adalomo(1e-2, weight_decay=0.01), {}
+    if case == "lomo_clip_tied":
+        return (llama.LlamaConfig(**TINY, tie_word_embeddings=True),
+                lomo_jax.lomo(0.1, weight_decay=0.01), {"clip_grad_norm": 0.5})
+    raise ValueError(case)
 
 
 # --------------------------------------------------------------------------
@@ -60,7 +74,8 @@ def _spec_list(sharding, ndim):
     return [list(e) if isinstance(e, tuple) else e for e in spec]
 
 
-def _worker(case: str) -> dict:
+def _worker(case: str, params: dict) -> dict:
+    """The measurements of one case, from ``params`` (numpy) on one device and each mesh."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -74,18 +89,8 @@ def _worker(case: str) -> dict:
     assert jax.device_count() == N_DEVICES, jax.devices()
     ks = jax.tree_util.keystr
 
-    if case == "adalomo":
-        cfg = llama.LlamaConfig(**TINY)
-        tx = lomo_jax.adalomo(1e-2, weight_decay=0.01)
-        kw = {}
-    elif case == "lomo_clip_tied":
-        cfg = llama.LlamaConfig(**TINY, tie_word_embeddings=True)
-        tx = lomo_jax.lomo(0.1, weight_decay=0.01)
-        kw = {"clip_grad_norm": 0.5}
-    else:
-        raise ValueError(case)
+    cfg, tx, kw = _case(case)
     lm = llama.llama_layered_model(cfg)
-    params = llama.init_params(cfg, 0)
     rng = np.random.default_rng(0)
     mask = np.ones((8, 16), np.int32)
     mask[1, :5] = 0  # left padding in one row
@@ -235,21 +240,26 @@ def _worker(case: str) -> dict:
 
 
 # --------------------------------------------------------------------------
-# The tests (one subprocess each; they run in parallel under xdist)
+# The tests (one subprocess for both cases, once per test run)
 # --------------------------------------------------------------------------
 
 
-def _run(case: str) -> dict:
-    env = cpu_devices_env(N_DEVICES, QUICK_COMPILE_FLAGS)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), case],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"worker {case} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    assert lines, proc.stdout[-3000:]
-    return json.loads(lines[-1][len(MARK):])
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """``{case: measurements}`` from one 8-device subprocess (once per test run)."""
+
+    def compute(directory):
+        import jax
+        import numpy as np
+
+        from lomo_jax.models import llama
+
+        params = {case: jax.tree.map(np.asarray, llama.init_params(_case(case)[0], 0))
+                  for case in CASES}
+        (directory / "params.pkl").write_bytes(pickle.dumps(params))
+        return run_json([str(Path(__file__).resolve()), str(directory)], MARK, N_DEVICES)
+
+    return once_per_run(tmp_path_factory, "sharding", compute)[1]
 
 
 L_ = ".layers.inner_state[0]"
@@ -330,15 +340,15 @@ def _check(res: dict, *, clip: bool, state_specs=None):
         assert r["deleted"], where
 
 
-def test_adalomo_sharded_step_matches_single_device():
-    res = _run("adalomo")
+def test_adalomo_sharded_step_matches_single_device(results):
+    res = results["adalomo"]
     _check(res, clip=False, state_specs=EXPECTED_ADALOMO_STATE_SPECS)
     assert res["adamw_mu_follows_params"]
     assert res["explicit_error"] is not None and "Auto" in res["explicit_error"]
 
 
-def test_lomo_clip_tied_sharded_step_matches_single_device():
-    res = _run("lomo_clip_tied")
+def test_lomo_clip_tied_sharded_step_matches_single_device(results):
+    res = results["lomo_clip_tied"]
     _check(res, clip=True)
     for r in res["meshes"].values():
         assert "['head']['lm_head']" not in r["param_specs"]  # tied: no LM head
@@ -363,5 +373,5 @@ def test_explicit_mesh_and_bad_shardings_are_refused():
 
 
 if __name__ == "__main__":
-    result = _worker(sys.argv[1])
-    print(MARK + json.dumps(result), flush=True)
+    initial = pickle.loads((Path(sys.argv[1]) / "params.pkl").read_bytes())
+    print(MARK + json.dumps({case: _worker(case, initial[case]) for case in CASES}), flush=True)
