@@ -102,7 +102,8 @@ def fused_init(
         :attr:`FusedState.rng`.
 
     Returns:
-      A :class:`FusedState`.
+      A :class:`FusedState`; committed to the parameters' device when they are
+      committed to one (so the second step reuses the first step's program).
 
     Raises:
       ValueError: ``tx`` takes neither a unit nor the whole ``params`` (e.g. a
@@ -116,14 +117,32 @@ def fused_init(
         loss_scale = _loss_scale.DEFAULT_INIT_SCALE
     ls = None if loss_scale is None else _loss_scale.init(float(loss_scale))
     txs = unit_transforms(tx, params)
-    return FusedState(
+    return _on_params_device(params, FusedState(
         embed=txs.embed.init(params["embed"]),
         layers=per_layer(txs.layers).init(params["layers"]),
         head=txs.head.init(params["head"]),
         loss_scale=ls,
         nonfinite_steps=jnp.zeros([], jnp.int32) if skip_nonfinite else None,
         rng=_check_rng(rng),
-    )
+    ))
+
+
+def _on_params_device(params, state: FusedState) -> FusedState:
+    """``state`` with its uncommitted arrays (optax's step counts, the loss scale, the
+    skip count, ``rng``) committed to the device that holds ``params``, when every
+    committed parameter is on one device (``jax.device_put(params, device)``,
+    ``convert.load_pretrained``). The step's outputs are committed there: a state left
+    uncommitted would make the second step compile the whole program again."""
+    leaves = jax.tree.leaves(params) + jax.tree.leaves(state)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside jit / eval_shape
+        return state
+    devices = {d for x in jax.tree.leaves(params)
+               if isinstance(x, jax.Array) and x.committed for d in x.devices()}
+    if len(devices) != 1:
+        return state
+    device = devices.pop()
+    return jax.tree.map(lambda x: jax.device_put(x, device)
+                        if isinstance(x, jax.Array) and not x.committed else x, state)
 
 
 def _check_rng(rng):

@@ -146,6 +146,24 @@ def test_state_is_per_layer_state():
     assert all(x.shape[0] == L for x in jax.tree.leaves(state.layers))
 
 
+def test_state_follows_committed_params_so_the_step_compiles_once():
+    """Parameters committed to a device (``jax.device_put(params, device)``, as
+    ``convert.load_pretrained`` gives them): every state array is committed there too
+    (optax's step counts, the skip count and ``rng`` are made uncommitted), so the
+    first step's arguments place like its outputs and the second step reuses the
+    program. Uncommitted parameters leave the state uncommitted."""
+    model, tx = make_model(), optax.adamw(1e-3)
+    device = jax.devices()[0]
+    params = jax.device_put(make_params(), device)
+    state = fused_init(tx, params, skip_nonfinite=True, rng=jax.random.key(0))
+    assert all(x.committed and x.devices() == {device} for x in jax.tree.leaves(state))
+    step = fused_train_step(model, tx, skip_nonfinite=True, rounding="stochastic")
+    for i in range(2):
+        params, state, _ = step(params, state, make_batch(i))
+    assert step._cache_size() == 1
+    assert not any(x.committed for x in jax.tree.leaves(fused_init(tx, make_params()).layers))
+
+
 def test_step_is_jitted_lowers_abstract_and_donates():
     model, tx = make_model(), lomo_jax.lomo(1e-2)
     params = make_params()
