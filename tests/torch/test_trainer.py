@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, get_s
 
 import lomo_torch  # noqa: E402
 from lomo_torch.trainer import LomoTrainer, create_lomo_optimizer, lomo_trainer  # noqa: E402
+from tests.once_per_run import once_per_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, SEQ, BATCH = 48, 16, 4
@@ -339,7 +340,7 @@ DDP_STEPS, DDP_CLIP = 3, 0.5  # the gradient norm is 0.76-0.87: clipping acts
 
 
 def ddp_worker(out_dir):
-    """One rank of test_ddp_two_processes_equal_one_process (run under torchrun)."""
+    """One rank of test_ddp_two_processes_equal_one_process (:func:`ddp_run`, under torchrun)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -358,19 +359,34 @@ def ddp_worker(out_dir):
                out_dir / f"{trainer.args.process_index}.pt")
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
-def test_ddp_two_processes_equal_one_process(tmp_path):
+NEEDS_GLOO = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo")
+
+
+def ddp_run(tmp_path_factory) -> Path:
+    """The directory of one torchrun of this file on 2 CPU processes (gloo), made once
+    per test run: each rank runs :func:`ddp_worker`, then
+    ``tests/torch/test_trainer_peft.py``'s ``lora_lomo_ddp_worker`` (one launch, the
+    imports paid once), and saves its results there."""
+    def launch(out):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", __file__, str(out)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+    return once_per_run(tmp_path_factory, "torch_ddp", launch)[0]
+
+
+@NEEDS_GLOO
+def test_ddp_two_processes_equal_one_process(tmp_path_factory):
     """torchrun, 2 CPU processes (gloo), each half of every batch == one process on the
     whole batch: AdaLomo with clipping and weight decay, 3 steps. The optimizer is built on
     accelerate's DDP wrapper, so it averages every gradient over the ranks (on a bare
     model each rank would step on its own half and the replicas would part)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", __file__, str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    out = ddp_run(tmp_path_factory)
+    ranks = [torch.load(out / f"{r}.pt", weights_only=True) for r in range(2)]
     ids = sequences(DDP_STEPS * BATCH)
     ref, start = tiny_llama(), tiny_llama()
     _, ref_norms, _ = reference_loop(ref, ids, "adalomo", 0.05, 0.01, DDP_CLIP, steps=DDP_STEPS,
@@ -390,5 +406,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert max_rel_diff(ref, start) > 1e-3
 
 
-if __name__ == "__main__":  # a rank of test_ddp_two_processes_equal_one_process
+if __name__ == "__main__":  # a rank of ddp_run
+    from tests.torch.test_trainer_peft import lora_lomo_ddp_worker
+
     ddp_worker(sys.argv[1])
+    lora_lomo_ddp_worker(sys.argv[1])

@@ -18,8 +18,9 @@ from transformers import Trainer, TrainerCallback, get_scheduler  # noqa: E402
 
 from lomo_torch._trainer_peft import FULL_WEIGHTS_NAME, PeftAdapters  # noqa: E402
 from lomo_torch.trainer import LomoTrainer  # noqa: E402
-from tests.torch.test_trainer import (BATCH, dataset, max_rel_diff, one_thread,  # noqa: E402,F401
-                                      sequences, tiny_llama, training_args)
+from tests.torch.test_trainer import (BATCH, NEEDS_GLOO, dataset, ddp_run,  # noqa: E402,F401
+                                      max_rel_diff, one_thread, sequences, tiny_llama,
+                                      training_args)
 
 STEPS, LR = 3, 0.01
 CLIP = 0.01  # below the base's and the adapters' gradient norms: both are clipped
@@ -215,6 +216,53 @@ def test_lora_plus_lomo_resumes_from_a_checkpoint_exactly(tmp_path):
     best.state.best_model_checkpoint = str(ckpt)
     best._load_best_model()
     assert max_rel_diff(fresh, interrupted) == 0
+
+
+def lora_lomo_ddp_worker(out_dir):
+    """One rank of tests/torch/test_trainer.py's ``ddp_run``: the resume test above on 2
+    processes (each half of every batch): a straight 6-step LoRA + LOMO run, one stopped
+    after its checkpoint of step 3 (written by rank 0 alone) and its resume on fresh
+    models; saves this rank's parameters and optimizer states."""
+    import torch.distributed as dist
+    from pathlib import Path
+
+    out_dir, ids = Path(out_dir), sequences(6 * BATCH)
+    kw = dict(per_device_train_batch_size=BATCH // 2)
+    straight, interrupted, resumed = (lora_llama(base_frozen=False) for _ in range(3))
+    initial = {n: p.detach().clone() for n, p in straight.named_parameters()}
+    done = LomoTrainer(model=straight, args=resume_args(out_dir / "lora_a", **kw),
+                       train_dataset=dataset(ids))
+    done.train()
+    LomoTrainer(model=interrupted, train_dataset=dataset(ids), callbacks=[StopAfterSave()],
+                args=resume_args(out_dir / "lora_b", save_strategy="steps", save_steps=3,
+                                 **kw)).train()
+    dist.barrier()  # as a new launch would: the checkpoint is complete before the resume
+    trainer = LomoTrainer(model=resumed, args=resume_args(out_dir / "lora_c", **kw),
+                          train_dataset=dataset(ids))
+    trainer.train(resume_from_checkpoint=str(out_dir / "lora_b" / "out" / "checkpoint-3"))
+    params = lambda m: {n: p.detach().clone() for n, p in m.named_parameters()}  # noqa: E731
+    torch.save({"world": dist.get_world_size(), "initial": initial,
+                "straight": params(straight), "resumed": params(resumed),
+                "straight_state": done.lomo_optimizer.state_dict(),
+                "resumed_state": trainer.lomo_optimizer.state_dict()},
+               out_dir / f"lora_{trainer.args.process_index}.pt")
+
+
+@NEEDS_GLOO
+def test_lora_plus_lomo_resumes_exactly_on_two_processes(tmp_path_factory):
+    """DDP, 2 CPU processes: the LoRA + LOMO resume (rank 0 writes the checkpoint, both
+    ranks load it) ends each rank with the straight run's base, adapters and both
+    optimizers' states, bitwise; the replicas agree; base and adapters trained."""
+    out = ddp_run(tmp_path_factory)
+    ranks = [torch.load(out / f"lora_{r}.pt", weights_only=False) for r in range(2)]
+    for r in ranks:
+        assert r["world"] == 2
+        assert_same(r["resumed"], r["straight"], "params")
+        assert_same(r["resumed_state"], r["straight_state"])
+        assert r["resumed_state"]["adapter_optimizer"]["state"]  # AdamW stepped the adapters
+    assert_same(ranks[0]["straight"], ranks[1]["straight"], "replicas")
+    initial, trained = ranks[0]["initial"], ranks[0]["straight"]
+    assert {n for n in initial if not torch.equal(initial[n], trained[n])} == set(initial)
 
 
 def test_lora_plus_lomo_refuses_a_checkpoint_without_the_base(tmp_path):
