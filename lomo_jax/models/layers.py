@@ -30,12 +30,13 @@ from lomo_jax.models.batch import check_batch, layer_context, llama_index_ranges
 from lomo_jax.models.config import LlamaConfig, layer_sliding
 from lomo_jax.models.embed_head import head_logits, llama_embed, llama_head
 from lomo_jax.models.nnx_module import LlamaDecoderLayer, apply_branch, branch_names
+from lomo_jax.models.lora_config import set_dropout_keys
 from lomo_jax.nnx import module_builder
 
 __all__ = ["llama_hidden", "llama_layer", "llama_layered_model", "llama_logits", "llama_loss"]
 
 
-def llama_layer(config: LlamaConfig, layer_params, h, batch, index=None) -> jax.Array:
+def llama_layer(config: LlamaConfig, layer_params, h, batch, index=None, key=None) -> jax.Array:
     """One decoder layer on one (unstacked) slice of ``params["layers"]``.
 
     The layer's own NNX sub-modules (norms, attention, MLP) are merged from the
@@ -45,29 +46,39 @@ def llama_layer(config: LlamaConfig, layer_params, h, batch, index=None) -> jax.
     MLP's weight gradients (and frees its ``[B, T, F]`` activations) before
     the attention's backward starts. RoPE tables and the mask are rebuilt from
     ``batch`` (cheap; XLA hoists them). ``index``: the layer's position, needed
-    (only) by configs with mixed ``layer_types``.
+    (only) by configs with mixed ``layer_types``. ``key``: LoRA dropout's key
+    (``config.lora.dropout > 0``, training; split between the two branches); None:
+    no dropout.
     """
     context = layer_context(config, batch) + (layer_sliding(config, index),)
     attn_names, mlp_names = branch_names(config)
     attn = {k: layer_params[k] for k in attn_names}
     mlp = {k: layer_params[k] for k in mlp_names}
-    h = h + param_grads_first(functools.partial(attention_branch, config))(attn, h, context)
-    return h + param_grads_first(functools.partial(mlp_branch, config))(mlp, h)
+    attn_key, mlp_key = (None, None) if key is None else tuple(jax.random.split(key))
+    h = h + param_grads_first(functools.partial(attention_branch, config))(
+        attn, h, context + (attn_key,))
+    return h + param_grads_first(functools.partial(mlp_branch, config))(mlp, h, (mlp_key,))
 
 
-def _merged_branch(config, names, p, h, *args):
-    """The residual branch ``names`` (norm, block[, post-norm]) merged from ``p``, on ``h``."""
-    return apply_branch([merge_submodule(config, n, p[n]) for n in names], h, *args)
+def _merged_branch(config, names, p, h, *args, key=None):
+    """The residual branch ``names`` (norm, block[, post-norm]) merged from ``p``, on
+    ``h``; with ``key``, its LoRA projections apply dropout (:func:`set_dropout_keys`)."""
+    modules = [merge_submodule(config, n, p[n]) for n in names]
+    if key is not None:
+        for module in modules:
+            set_dropout_keys(module, key)
+    return apply_branch(modules, h, *args)
 
 
-def attention_branch(config, p, h, cos, sin, mask, sliding=None):
+def attention_branch(config, p, h, cos, sin, mask, sliding=None, key=None):
     """The attention branch's output (before the residual add) from its params ``p``."""
-    return _merged_branch(config, branch_names(config)[0], p, h, cos, sin, mask, sliding)
+    return _merged_branch(config, branch_names(config)[0], p, h, cos, sin, mask, sliding,
+                          key=key)
 
 
-def mlp_branch(config, p, h):
+def mlp_branch(config, p, h, key=None):
     """The MLP branch's output (before the residual add) from its params ``p``."""
-    return _merged_branch(config, branch_names(config)[1], p, h)
+    return _merged_branch(config, branch_names(config)[1], p, h, key=key)
 
 
 @functools.lru_cache(maxsize=64)
@@ -126,14 +137,10 @@ def llama_layered_model(config: LlamaConfig):
         step = lomo_jax.fused_train_step(lm, lomo_jax.adalomo(1e-3))
         loss = lm.loss(params, batch)     # == llama_loss(cfg, params, batch)
 
-    Raises:
-      ValueError: ``config.lora.dropout > 0`` (LoRA dropout is not applied in training here).
+    With LoRA dropout (``config.lora.dropout > 0``) the layer takes ``key``, so the
+    fused step needs ``key=`` or ``fused_init(..., rng=...)`` and ``lm.loss`` needs
+    ``key=`` (evaluate with :func:`llama_loss`: no dropout).
     """
-    if config.lora is not None and config.lora.dropout > 0:
-        raise ValueError(
-            f"config.lora.dropout={config.lora.dropout}: lomo_jax's models do not apply LoRA "
-            f"dropout in training; use LoraConfig(dropout=0.0) (inference with such an "
-            f"adapter is exact: dropout is off there).")
     def embed(p, batch):
         return llama_embed(config, p, batch)
 
@@ -143,9 +150,15 @@ def llama_layered_model(config: LlamaConfig):
     def indexed_layer(p, h, batch, *, index):  # mixed windows: the layer needs its index
         return llama_layer(config, p, h, batch, index)
 
+    def dropout_layer(p, h, batch, *, index, key):  # LoRA dropout: the layer's own key
+        return llama_layer(config, p, h, batch, index, key)
+
     def head(p, h, batch, embed_params=None):
         return llama_head(config, p, h, batch, embed_params=embed_params)
 
-    return LayeredModel(embed, layer if config.layer_types is None else indexed_layer, head,
+    chosen = layer if config.layer_types is None else indexed_layer
+    if config.lora is not None and config.lora.dropout > 0:
+        chosen = dropout_layer
+    return LayeredModel(embed, chosen, head,
                         tied=bool(config.tie_word_embeddings),
                         index_ranges=llama_index_ranges(config))

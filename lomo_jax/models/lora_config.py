@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["LORA_TARGETS", "LoraConfig", "LoraLinear", "lora_path"]
+__all__ = ["LORA_TARGETS", "LoraConfig", "LoraLinear", "dropout", "lora_path",
+           "set_dropout_keys"]
 
 #: every projection a LoRA can target (the Hugging Face module name) -> its
 #: branch in a decoder layer's params
@@ -46,10 +47,14 @@ class LoraConfig:
       alpha: :math:`\alpha`; the adapter's output is scaled by :math:`\alpha / r`.
       targets: the Hugging Face module names of the adapted projections, as
         PEFT's ``target_modules`` (any of :data:`LORA_TARGETS`); stored sorted.
-      dropout: PEFT's ``lora_dropout``, carried to and from ``adapter_config.json``.
-        Dropout acts in training only, and lomo_jax's models do not apply it:
-        :func:`lomo_jax.models.layered_model` refuses a config with
-        ``dropout > 0`` (inference with such an adapter is exact).
+      dropout: PEFT's ``lora_dropout`` (carried to and from ``adapter_config.json``):
+        in training, the adapter's input is :math:`m \odot x / (1 - p)` with a
+        Bernoulli(:math:`1 - p`) mask :math:`m` per targeted projection, as
+        PEFT's ``lora_dropout`` module; the base path :math:`x W` sees :math:`x`.
+        It needs a key: :func:`lomo_jax.models.layered_model`'s layer then takes
+        ``key`` (the fused step's ``key=`` or ``fused_init(..., rng=...)``).
+        Inference (``models.logits``, ``generate``, ``llama_loss``) applies no
+        dropout, as PyTorch's eval mode.
     """
 
     rank: int
@@ -138,6 +143,7 @@ class LoraLinear(nnx.Linear):
         super().__init__(in_features, out_features, rngs=rngs, **kw)
         pdt = adapter_dtype(kw.get("param_dtype", jnp.float32))
         self.lora_scale = lora.scale
+        self.lora_dropout = lora.dropout  # applied with a ``dropout_key`` (set_dropout_keys)
         self.materialized = name in SUMMED_AT_ONCE
         self.lora_a = nnx.Param(kaiming_uniform_a5(rngs.params(), (in_features, lora.rank), pdt))
         self.lora_b = nnx.Param(jnp.zeros((lora.rank, out_features), pdt))
@@ -146,5 +152,26 @@ class LoraLinear(nnx.Linear):
         y = super().__call__(x)
         dt = self.dtype or y.dtype
         a, b = self.lora_a[...].astype(dt), self.lora_b[...].astype(dt)
-        y = y + ((x.astype(dt) @ a) @ b) * jnp.asarray(self.lora_scale, dt)
+        x = dropout(x.astype(dt), self.lora_dropout, getattr(self, "dropout_key", None))
+        y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, dt)
         return jax.lax.optimization_barrier(y) if self.materialized else y
+
+
+def dropout(x, rate: float, key):
+    """Inverted dropout: ``x`` kept with probability ``1 - rate`` and scaled by
+    ``1 / (1 - rate)`` (``torch.nn.Dropout`` in training); ``x`` itself when
+    ``key`` is None or ``rate`` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def set_dropout_keys(module, key) -> None:
+    """Give each :class:`LoraLinear` inside ``module`` (a merged branch, built for one
+    call) its own key, ``fold_in(key, j)`` for the ``j``-th by path: independent masks
+    per projection, as PEFT's one ``lora_dropout`` module per adapted layer."""
+    adapted = sorted(((path, m) for path, m in nnx.iter_modules(module)
+                      if isinstance(m, LoraLinear)), key=lambda pm: tuple(map(str, pm[0])))
+    for j, (_, m) in enumerate(adapted):
+        m.dropout_key = jax.random.fold_in(key, j)

@@ -104,13 +104,15 @@ def reference_step(model, tx, clip_grad_norm=None, loss_scale=None, norm_of=None
     gradient is that of ``S * loss``, divided by S in fp32 (as the fused step
     does for fp16). ``metrics["updates"]`` holds tx's fp32 updates, before the
     rounding into the parameters' dtype. ``norm_of(path) -> bool``: the leaves
-    the gradient norm covers (default: all)."""
+    the gradient norm covers (default: all). ``step(params, state, batch, key=k)``:
+    the loss of a key-taking model with step key ``k`` (``model.loss(..., key=k)``)."""
     layer_tx = per_layer(tx)
     scale = 1.0 if loss_scale is None else loss_scale
 
     @jax.jit
-    def step(params, state, batch):
-        loss, g = jax.value_and_grad(lambda p: model.loss(p, batch) * scale)(params)
+    def step(params, state, batch, key=None):
+        keyed = {} if key is None else {"key": key}
+        loss, g = jax.value_and_grad(lambda p: model.loss(p, batch, **keyed) * scale)(params)
         if loss_scale is not None:
             loss = loss / scale
             g = jax.tree.map(lambda x: x.astype(jnp.float32) / scale, g)

@@ -244,11 +244,65 @@ def test_nnx_module_and_generate_use_the_adapters():
     assert not np.array_equal(base_new, new)
 
 
-def test_layered_model_refuses_lora_dropout():
-    cfg = llama.LlamaConfig(**TINY, lora=LoraConfig(4, 8, ("q_proj",), dropout=0.1))
-    with pytest.raises(ValueError, match="lora.dropout=0.1"):
-        models.layered_model(cfg)
-    models.layered_model(cfg.replace(lora=LoraConfig(4, 8, ("q_proj",))))
+def test_lora_dropout_drops_the_adapter_input_only():
+    """PEFT's ``lora_dropout``: ``x W + b + s ((m * x / (1 - p)) A) B`` with a
+    Bernoulli(1 - p) mask ``m`` drawn from the module's key; the base path sees ``x``;
+    no key (inference), no dropout."""
+    lin = LoraLinear(32, 6, lora=LoraConfig(2, 4, ("q_proj",), dropout=0.25), rngs=nnx.Rngs(0))
+    lin.lora_b[...] = jax.random.normal(jax.random.key(1), lin.lora_b[...].shape)
+    x = jax.random.normal(jax.random.key(2), (64, 32))
+    base = x @ lin.kernel[...] + lin.bias[...]
+    a, b = lin.lora_a[...], lin.lora_b[...]
+    np.testing.assert_allclose(lin(x), base + 2.0 * ((x @ a) @ b), rtol=1e-5, atol=1e-5)
+    lin.dropout_key = key = jax.random.key(3)
+    keep = jax.random.bernoulli(key, 0.75, x.shape)
+    assert 0.7 < float(keep.mean()) < 0.8  # 2,048 draws: 0.75 +- 0.03 at 3 sigma
+    dropped = jnp.where(keep, x / 0.75, 0.0)
+    np.testing.assert_allclose(lin(x), base + 2.0 * ((dropped @ a) @ b), rtol=1e-5, atol=1e-5)
+    assert np.abs(lin(x) - (base + 2.0 * ((x @ a) @ b))).max() > 0.1  # the mask matters
+
+
+def _dropout_model():
+    """An adapted tiny LLaMA with LoRA dropout 0.3 and non-zero B; the same without."""
+    _, _, cfg, p = _adapted()
+    drop = cfg.replace(lora=LoraConfig(4, 8, LORA.targets, dropout=0.3))
+    return drop, cfg, with_random_lora_b(p, scale=0.1)
+
+
+def test_lora_dropout_is_off_in_inference():
+    """``models.logits`` (so ``generate``) and ``llama_loss`` of a dropout config are
+    exactly those without dropout; the training loss draws masks from its key."""
+    drop, plain, p = _dropout_model()
+    batch = _train_batch(0)
+    np.testing.assert_array_equal(_logits(drop, p, batch), _logits(plain, p, batch))
+    lm, lm0 = models.layered_model(drop), models.layered_model(plain)
+    assert float(llama.llama_loss(drop, p, batch)) == float(lm0.loss(p, batch))
+    losses = {float(lm.loss(p, batch, key=jax.random.key(k))) for k in (0, 1)}
+    assert len(losses) == 2 and float(lm0.loss(p, batch)) not in losses
+
+
+def test_lora_dropout_fused_step_equals_value_and_grad_with_the_same_key():
+    """LoRA + AdaLomo with dropout 0.3: 2 fused steps with ``key=`` equal
+    ``jax.value_and_grad(lm.loss(..., key=k))`` + the same transform (each layer and
+    projection its own mask, the same in the forward and the backward's recompute), to
+    fp32 rounding (1e-5, as the fused step's own tests; a step without the masks is off
+    by the loss's 1e-3 change); without a key the step refuses to trace."""
+    drop, _, p = _dropout_model()
+    tx = lora.optimizer(base=lomo_jax.adalomo(1e-2, weight_decay=0.01),
+                        adapters=optax.adamw(1e-2, weight_decay=0.0))
+    lm = models.layered_model(drop)
+    step, ref = lomo_jax.fused_train_step(lm, tx), reference_step(lm, tx)
+    params, state = jax.tree.map(jnp.copy, p), lomo_jax.fused_init(tx, p)
+    r_params, r_state = jax.tree.map(jnp.copy, p), lomo_jax.fused_init(tx, p)
+    for i in range(2):
+        key = jax.random.key(10 + i)
+        params, state, m = step(params, state, _train_batch(i), key=key)
+        r_params, r_state, rm = ref(r_params, r_state, _train_batch(i), key=key)
+        np.testing.assert_allclose(m["loss"], rm["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 params, r_params)
+    with pytest.raises(ValueError, match="key"):
+        step(params, state, _train_batch(2))
 
 
 # --------------------------------------------------------------------------
