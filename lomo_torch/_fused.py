@@ -330,11 +330,13 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
             (loss if scale is None else loss.float() * scale).backward(
                 retain_graph=retain_graph, inputs=inputs)
             self._reduction.flush(self._use_grad)
+            self.excluded.reduce(self._reduction)  # DDP: the excluded gradients' bucket
         except BaseException as e:
             self._note_partial_update(e)
             raise
         finally:
             self._reduction.abandon()
+            self.excluded.abandon()
             self._pass = _Pass.IDLE
             self._scale = None
             if not retain_graph:  # freed: refuse it next time

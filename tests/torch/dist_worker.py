@@ -10,6 +10,7 @@ of a worker's time is importing torch, torch._dynamo (DDP) and DTensor.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -94,15 +95,35 @@ def exclude_run(model, rank=0, world=1):
     opt = lomo_torch.Lomo(model, lr=LRS[0], clip_grad_norm=0.05,
                           exclude=lambda n, p: n.startswith("head."))
     adamw = torch.optim.AdamW(module.head.parameters(), lr=0.01)
-    head_grads = []
+    head_grads, calls = [], []
     for (x, y), lr in zip(make_batches("ddp"), LRS):
         loss = model(x.chunk(world)[rank], y.chunk(world)[rank])
         opt.grad_norm(loss)
-        opt.fused_backward(loss, lr)
+        with counted_all_reduces() as counted:
+            opt.fused_backward(loss, lr)
+        calls.append(len(counted))
         head_grads.append(module.head.weight.grad.clone())
         adamw.step()
         adamw.zero_grad()
-    return {"params": snapshot(module), "head_grads": head_grads}
+    hooked = sum(1 for n, _ in module.named_parameters() if not n.startswith("head."))
+    return {"params": snapshot(module), "head_grads": head_grads,
+            "all_reduces": calls, "hooked": hooked}
+
+
+@contextlib.contextmanager
+def counted_all_reduces():
+    """The sizes of the ``torch.distributed.all_reduce`` calls made inside."""
+    real, sizes = torch.distributed.all_reduce, []
+
+    def counting(tensor, *args, **kwargs):
+        sizes.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = counting
+    try:
+        yield sizes
+    finally:
+        torch.distributed.all_reduce = real
 
 
 def run_ddp(rank, world):

@@ -106,6 +106,8 @@ def test_ddp_with_excluded_parameters(ranks):
         for rank, r in enumerate(runs):
             assert torch.equal(r["params"][name], runs[0]["params"][name]), (name, rank)
             assert_close_rel(r["params"][name], expected, 1e-5, msg=f"{name} rank {rank}")
+    for r in runs:  # one all-reduce a hooked parameter, one bucket for the head's two
+        assert r["all_reduces"] == [r["hooked"] + 1] * len(dist_worker.LRS), r["all_reduces"]
     for r in ranks:  # FSDP2: refused with a clear error
         assert "exclude= with DTensor (FSDP2) parameters is not supported" in r["fsdp"]["exclude_error"]
 
