@@ -9,7 +9,6 @@ is refused naming the flag. The uninterrupted run is tests/test_main_job.py's JS
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import pytest
 pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("transformers")
 
-from tests.test_main_job import JSONL_FLAGS, jsonl_run  # noqa: E402,F401
+from tests.test_main_job import JSONL_FLAGS, job, jsonl_run  # noqa: E402,F401  (fixtures)
 from tests.once_per_run import once_per_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,14 +29,6 @@ SCRIPT = ROOT / "examples" / "finetune_llama.py"
 # JSONL_FLAGS: --epochs 0.1 (6 steps) and --checkpoint-every 3; killed after step 4, the
 # checkpoint of step 3 is the latest
 STEPS, EVERY, KILL_AFTER = 6, 3, 4
-
-
-@pytest.fixture(scope="module")
-def job():
-    spec = importlib.util.spec_from_file_location("finetune_llama_resume", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flags(out):
