@@ -34,6 +34,8 @@ AdamW's state, fp32 as `lora.add_adapters` makes them).
 Run:  python benchmarks/memory.py --target rtx4090      (about 2 minutes)
 LoRA and LoRA + LOMO beside LOMO, 7B at 8 x 512 and 8B at 1 x 1024:
       python benchmarks/memory.py --target rtx4090 --lora
+The same with every model N layers deep (how a figure moves with depth):
+      python benchmarks/memory.py --target rtx4090 --lora --unit MiB --layers 31
 Micro-batches (gradient accumulation inside the fused step), 7B at 32 x 512:
       python benchmarks/memory.py --target rtx4090 --settings 7b-32x512 \\
           --methods "fused LOMO" "fused AdaLomo, clip 1.0" --microbatches 1 4 8 32
@@ -150,6 +152,14 @@ def model_config(setting: str, method: str) -> llama.LlamaConfig:
     return cfg.replace(lora=LORA) if method in LORA_METHODS else cfg
 
 
+def with_layers(n: int) -> None:
+    """Give every model of :data:`MODELS` ``n`` decoder layers (``--layers``)."""
+    if n < 1:
+        raise ValueError(f"--layers must be at least 1, got {n}")
+    for name, cfg in MODELS.items():
+        MODELS[name] = cfg.replace(num_hidden_layers=n)
+
+
 def adapter_bytes(cfg: llama.LlamaConfig) -> int:
     """The adapters' own bytes: their parameters and AdamW's state for them (``mu``,
     ``nu`` in the adapters' dtype, the step count), from shapes alone."""
@@ -215,17 +225,23 @@ def main(argv=None):
     ap.add_argument("--microbatches", nargs="*", type=int, default=[1], metavar="M",
                     help="micro-batch counts for the fused methods (others: M = 1 only)")
     ap.add_argument("--unit", choices=("GiB", "MiB"), default="GiB")
+    ap.add_argument("--layers", type=int, default=None, metavar="N",
+                    help="every model with N decoder layers instead of its own (how a figure "
+                    "scales with depth)")
     ap.add_argument("--keep-licm", action="store_true",
                     help="cpu: keep XLA:CPU's loop-invariant code motion (hoisted f32 weight copies)")
     args = ap.parse_args(argv)
     if args.lora:
         args.settings, args.methods = LORA_RUN["settings"], LORA_RUN["methods"]
     target = args.target or default_target()
+    if args.layers is not None:
+        with_layers(args.layers)
     unit = GIB if args.unit == "GiB" else 2**20
 
     t0 = time.time()
     print(f"Compiled memory of one step, target {target}, jax {jax.__version__}, bf16 "
-          f"lomo_jax.models.llama (compile only; nothing allocated). {args.unit}.\n")
+          f"lomo_jax.models.llama (compile only; nothing allocated). {args.unit}."
+          + ("" if args.layers is None else f" Every model with {args.layers} layers.") + "\n")
     print("| model | batch | micro-batches | method | args | temp | total | host | paper (GB) |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     figures = {}

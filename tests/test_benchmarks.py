@@ -219,6 +219,32 @@ def test_memory_benchmark_lora_table(capsys, gpu_compile_env):
                    f"{(mib - own) / mib:+.2f}"]
 
 
+def test_memory_benchmark_layers(capsys, gpu_compile_env):
+    """``--layers N`` gives every model N decoder layers: the tiny inference on this
+    CPU holds one layer's parameters less with 1 layer than with its own 2 (the
+    arguments: parameters and batch), the header says so, and the adapters' bytes
+    scale with it; fewer than one layer is refused."""
+    base = ["memory.py", "--settings", "tiny", "--methods", "inference", "--unit", "MiB",
+            "--target", "cpu"]
+    args = {}
+    for layers in (None, 1):
+        memory = load_benchmark("memory")  # a fresh module: MODELS as shipped
+        out = run_in_process(capsys, base + ([] if layers is None else ["--layers", "1"]),
+                             memory)
+        assert ("Every model with 1 layers." in out) == (layers == 1), out
+        (row,) = [cells for cells in table_rows(out) if cells[0] == "tiny"]
+        args[layers] = float(row[4])
+    cfg = memory.MODELS["tiny"]
+    assert cfg.num_hidden_layers == 1
+    d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+    layer = (d * (d + kv + kv + d) + 3 * d * f + 2 * d) * 2  # bf16 projections and norms
+    assert args[None] - args[1] == pytest.approx(layer / 2**20, abs=0.01), (args, layer)
+    per_layer = 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3) * 4 * 3  # fp32, mu, nu
+    assert memory.adapter_bytes(memory.model_config("tiny", "fused LoRA")) == per_layer + 4
+    with pytest.raises(ValueError, match="--layers must be at least 1, got 0"):
+        memory.with_layers(0)
+
+
 SCALING_ROW = re.compile(r"^\| tiny \| 8 \| 64 \| (LOMO|AdaLomo, clip 1\.0(?:, offload)?) "
                          r"\| ([\d.]+) \| – \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| – \|$",
                          re.M)
