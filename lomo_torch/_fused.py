@@ -41,7 +41,7 @@ from torch.optim import Optimizer
 from ._adaptive_clip import AdaptiveClip
 from ._arguments import MIRRORED as _MIRRORED
 from ._arguments import _check_flags, _check_number, _same, check_mirrored, sync_mirrored
-from ._exclude import ExcludedParams, split_excluded
+from ._exclude import excluded_params, split_excluded
 from ._graph_checks import HookSites, check_graph, check_loss, mark_spent
 from ._loss_scaling import _FP16_SEED_CAP, LossScalingMixin, warn_fp16_clip
 from ._reduction import (_all_reduce_sum, _ddp_type, _dtensor_type, _ShardSpec,
@@ -183,11 +183,8 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         #: name -> _ShardSpec for DTensor (FSDP2 / sharded) parameters.
         self._specs = shard_specs(named)
         self._reduction = make_reduction(model, dp_group, self._specs, type(self).__name__)
-        if excluded and (self._specs or shard_specs(excluded)):
-            raise NotImplementedError(f"{type(self).__name__}: exclude= with DTensor (FSDP2) "
-                                      f"parameters is not supported")
         #: the parameters left to another optimizer (``exclude=``; :mod:`lomo_torch._exclude`)
-        self.excluded = ExcludedParams(self, excluded)
+        self.excluded = excluded_params(self, excluded, self._specs)
         self._hook_sites = HookSites(type(self).__name__, source, named, self._specs,
                                      known=self.excluded.ids)
 
@@ -323,14 +320,15 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         self._pass = mode
         self._reduction.start()
         self._updated = 0
-        # with excluded parameters, only an updating pass reaches (accumulates into) them
-        inputs = None if mode is _Pass.UPDATE or not self.excluded else [
-            p for _, p in self._named_params]
+        # with excluded parameters, only an updating pass adds to their .grad
+        inputs = self.excluded.backward_inputs(mode is _Pass.UPDATE,
+                                               [p for _, p in self._named_params])
         try:
+            self.excluded.before_backward()
             (loss if scale is None else loss.float() * scale).backward(
                 retain_graph=retain_graph, inputs=inputs)
             self._reduction.flush(self._use_grad)
-            self.excluded.reduce(self._reduction)  # DDP: the excluded gradients' bucket
+            self.excluded.finish(self._reduction)  # DDP's bucket; FSDP2's shards
         except BaseException as e:
             self._note_partial_update(e)
             raise
@@ -372,8 +370,9 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
 
         The norm covers the hooked parameters only: parameters left out by
         ``exclude=`` are neither in it nor clipped by it, and this pass does not
-        backpropagate to them (``backward(inputs=hooked)``), so their ``.grad``
-        stays bit-for-bit as it was (``None`` too).
+        backpropagate to them (``backward(inputs=hooked)``; under FSDP2 it does and
+        drops what arrives), so their ``.grad`` stays bit-for-bit as it was
+        (``None`` too).
         """
         self._norm_ready = self._skip_step = False
         self._norm_loss = self.clip_coef = None
@@ -428,7 +427,7 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
         was not finite. Every check runs before the backward: a call that
         refuses changes nothing (a loss whose graph an earlier call freed is
         refused too). Parameters left out by ``exclude=``: an update adds their
-        gradient (unscaled, DDP-averaged) to their ``.grad``; a skip leaves
+        gradient (unscaled, averaged over DDP or FSDP2 ranks) to their ``.grad``; a skip leaves
         their ``.grad`` as it was, and their optimizer should skip this step too.
         """
         self._check_loss(loss, "fused_backward")

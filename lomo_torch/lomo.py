@@ -88,7 +88,8 @@ class Lomo(FusedOptimizer):
             clipped or freed here; :meth:`grad_norm` leaves it as it was and its
             norm covers the hooked parameters only (``clip_grad_norm`` clips
             those, not the excluded); an updating :meth:`fused_backward` adds the
-            gradient unscaled (fp16) and averaged over DDP ranks; one that skips
+            gradient unscaled (fp16) and averaged over DDP ranks (FSDP2: its shard,
+            averaged by FSDP2's reduce-scatter); one that skips
             (returns False) leaves it as it was: skip the other optimizer's step
             too. Details: :mod:`lomo_torch._exclude`.
 

@@ -206,10 +206,8 @@ def run_fsdp(rank, world):
 
     out["hsdp_sr"] = run_hsdp_stochastic(rank, world, batches)
 
-    try:  # exclude= is for replicated (DDP / single-process) parameters
-        lomo_torch.AdaLomo(shard_model(make_model("fsdp")), exclude=lambda n, p: "head" in n)
-    except NotImplementedError as e:
-        out["exclude_error"] = str(e)
+    out["exclude"] = fsdp_exclude_run(shard_model(make_model("fsdp")), rank, world)
+    out["exclude_errors"] = exclude_mix_errors(world)
 
     # The optimizer must be created after fully_shard (which replaces the parameters).
     model = make_model("fsdp")
@@ -221,6 +219,75 @@ def run_fsdp(rank, world):
     except RuntimeError as e:
         out["sharded_after_error"] = str(e)
     return out
+
+
+def _full(t):
+    """The whole tensor: a DTensor's gathered from every rank, a plain one itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# what an excluded .grad holds before a step: a power of two well below the gradients
+# (~1e-2), so .grad - BASE is the contribution to float32's last bits
+BASE = 2.0**-12
+
+
+def fsdp_exclude_run(model, rank=0, world=1):
+    """LoRA + LOMO's pattern on TinyBlock (bare or fully_shard): AdaLomo (norm clipping,
+    skip_nonfinite, a static loss scale) on all but ``o`` and ``down``, which AdamW steps after
+    fused_backward. Steps after the first start from a ``.grad`` of BASE (accumulation);
+    a last step with a NaN loss is skipped. Returns the final parameters, each step's
+    excluded gradient contribution (``.grad`` - BASE), whether grad_norm left the
+    ``.grad`` as it was (the same tensor), what fused_backward returned, and
+    whether the first contribution owns its storage (FSDP2's reduce-scatter output
+    is one flat buffer for a whole group: a view of it would keep it alive)."""
+    excluded = lambda n, p: n.startswith(("o.", "down."))  # noqa: E731
+    opt = lomo_torch.AdaLomo(model, lr=LRS[0], clip_grad_norm=0.3, skip_nonfinite=True,
+                             loss_scale=2.0**10, exclude=excluded)  # unscaled for AdamW
+    held = {n: p for n, p in model.named_parameters() if excluded(n, p)}
+    adamw = torch.optim.AdamW(held.values(), lr=0.01)
+    batches = make_batches("fsdp")
+    out = {"grads": [], "kept_by_norm": [], "taken": []}
+    for step, ((x, y), lr) in enumerate(zip(batches + batches[:1], LRS + LRS[-1:])):
+        base = 0.0 if step == 0 else BASE
+        for p in held.values():
+            p.grad = None if step == 0 else torch.full_like(p, base)
+        before = {n: p.grad for n, p in held.items()}
+        loss = model(x.chunk(world)[rank], y.chunk(world)[rank])
+        if step == STEPS:
+            loss = loss * float("nan")
+        opt.grad_norm(loss)
+        out["kept_by_norm"].append(all(p.grad is before[n] for n, p in held.items()))
+        out["taken"].append(opt.fused_backward(loss, lr))
+        out["grads"].append({n: _full(p.grad) - base for n, p in held.items()})
+        if step == 0:
+            local = [getattr(p.grad, "_local_tensor", p.grad) for p in held.values()]
+            out["own_storage"] = all(t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                                     for t in local)
+        if out["taken"][-1]:
+            adamw.step()
+        adamw.zero_grad()
+    out["params"] = {n: _full(p).detach().clone() for n, p in model.named_parameters()}
+    return out
+
+
+def exclude_mix_errors(world):
+    """exclude= refuses a plain excluded tensor beside FSDP2's DTensors, and a DTensor
+    excluded beside plain hooked parameters (the messages)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    errors = []
+    sharded = shard_model(make_model("fsdp"))
+    sharded.extra = nn.Parameter(torch.zeros(3))
+    plain = make_model("fsdp")
+    mesh = init_device_mesh("cpu", (world,))
+    plain.o.weight = nn.Parameter(distribute_tensor(plain.o.weight.detach(), mesh, [Shard(0)]))
+    for model, name in ((sharded, "extra"), (plain, "o.weight")):
+        try:
+            lomo_torch.AdaLomo(model, exclude=lambda n, p, name=name: n == name)
+        except NotImplementedError as e:
+            errors.append(str(e))
+    return errors
 
 
 def run_hsdp_stochastic(rank, world, batches):

@@ -108,8 +108,38 @@ def test_ddp_with_excluded_parameters(ranks):
             assert_close_rel(r["params"][name], expected, 1e-5, msg=f"{name} rank {rank}")
     for r in runs:  # one all-reduce a hooked parameter, one bucket for the head's two
         assert r["all_reduces"] == [r["hooked"] + 1] * len(dist_worker.LRS), r["all_reduces"]
-    for r in ranks:  # FSDP2: refused with a clear error
-        assert "exclude= with DTensor (FSDP2) parameters is not supported" in r["fsdp"]["exclude_error"]
+
+
+def test_fsdp2_with_excluded_parameters(ranks):
+    """AdaLomo with exclude= under FSDP2: the excluded o and down projections' gradients
+    (FSDP2's reduce-scatter averages them) are added, as copies that own their storage,
+    to the .grad each step starts from (BASE); grad_norm leaves that .grad as it was (the
+    same tensor); a NaN loss's step is skipped with it unchanged; AdamW steps them:
+    every rank == one process on the full batch. A plain tensor excluded beside
+    FSDP2's DTensors, or a DTensor beside plain hooked parameters, is refused."""
+    ref = dist_worker.fsdp_exclude_run(dist_worker.make_model("fsdp"))
+    runs = [r["fsdp"]["exclude"] for r in ranks]
+    steps = dist_worker.STEPS
+    assert ref["taken"] == [True] * steps + [False] and ref["kept_by_norm"] == [True] * (steps + 1)
+    for rank, r in enumerate(runs):
+        assert (r["taken"], r["kept_by_norm"], r["own_storage"]) == (ref["taken"],
+                                                                      ref["kept_by_norm"], True)
+        for step, expected in enumerate(ref["grads"]):
+            for name, g in expected.items():
+                if step == steps:  # skipped: the .grad exactly as it was
+                    assert torch.equal(r["grads"][step][name], torch.zeros_like(g)), (name, rank)
+                else:
+                    assert_close_rel(r["grads"][step][name], g, RTOL,
+                                     msg=f"{name} step {step} rank {rank}")
+        for name, expected in ref["params"].items():
+            assert torch.equal(r["params"][name], runs[0]["params"][name]), (name, rank)
+            assert_close_rel(r["params"][name], expected, 1e-5, msg=f"{name} rank {rank}")
+    for r in ranks:
+        plain, mixed = r["fsdp"]["exclude_errors"]
+        assert "exclude= picks 'extra', a plain tensor, while the parameters AdaLomo trains " \
+               "are DTensors (FSDP2)" in plain
+        assert "exclude= picks the DTensor parameter 'o.weight' while the parameters AdaLomo " \
+               "trains are plain tensors" in mixed
 
 
 def test_fsdp2_shards_match_single_process(ranks):
