@@ -367,8 +367,9 @@ NEEDS_GLOO = pytest.mark.skipif(
 def ddp_run(tmp_path_factory) -> Path:
     """The directory of one torchrun of this file on 2 CPU processes (gloo), made once
     per test run: each rank runs :func:`ddp_worker`, then
-    ``tests/torch/test_trainer_peft.py``'s ``lora_lomo_ddp_worker`` (one launch, the
-    imports paid once), and saves its results there."""
+    ``tests/torch/test_trainer_peft.py``'s ``lora_lomo_ddp_worker`` and
+    ``lora_lomo_fsdp2_worker`` (one launch, the imports paid once), and saves its
+    results there."""
     def launch(out):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -407,7 +408,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path_factory):
 
 
 if __name__ == "__main__":  # a rank of ddp_run
-    from tests.torch.test_trainer_peft import lora_lomo_ddp_worker
+    from tests.torch.test_trainer_peft import lora_lomo_ddp_worker, lora_lomo_fsdp2_worker
 
     ddp_worker(sys.argv[1])
     lora_lomo_ddp_worker(sys.argv[1])
+    lora_lomo_fsdp2_worker(sys.argv[1])

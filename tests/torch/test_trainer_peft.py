@@ -248,6 +248,71 @@ def lora_lomo_ddp_worker(out_dir):
                out_dir / f"lora_{trainer.args.process_index}.pt")
 
 
+def lora_lomo_loop(model, ids, rank=0, world=1):
+    """LoRA + LOMO by hand, as docs/lora.md shows it: AdaLomo with norm clipping on the
+    base (the adapters excluded), AdamW on the adapters after each fused_backward;
+    rank ``rank`` of ``world`` takes its slice of every batch. Returns the norms."""
+    opt = lomo_torch.AdaLomo(model, lr=LR, clip_grad_norm=CLIP, exclude=LORA)
+    adamw = torch.optim.AdamW([p for n, p in model.named_parameters() if LORA(n, p)], lr=LR,
+                              weight_decay=0.0)
+    norms = []
+    for step in range(STEPS):
+        batch = ids[step * BATCH:(step + 1) * BATCH].chunk(world)[rank]
+        loss = model(input_ids=batch, labels=batch).loss
+        norms.append(float(opt.grad_norm(loss)))
+        opt.fused_backward(loss, LR)
+        adamw.step()
+        adamw.zero_grad()
+    return norms
+
+
+def lora_lomo_fsdp2_worker(out_dir):
+    """One rank of ``ddp_run`` (after :func:`lora_lomo_ddp_worker`): the PEFT model with
+    its decoder layers and root under FSDP2 (``fully_shard``; every parameter, adapters
+    included, a DTensor shard), :func:`lora_lomo_loop` on this rank's half of every
+    batch; saves the norms and the whole parameters."""
+    import torch.distributed as dist
+    from pathlib import Path
+    from torch.distributed.fsdp import fully_shard
+
+    model = lora_llama(base_frozen=False)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    norms = lora_lomo_loop(model, sequences(STEPS * BATCH), dist.get_rank(),
+                           dist.get_world_size())
+    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    torch.save({"norms": norms, "params": params,
+                "sharded": sorted(n for n, p in model.named_parameters()
+                                  if type(p).__name__ == "DTensor")},
+               Path(out_dir) / f"lora_fsdp2_{dist.get_rank()}.pt")
+
+
+@NEEDS_GLOO
+def test_lora_plus_lomo_under_fsdp2_equals_one_process(tmp_path_factory):
+    """FSDP2, 2 CPU processes, each half of every batch: LoRA + LOMO on a PEFT LLaMA (the
+    adapters DTensor shards left to AdamW by exclude=, FSDP2 averaging their gradients)
+    == one process on the whole batch, 3 steps: the clipped norms, the base and the
+    adapters (the two halves' mean gradient is the batch's up to fp32 summation order,
+    ~1e-7; a missing average or a lost adapter step is off by far more)."""
+    out = ddp_run(tmp_path_factory)
+    ranks = [torch.load(out / f"lora_fsdp2_{r}.pt", weights_only=True) for r in range(2)]
+    ref, start = lora_llama(base_frozen=False), lora_llama(base_frozen=False)
+    norms = lora_lomo_loop(ref, sequences(STEPS * BATCH))
+    assert min(norms) > CLIP  # clipping acts
+    names = {n for n, _ in ref.named_parameters()}
+    for r in ranks:
+        assert set(r["sharded"]) == names  # every parameter sharded, adapters included
+        assert r["norms"] == pytest.approx(norms, rel=1e-5)
+        for name, expected in ref.named_parameters():
+            got = r["params"][name]
+            diff = ((got - expected).abs().max() / expected.abs().max()).item()
+            assert diff <= 1e-5, (name, diff)
+    moved = {n for n, p in start.named_parameters() if not torch.equal(p, dict(
+        ref.named_parameters())[n])}
+    assert moved == names  # base and adapters both trained
+
+
 @NEEDS_GLOO
 def test_lora_plus_lomo_resumes_exactly_on_two_processes(tmp_path_factory):
     """DDP, 2 CPU processes: the LoRA + LOMO resume (rank 0 writes the checkpoint, both
