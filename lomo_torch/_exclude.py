@@ -34,7 +34,8 @@ buffer of every hooked gradient of its group alive until the step ends) and,
 in an updating pass, unscaled and added to the ``.grad`` set aside; in any
 other pass (the norm, a skip) it is dropped and the ``.grad`` put back as it
 was (the same tensor). The norm pass then costs the excluded gradients'
-backward too.
+backward too. FSDP2 with gradient sync off (micro-batches accumulated in
+FSDP2) is refused before any pass (``DTensorReduction.check_ready``).
 
 Example::
 

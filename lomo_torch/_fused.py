@@ -304,10 +304,12 @@ class FusedOptimizer(LossScalingMixin, StateDictMixin, Optimizer):
 
     def _check_precision(self, loss):
         """On every pass, before any backward: the hooked tensors must still be the
-        model's parameters (:meth:`HookSites.check`), and fp16 - the loss or any
+        model's parameters (:meth:`HookSites.check`), FSDP2 must reduce in this pass
+        (``check_ready``), and fp16 - the loss or any
         parameter, also one converted later (``model.half()`` after fp32 steps) -
         turns on dynamic loss scaling from this pass on. Returns True if it did now."""
         self._hook_sites.check()
+        self._reduction.check_ready(type(self).__name__)
         self._precision_checked = True
         return self._detect_fp16(loss)
 

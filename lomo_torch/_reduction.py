@@ -147,7 +147,7 @@ def make_reduction(model, dp_group, specs, cls_name):
     if dp_group is not None:
         return DDPReduction(model, dp_group)
     if specs:
-        return DTensorReduction(specs)
+        return DTensorReduction(specs, fsdp_param_groups(model))
     return LocalReduction()
 
 
@@ -185,6 +185,9 @@ class LocalReduction:
 
     def after_backward(self):
         """After a successful backward pass."""
+
+    def check_ready(self, cls_name):
+        """Before a pass: refuse what would make it silently wrong (nothing here)."""
 
     def add_norm(self, name, g):
         """Norm pass: keep fp32 gradient ``g``'s contribution to the global norm."""
@@ -269,15 +272,57 @@ class DDPReduction(LocalReduction):
         return _broadcast_seed(seed, self.group)  # its own group (may be a subgroup)
 
 
+def fsdp_param_groups(model):
+    """The FSDP2 parameter groups of ``model``'s ``fully_shard``-ed modules ([] if none)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - a torch without FSDP2
+        return []
+    return [group for m in model.modules() if isinstance(m, FSDPModule)
+            for group in getattr(m._get_fsdp_state(), "_fsdp_param_groups", ())]
+
+
+def _unsynced_gradient(group):
+    """The name of a parameter of FSDP2 ``group`` holding a gradient a backward with
+    sync off left unreduced (FSDP2 adds it into the next reduce-scatter), or None."""
+    for fp in group.fsdp_params:
+        unsharded = getattr(fp, "_unsharded_param", None)
+        if getattr(fp, "unsharded_accumulated_grad", None) is not None or (
+                unsharded is not None and unsharded.grad is not None):
+            return fp._param_fqn
+    return None
+
+
 class DTensorReduction(LocalReduction):
     """FSDP2 / DTensor parameters: the hook gets this rank's shard of the averaged
     gradient; norms over sharded dimensions are all-reduced over their groups."""
 
     single_process = False
 
-    def __init__(self, specs):
+    def __init__(self, specs, fsdp_groups=()):
         super().__init__()
         self.specs = specs
+        self.fsdp_groups = list(fsdp_groups)
+
+    def check_ready(self, cls_name):
+        """Before a pass: FSDP2 must reduce-scatter in it, and hold nothing a backward
+        without sync left (the norm pass would drop it, an update take it in half)."""
+        for group in self.fsdp_groups:
+            if not (group.reduce_grads and group.all_reduce_grads):
+                raise RuntimeError(
+                    f"{cls_name}: FSDP2 gradient sync is off for module "
+                    f"{group._module_fqn or '(root)'!r} (set_requires_gradient_sync(False) or "
+                    f"set_requires_all_reduce(False)). {cls_name} updates each parameter in the "
+                    f"backward from the gradient FSDP2 reduces in that same backward, so it cannot "
+                    f"accumulate over micro-batches: turn sync back on "
+                    f"(model.set_requires_gradient_sync(True)); nothing has been updated")
+            name = _unsynced_gradient(group)
+            if name is not None:
+                raise RuntimeError(
+                    f"{cls_name}: FSDP2 holds an unreduced gradient of {name!r} from a backward "
+                    f"run with gradient sync off; this pass would drop it (the norm pass) or mix "
+                    f"it into one update. {cls_name} cannot accumulate over micro-batches: run "
+                    f"every backward of a step through it with sync on; nothing has been updated")
 
     def receive(self, name, p, grad, use):
         spec = self.specs.get(name)

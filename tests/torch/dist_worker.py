@@ -208,6 +208,7 @@ def run_fsdp(rank, world):
 
     out["exclude"] = fsdp_exclude_run(shard_model(make_model("fsdp")), rank, world)
     out["exclude_errors"] = exclude_mix_errors(world)
+    out["sync_off"] = sync_off_errors(rank, world, batches)
 
     # The optimizer must be created after fully_shard (which replaces the parameters).
     model = make_model("fsdp")
@@ -247,6 +248,10 @@ def fsdp_exclude_run(model, rank=0, world=1):
     adamw = torch.optim.AdamW(held.values(), lr=0.01)
     batches = make_batches("fsdp")
     out = {"grads": [], "kept_by_norm": [], "taken": []}
+    # the user's own backward (no optimizer pass): the excluded gradients accumulate as usual
+    (x, y) = batches[0]
+    model(x.chunk(world)[rank], y.chunk(world)[rank]).backward()
+    out["plain"] = {n: _full(p.grad) if p.grad is not None else None for n, p in held.items()}
     for step, ((x, y), lr) in enumerate(zip(batches + batches[:1], LRS + LRS[-1:])):
         base = 0.0 if step == 0 else BASE
         for p in held.values():
@@ -267,7 +272,29 @@ def fsdp_exclude_run(model, rank=0, world=1):
             adamw.step()
         adamw.zero_grad()
     out["params"] = {n: _full(p).detach().clone() for n, p in model.named_parameters()}
+    # a pass whose backward raises puts every excluded .grad back (the same tensor)
+    for p in held.values():
+        p.grad = torch.full_like(p, BASE)
+    before = {n: p.grad for n, p in held.items()}
+    x, y = batches[0]
+    try:
+        opt.grad_norm(_RaiseInBackward.apply(model(x.chunk(world)[rank], y.chunk(world)[rank])))
+    except RuntimeError as e:
+        out["raised"] = str(e)
+    out["kept_after_raise"] = all(p.grad is before[n] for n, p in held.items())
     return out
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    """The identity, whose backward raises (a backward that fails)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("backward failed on purpose")
 
 
 def exclude_mix_errors(world):
@@ -288,6 +315,30 @@ def exclude_mix_errors(world):
         except NotImplementedError as e:
             errors.append(str(e))
     return errors
+
+
+def sync_off_errors(rank, world, batches):
+    """FSDP2 gradient accumulation (sync off) refused: a pass with sync off, and a pass
+    after a micro-batch backward with sync off (FSDP2 then holds an unreduced gradient);
+    the parameters unchanged by both."""
+    model = shard_model(make_model("fsdp"))
+    opt = lomo_torch.AdaLomo(model, lr=LRS[0], clip_grad_norm=0.3)
+    sharded = dict(model.named_parameters())  # (a forward swaps the root's unsharded ones in)
+    before = {n: p.to_local().clone() for n, p in sharded.items()}
+    x, y = (t.chunk(world)[rank] for t in batches[0])
+    errors = []
+    model.set_requires_gradient_sync(False)
+    for sync in (False, True):
+        loss = model(x, y)
+        try:
+            opt.fused_backward(loss, LRS[0]) if not sync else opt.grad_norm(loss)
+        except RuntimeError as e:
+            errors.append(str(e))
+        if not sync:  # a micro-batch accumulated without sync, then sync back on
+            model(x, y).backward()
+            model.set_requires_gradient_sync(True)
+    unchanged = all(torch.equal(p.to_local(), before[n]) for n, p in sharded.items())
+    return {"errors": errors, "unchanged": unchanged}
 
 
 def run_hsdp_stochastic(rank, world, batches):

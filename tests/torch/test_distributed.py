@@ -134,6 +134,11 @@ def test_fsdp2_with_excluded_parameters(ranks):
         for name, expected in ref["params"].items():
             assert torch.equal(r["params"][name], runs[0]["params"][name]), (name, rank)
             assert_close_rel(r["params"][name], expected, 1e-5, msg=f"{name} rank {rank}")
+    for rank, r in enumerate(runs):  # the user's own backward, and one that raises
+        for name, g in ref["plain"].items():
+            assert r["plain"][name] is not None, (name, rank)
+            assert_close_rel(r["plain"][name], g, RTOL, msg=f"plain backward {name} rank {rank}")
+        assert r["raised"] == "backward failed on purpose" and r["kept_after_raise"], r
     for r in ranks:
         plain, mixed = r["fsdp"]["exclude_errors"]
         assert "exclude= picks 'extra', a plain tensor, while the parameters AdaLomo trains " \
@@ -211,3 +216,16 @@ def test_replaced_parameters_are_detected():
     model.fc1.weight = torch.nn.Parameter(model.fc1.weight.detach().clone())
     with pytest.raises(RuntimeError, match=r"\['fc1.weight'\] were replaced"):
         opt.fused_backward(model(*mlp_batches(1)[0]), 0.1)
+
+
+def test_fsdp2_gradient_accumulation_is_refused(ranks):
+    """FSDP2 with gradient sync off (micro-batches accumulated in FSDP2): the fused
+    optimizer never sees those gradients, so a pass with sync off, and a pass while
+    FSDP2 still holds an unreduced gradient, are refused by name; nothing changes."""
+    for r in ranks:
+        off, held = r["fsdp"]["sync_off"]["errors"]
+        assert "FSDP2 gradient sync is off for module " in off, off
+        assert "set_requires_gradient_sync(True)" in off and "nothing has been updated" in off
+        assert "FSDP2 holds an unreduced gradient of " in held, held
+        assert "from a backward run with gradient sync off" in held
+        assert r["fsdp"]["sync_off"]["unchanged"]

@@ -251,19 +251,23 @@ def lora_lomo_ddp_worker(out_dir):
 def lora_lomo_loop(model, ids, rank=0, world=1):
     """LoRA + LOMO by hand, as docs/lora.md shows it: AdaLomo with norm clipping on the
     base (the adapters excluded), AdamW on the adapters after each fused_backward;
-    rank ``rank`` of ``world`` takes its slice of every batch. Returns the norms."""
+    rank ``rank`` of ``world`` takes its slice of every batch. Returns the norms and
+    whether every adapter gradient owned its storage after each fused_backward (under
+    FSDP2 a view of the reduce-scatter's flat buffer would keep the whole buffer alive)."""
     opt = lomo_torch.AdaLomo(model, lr=LR, clip_grad_norm=CLIP, exclude=LORA)
-    adamw = torch.optim.AdamW([p for n, p in model.named_parameters() if LORA(n, p)], lr=LR,
-                              weight_decay=0.0)
-    norms = []
+    adapters = [p for n, p in model.named_parameters() if LORA(n, p)]
+    adamw = torch.optim.AdamW(adapters, lr=LR, weight_decay=0.0)
+    norms, own = [], True
     for step in range(STEPS):
         batch = ids[step * BATCH:(step + 1) * BATCH].chunk(world)[rank]
         loss = model(input_ids=batch, labels=batch).loss
         norms.append(float(opt.grad_norm(loss)))
         opt.fused_backward(loss, LR)
+        for t in (getattr(p.grad, "_local_tensor", p.grad) for p in adapters):
+            own &= t.untyped_storage().nbytes() == t.numel() * t.element_size()
         adamw.step()
         adamw.zero_grad()
-    return norms
+    return norms, own
 
 
 def lora_lomo_fsdp2_worker(out_dir):
@@ -279,10 +283,10 @@ def lora_lomo_fsdp2_worker(out_dir):
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    norms = lora_lomo_loop(model, sequences(STEPS * BATCH), dist.get_rank(),
-                           dist.get_world_size())
+    norms, own = lora_lomo_loop(model, sequences(STEPS * BATCH), dist.get_rank(),
+                                dist.get_world_size())
     params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    torch.save({"norms": norms, "params": params,
+    torch.save({"norms": norms, "params": params, "own_storage": own,
                 "sharded": sorted(n for n, p in model.named_parameters()
                                   if type(p).__name__ == "DTensor")},
                Path(out_dir) / f"lora_fsdp2_{dist.get_rank()}.pt")
@@ -294,15 +298,17 @@ def test_lora_plus_lomo_under_fsdp2_equals_one_process(tmp_path_factory):
     adapters DTensor shards left to AdamW by exclude=, FSDP2 averaging their gradients)
     == one process on the whole batch, 3 steps: the clipped norms, the base and the
     adapters (the two halves' mean gradient is the batch's up to fp32 summation order,
-    ~1e-7; a missing average or a lost adapter step is off by far more)."""
+    ~1e-7; a missing average or a lost adapter step is off by far more), and the
+    adapters' gradients own their storage."""
     out = ddp_run(tmp_path_factory)
     ranks = [torch.load(out / f"lora_fsdp2_{r}.pt", weights_only=True) for r in range(2)]
     ref, start = lora_llama(base_frozen=False), lora_llama(base_frozen=False)
-    norms = lora_lomo_loop(ref, sequences(STEPS * BATCH))
+    norms, _ = lora_lomo_loop(ref, sequences(STEPS * BATCH))
     assert min(norms) > CLIP  # clipping acts
     names = {n for n, _ in ref.named_parameters()}
     for r in ranks:
         assert set(r["sharded"]) == names  # every parameter sharded, adapters included
+        assert r["own_storage"]  # copies, not views of FSDP2's buffer
         assert r["norms"] == pytest.approx(norms, rel=1e-5)
         for name, expected in ref.named_parameters():
             got = r["params"][name]
