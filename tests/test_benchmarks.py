@@ -197,6 +197,13 @@ def test_memory_benchmark_runs(target, capsys, gpu_compile_env):
     assert set(host.values()) == {0.0}, table
 
 
+def adapters_per_layer(cfg):
+    """Rank-16 adapter parameters of one layer of ``cfg``: ``A`` and ``B`` of q, o; k, v;
+    gate, up, down."""
+    d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+    return 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)
+
+
 def test_memory_benchmark_lora_table(capsys, gpu_compile_env):
     """The LoRA table (no compile here): the adapters' own bytes, from shapes, are rank 16
     on the tiny model's seven projections, parameters and AdamW's two moments in bf16 plus
@@ -205,9 +212,8 @@ def test_memory_benchmark_lora_table(capsys, gpu_compile_env):
     memory = load_benchmark("memory")
     cfg = memory.model_config("tiny", "fused LoRA")
     assert memory.model_config("tiny", "fused LOMO").lora is None
-    d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
-    per_layer = 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)  # q, o; k, v; gate, up, down
-    own = cfg.num_hidden_layers * per_layer * 4 * 3 + 4  # fp32 adapters (PEFT's autocast), mu, nu
+    # fp32 adapters (PEFT's autocast), mu, nu
+    own = cfg.num_hidden_layers * adapters_per_layer(cfg) * 4 * 3 + 4
     assert memory.adapter_bytes(cfg) == own
     mib, figures = 2**20, memory.aot.MemoryFigures
     memory.print_lora_costs({("tiny", "fused LoRA"): figures(3 * mib, 0, 2 * mib, 0)})
@@ -239,7 +245,7 @@ def test_memory_benchmark_layers(capsys, gpu_compile_env):
     d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
     layer = (d * (d + kv + kv + d) + 3 * d * f + 2 * d) * 2  # bf16 projections and norms
     assert args[None] - args[1] == pytest.approx(layer / 2**20, abs=0.01), (args, layer)
-    per_layer = 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3) * 4 * 3  # fp32, mu, nu
+    per_layer = adapters_per_layer(cfg) * 4 * 3  # fp32, mu, nu
     assert memory.adapter_bytes(memory.model_config("tiny", "fused LoRA")) == per_layer + 4
     with pytest.raises(ValueError, match="--layers must be at least 1, got 0"):
         memory.with_layers(0)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 import lomo_torch
-from tests.torch.helpers import MLP, TinyBlock, lm_batches, mlp_batches, snapshot
+from tests.torch.helpers import (MLP, FailsInBackward, TinyBlock, lm_batches, mlp_batches,
+                                 owns_storage, snapshot)
 
 STEPS = 3
 LRS = [0.05, 0.04, 0.03]
@@ -265,9 +266,7 @@ def fsdp_exclude_run(model, rank=0, world=1):
         out["taken"].append(opt.fused_backward(loss, lr))
         out["grads"].append({n: _full(p.grad) - base for n, p in held.items()})
         if step == 0:
-            local = [getattr(p.grad, "_local_tensor", p.grad) for p in held.values()]
-            out["own_storage"] = all(t.untyped_storage().nbytes() == t.numel() * t.element_size()
-                                     for t in local)
+            out["own_storage"] = all(owns_storage(p.grad) for p in held.values())
         if out["taken"][-1]:
             adamw.step()
         adamw.zero_grad()
@@ -278,23 +277,11 @@ def fsdp_exclude_run(model, rank=0, world=1):
     before = {n: p.grad for n, p in held.items()}
     x, y = batches[0]
     try:
-        opt.grad_norm(_RaiseInBackward.apply(model(x.chunk(world)[rank], y.chunk(world)[rank])))
+        opt.grad_norm(FailsInBackward.apply(model(x.chunk(world)[rank], y.chunk(world)[rank])))
     except RuntimeError as e:
         out["raised"] = str(e)
     out["kept_after_raise"] = all(p.grad is before[n] for n, p in held.items())
     return out
-
-
-class _RaiseInBackward(torch.autograd.Function):
-    """The identity, whose backward raises (a backward that fails)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        raise RuntimeError("backward failed on purpose")
 
 
 def exclude_mix_errors(world):

@@ -85,6 +85,25 @@ class Params(nn.Module):
         return sum((getattr(self, n) * g).sum() for n, g in grads.items())
 
 
+class FailsInBackward(torch.autograd.Function):
+    """The identity, whose backward raises ``RuntimeError("injected backward failure")``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("injected backward failure")
+
+
+def owns_storage(grad):
+    """Whether ``grad`` (a tensor, or a DTensor's local shard) is the whole of its
+    storage, not a view into a larger buffer (FSDP2's flat reduce-scatter output)."""
+    t = getattr(grad, "_local_tensor", grad)
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def mlp_batches(steps, seed=1, batch=32, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 8, generator=g).to(dtype), torch.randn(batch, 4, generator=g).to(dtype))

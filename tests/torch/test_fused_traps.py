@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lomo_torch
-from tests.torch.helpers import MLP, TiedLM, mlp_batches, snapshot
+from tests.torch.helpers import MLP, FailsInBackward, TiedLM, mlp_batches, snapshot
 
 OPTIMIZERS = ["Lomo", "AdaLomo"]
 fp16_clip_warning = pytest.mark.filterwarnings("ignore:Lomo. fp16 detected:UserWarning")
@@ -225,16 +225,6 @@ def test_second_fused_backward_on_the_same_loss_changes_nothing(opt_name):
         assert "nothing has been updated" in str(info.value)
     assert opt.step_num == 1
     assert opt.fused_backward(model(torch.randn(5, 4))) is True  # a new loss trains
-
-
-class FailsInBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        raise RuntimeError("injected backward failure")
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")

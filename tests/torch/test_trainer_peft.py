@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback, get_scheduler  # noqa: E402
 
 from lomo_torch._trainer_peft import FULL_WEIGHTS_NAME, PeftAdapters  # noqa: E402
 from lomo_torch.trainer import LomoTrainer  # noqa: E402
+from tests.torch.helpers import owns_storage  # noqa: E402
 from tests.torch.test_trainer import (BATCH, NEEDS_GLOO, dataset, ddp_run,  # noqa: E402,F401
                                       max_rel_diff, one_thread, sequences, tiny_llama,
                                       training_args)
@@ -263,8 +264,7 @@ def lora_lomo_loop(model, ids, rank=0, world=1):
         loss = model(input_ids=batch, labels=batch).loss
         norms.append(float(opt.grad_norm(loss)))
         opt.fused_backward(loss, LR)
-        for t in (getattr(p.grad, "_local_tensor", p.grad) for p in adapters):
-            own &= t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        own &= all(owns_storage(p.grad) for p in adapters)
         adamw.step()
         adamw.zero_grad()
     return norms, own
